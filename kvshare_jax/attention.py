@@ -1,0 +1,93 @@
+"""Attention with the KV-sharing masks, and dispatch to the XLA or Pallas path.
+
+Shapes: b batch, t query length, s key length, n query heads, k KV heads
+(``n % k == 0``, GQA), h head dim.
+
+Masks are defined by absolute token positions, so one mechanism covers training,
+prefill with offsets, ragged batches and KV caches. A query at position ``p`` may see a
+key at position ``q`` iff ``q <= p`` (``q < p`` when ``strict``, used for upward
+targets) and, with a window ``W``, ``q > p - W``. Keys that are padding or not yet
+written carry position ``INVALID_POS`` and are never seen. A query row that sees no key
+outputs exactly zero (never a softmax over an all-masked row).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+INVALID_POS = jnp.iinfo(jnp.int32).max
+Impl = Literal["xla", "pallas", "auto"]
+
+
+def attention_mask(
+    q_pos: jax.Array, kv_pos: jax.Array, *, strict: bool, window: int | None
+) -> jax.Array:
+    """Boolean mask ``[b, t, s]`` from positions ``q_pos [b, t]`` and ``kv_pos [b, s]``."""
+    qp, kp = q_pos[:, :, None], kv_pos[:, None, :]
+    valid = kp < qp if strict else kp <= qp
+    if window is not None:
+        valid &= kp > qp - window
+    return valid & (kp != INVALID_POS)
+
+
+def xla_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    kv_pos: jax.Array,
+    *,
+    strict: bool = False,
+    window: int | None = None,
+) -> jax.Array:
+    """Reference attention: ``q [b,t,n,h]``, ``k, v [b,s,k,h]`` -> ``[b,t,n,h]``.
+
+    Softmax is computed in fp32; the output has the dtype of ``q``.
+    """
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    if n % kh:
+        raise ValueError(f"query heads ({n}) must be a multiple of KV heads ({kh})")
+    qg = q.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (h**-0.5)
+    mask = attention_mask(q_pos, kv_pos, strict=strict, window=window)[:, None, None]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    p = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def resolve_impl(impl: Impl) -> Literal["xla", "pallas"]:
+    """``auto`` picks Pallas on GPU/TPU and the XLA reference on CPU."""
+    if impl == "auto":
+        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"unknown attention impl {impl!r}: expected xla, pallas or auto")
+    return impl
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    kv_pos: jax.Array,
+    *,
+    strict: bool = False,
+    window: int | None = None,
+    impl: Impl = "xla",
+) -> jax.Array:
+    """Masked multi-head attention dispatched to the chosen implementation."""
+    if resolve_impl(impl) == "pallas":
+        from kvshare_jax.kernels import pallas_attention
+
+        return pallas_attention(q, k, v, q_pos, kv_pos, strict=strict, window=window)
+    return xla_attention(q, k, v, q_pos, kv_pos, strict=strict, window=window)

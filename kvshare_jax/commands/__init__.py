@@ -1,0 +1,1 @@
+"""One module per ``kvshare`` command, each exposing ``run(argv) -> int``."""

@@ -1,0 +1,37 @@
+"""``kvshare layout SPEC [--layers L --kv-layers l]``: describe a layout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvshare_jax.layout import from_spec
+
+
+def run(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kvshare layout", description=__doc__)
+    p.add_argument(
+        "spec",
+        help="mapping string ('0_6_6_7'), preset ('sandwich-middle') "
+        "or method ('cla:2', 'lckv:1', 'yoco', 'mlkv:3', 'standard')",
+    )
+    p.add_argument("--layers", type=int, help="number of layers L (implied by a mapping string)")
+    p.add_argument("--kv-layers", type=int, help="number of KV layers l for the nine presets")
+    p.add_argument("--forward-passes", type=int, default=7, help="m: passes without gradient")
+    p.add_argument("--backward-passes", type=int, default=2, help="b: passes with gradient")
+    args = p.parse_args(argv)
+    spec = args.spec
+    if args.kv_layers is not None and ":" not in spec:
+        spec = f"{spec}:{args.kv_layers}"
+    try:
+        layers = args.layers
+        if layers is None:
+            if ":" in spec or spec in ("standard", "yoco"):
+                raise ValueError(f"--layers is required for {args.spec!r}")
+            layers = len(spec.split("_"))
+        layout = from_spec(spec, layers)
+    except ValueError as e:
+        print(f"kvshare layout: error: {e}", file=sys.stderr)
+        return 2
+    print(layout.describe(args.forward_passes, args.backward_passes))
+    return 0

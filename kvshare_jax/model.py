@@ -1,0 +1,416 @@
+"""Llama-style transformer with cross-layer KV sharing (Flax linen, used functionally).
+
+Shapes: b batch, t time (queries), s time (keys), d model dim, n query heads,
+k KV heads, h head dim, v vocabulary.
+
+Each layer is split into two pure pieces so that every execution path (parallel
+training/prefill, the sequential reference, the cached decoder) routes KVs the same way:
+``layer_qkv`` (norm, Q projection, and K/V projection for KV layers only) and
+``layer_finish`` (output projection, residual, SwiGLU MLP). The routing of KVs between
+layers lives in the drivers (`forward` here, `sequential_logits`, `decode.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kvshare_jax.attention import INVALID_POS, attention
+from kvshare_jax.layout import KVLayout, from_spec
+
+Params = Any
+KV = tuple[jax.Array, jax.Array]  # k, v: [b, s, k, h]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static model description; hashable, so `jit` specialises on it."""
+
+    layout: KVLayout  # layer -> KV target mapping; its length is the number of layers
+    vocab_size: int = 32000  # tokens in the vocabulary
+    d_model: int = 512  # residual stream width
+    num_heads: int = 8  # query heads
+    num_kv_heads: int = 8  # KV heads (GQA when < num_heads)
+    head_dim: int = 0  # 0 = d_model // num_heads
+    d_ff: int = 1376  # SwiGLU hidden width
+    max_len: int = 1024  # context length (positions 0..max_len-1)
+    forward_passes: int = 7  # m: iterations of a cyclic block without gradient
+    backward_passes: int = 2  # b: iterations with gradient
+    sliding_window: int = 0  # window W of sliding-window layers (0 = none allowed)
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share the embedding with the LM head
+    param_dtype: str = "float32"  # storage dtype of the parameters
+    dtype: str = "float32"  # compute dtype (float32 or bfloat16)
+    attention_impl: str = "xla"  # xla | pallas | auto
+    init_std: float = 0.02  # stddev of the normal initialiser
+    remat: bool = False  # rematerialise layers in the backward pass
+
+    def __post_init__(self):
+        if isinstance(self.layout, str):
+            raise TypeError("layout must be a KVLayout; use ModelConfig.create(layout=str)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.forward_passes < 0 or self.backward_passes < 1:
+            raise ValueError(
+                "forward_passes must be >= 0 and backward_passes >= 1, got "
+                f"{self.forward_passes} and {self.backward_passes}"
+            )
+        if any(self.layout.sliding) and self.sliding_window < 1:
+            raise ValueError("layout has sliding-window layers but sliding_window is not set")
+        if self.attention_impl not in ("xla", "pallas", "auto"):
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}")
+
+    @classmethod
+    def create(cls, layout: str | KVLayout, num_layers: int | None = None, **kw) -> ModelConfig:
+        """Builds a config from a layout spec string (preset or mapping) or a KVLayout."""
+        if isinstance(layout, str):
+            if num_layers is None:
+                num_layers = len(layout.split("_"))
+            layout = from_spec(layout, num_layers)
+        elif num_layers is not None and num_layers != layout.num_layers:
+            raise ValueError(f"layout has {layout.num_layers} layers, expected {num_layers}")
+        return cls(layout=layout, **kw)
+
+    @property
+    def num_layers(self) -> int:
+        return self.layout.num_layers
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def window(self, i: int) -> int | None:
+        """Sliding window of layer ``i`` (None = full causal)."""
+        return self.sliding_window if self.layout.sliding[i] else None
+
+
+# ---------------------------------------------------------------- modules
+def _init(cfg: ModelConfig, axes: tuple[str | None, ...]) -> Callable:
+    return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
+
+
+def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=_init(cfg, axes),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x.shape[-1],),
+            jnp.dtype(self.param_dtype),
+        )
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, pos: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, HF half-rotation convention: ``x [b,t,n,h]``, ``pos [b,t]``."""
+    h = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    freqs = pos.astype(jnp.float32)[..., None] * inv_freq  # [b, t, h/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """One layer; K/V projections exist only if the layer is a KV layer."""
+
+    cfg: ModelConfig
+    index: int
+
+    def setup(self):
+        cfg, n, k, h = self.cfg, self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.hd
+        self.attn_norm = RMSNorm(cfg.norm_eps, cfg.param_dtype)
+        self.q_proj = _dense(cfg, n * h, ("embed", "heads"), "q_proj")
+        if cfg.layout.is_kv_layer(self.index):
+            self.k_proj = _dense(cfg, k * h, ("embed", "kv_heads"), "k_proj")
+            self.v_proj = _dense(cfg, k * h, ("embed", "kv_heads"), "v_proj")
+        self.o_proj = _dense(cfg, cfg.d_model, ("heads", "embed"), "o_proj")
+        self.mlp_norm = RMSNorm(cfg.norm_eps, cfg.param_dtype)
+        self.gate_proj = _dense(cfg, cfg.d_ff, ("embed", "mlp"), "gate_proj")
+        self.up_proj = _dense(cfg, cfg.d_ff, ("embed", "mlp"), "up_proj")
+        self.down_proj = _dense(cfg, cfg.d_model, ("mlp", "embed"), "down_proj")
+
+    def qkv(self, x: jax.Array, pos: jax.Array) -> tuple[jax.Array, KV | None]:
+        """``x [b,t,d]`` -> ``q [b,t,n,h]`` and this layer's own ``(k, v)`` or None."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        hx = self.attn_norm(x)
+        q = rope(self.q_proj(hx).reshape(b, t, cfg.num_heads, cfg.hd), pos, cfg.rope_theta)
+        if not cfg.layout.is_kv_layer(self.index):
+            return q, None
+        k = self.k_proj(hx).reshape(b, t, cfg.num_kv_heads, cfg.hd)
+        v = self.v_proj(hx).reshape(b, t, cfg.num_kv_heads, cfg.hd)
+        return q, (rope(k, pos, cfg.rope_theta), v)
+
+    def finish(self, x: jax.Array, attn: jax.Array) -> jax.Array:
+        """Residual update from the attention output ``attn [b,t,n,h]``, then the MLP."""
+        b, t, _ = x.shape
+        x = x + self.o_proj(attn.reshape(b, t, -1)).astype(x.dtype)
+        hx = self.mlp_norm(x)
+        y = self.down_proj(nn.silu(self.gate_proj(hx)) * self.up_proj(hx))
+        return x + y.astype(x.dtype)
+
+
+class Transformer(nn.Module):
+    """Holds the parameters; the drivers call its methods through ``apply``."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            embedding_init=_init(cfg, ("vocab", "embed")),
+        )
+        self.layers = [DecoderLayer(cfg, i, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        self.final_norm = RMSNorm(cfg.norm_eps, cfg.param_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return self.embed(tokens)
+
+    def layer_qkv(self, i: int, x: jax.Array, pos: jax.Array) -> tuple[jax.Array, KV | None]:
+        return self.layers[i].qkv(x, pos)
+
+    def layer_finish(self, i: int, x: jax.Array, attn: jax.Array) -> jax.Array:
+        return self.layers[i].finish(x, attn)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        x = self.final_norm(x)
+        out = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
+        return out.astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Touches every parameter once (used by ``init``); not the real forward."""
+        x = self.embed_tokens(tokens)
+        pos = jnp.zeros(tokens.shape, jnp.int32)
+        for i in range(self.cfg.num_layers):
+            q, _ = self.layer_qkv(i, x, pos)
+            x = self.layer_finish(i, x, q)
+        return self.logits(x)
+
+
+# ----------------------------------------------------------------- params
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Initialises parameters (plain arrays, logical-axis boxes removed)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(Transformer(cfg).init(rng, tokens))
+
+
+def param_logical_axes(cfg: ModelConfig) -> Params:
+    """A pytree like the params holding ``PartitionSpec``s of logical axis names."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = jax.eval_shape(lambda r: Transformer(cfg).init(r, tokens), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
+
+
+def count_params(params: Params) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+# ----------------------------------------------------------------- layers
+class Runner:
+    """Binds a config and params to the per-layer pieces (all pure ``apply`` calls)."""
+
+    def __init__(self, cfg: ModelConfig, params: Params):
+        self.cfg, self.params, self.module = cfg, params, Transformer(cfg)
+
+    def _apply(self, method: Callable, *args):
+        return self.module.apply(self.params, *args, method=method)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        x = self._apply(Transformer.embed_tokens, tokens)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    def qkv(self, i: int, x: jax.Array, pos: jax.Array) -> tuple[jax.Array, KV | None]:
+        return self._apply(Transformer.layer_qkv, i, x, pos)
+
+    def finish(self, i: int, x: jax.Array, attn: jax.Array) -> jax.Array:
+        x = self._apply(Transformer.layer_finish, i, x, attn)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        return self._apply(Transformer.logits, x)
+
+    def attend(
+        self, i: int, q: jax.Array, kv: KV, q_pos: jax.Array, kv_pos: jax.Array
+    ) -> jax.Array:
+        """Attention of layer ``i``'s queries over its target's ``kv`` (mask by layout)."""
+        strict = self.cfg.layout.is_upward(i)
+        return attention(
+            q,
+            kv[0],
+            kv[1],
+            q_pos,
+            kv_pos,
+            strict=strict,
+            window=self.cfg.window(i),
+            impl=self.cfg.attention_impl,
+        )
+
+
+# ---------------------------------------------------------------- forward
+def _run_layers(
+    run: Runner,
+    layers: range,
+    x: jax.Array,
+    pos: jax.Array,
+    kv_pos: jax.Array,
+    done: dict[int, KV],
+    prev: dict[int, KV],
+) -> tuple[jax.Array, dict[int, KV]]:
+    """Runs ``layers`` once. Targets below/at a layer come from ``done`` (updated in
+    place order), upward targets from ``prev`` (the previous iteration). Returns the
+    output and the KVs computed by these layers."""
+    targets = run.cfg.layout.targets
+    new: dict[int, KV] = {}
+    for i in layers:
+        q, own = run.qkv(i, x, pos)
+        if own is not None:
+            new[i] = own
+        j = targets[i]
+        kv = new[j] if j in new else (prev[j] if j > i else done[j])
+        x = run.finish(i, x, run.attend(i, q, kv, pos, kv_pos))
+    return x, new
+
+
+def _iterate_block(
+    run: Runner,
+    layers: range,
+    x: jax.Array,
+    pos: jax.Array,
+    kv_pos: jax.Array,
+    done: dict[int, KV],
+    passes: tuple[int, int],
+) -> tuple[jax.Array, dict[int, KV]]:
+    """Iterative parallel evaluation of a cyclic block (DESIGN.md §1).
+
+    ``m`` iterations without gradient (a ``fori_loop`` on stopped inputs, so nothing is
+    stored for the backward pass), then ``b`` with gradient; upward targets start at 0.
+    """
+    m, b = passes
+    targets = run.cfg.layout.targets
+    upward = sorted({targets[i] for i in layers if targets[i] > i})
+    kh, h = run.cfg.num_kv_heads, run.cfg.hd
+    zero = jnp.zeros((*x.shape[:2], kh, h), x.dtype)
+    prev = {j: (zero, zero) for j in upward}
+
+    if m > 0:
+        sg = jax.lax.stop_gradient
+        frozen = Runner(run.cfg, sg(run.params))
+        xs, done_s = sg(x), sg(done)
+
+        def body(_, p):
+            _, new = _run_layers(frozen, layers, xs, pos, kv_pos, done_s, p)
+            return {j: new[j] for j in upward}
+
+        prev = jax.lax.fori_loop(0, m, body, prev)
+    out, new = x, {}
+    for _ in range(b):
+        out, new = _run_layers(run, layers, x, pos, kv_pos, done, prev)
+        prev = {j: new[j] for j in upward}
+    return out, new
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    *,
+    passes: tuple[int, int] | None = None,
+    return_kv: bool = False,
+) -> jax.Array | tuple[jax.Array, dict[int, KV]]:
+    """Parallel forward: ``tokens [b,t]`` -> logits ``[b,t,v]`` (fp32).
+
+    ``positions [b,t]`` default to ``arange(t)``; ``valid [b,t]`` marks real tokens (keys
+    of invalid tokens are never attended to, e.g. padding). ``passes=(m, b)`` overrides
+    the config's iteration counts (e.g. for prefill). With ``return_kv`` also returns the
+    final KVs of every KV layer, ``{layer: (k, v)}``.
+    """
+    b, t = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv_pos = positions if valid is None else jnp.where(valid, positions, INVALID_POS)
+    passes = passes or (cfg.forward_passes, cfg.backward_passes)
+    run = Runner(cfg, params)
+    x = run.embed(tokens)
+    done: dict[int, KV] = {}
+    for start, end, iterated in cfg.layout.segments:
+        layers = range(start, end + 1)
+        if iterated:
+            x, new = _iterate_block(run, layers, x, positions, kv_pos, done, passes)
+        else:
+            x, new = _run_layers(run, layers, x, positions, kv_pos, done, {})
+        done.update(new)
+    logits = run.logits(x)
+    return (logits, done) if return_kv else logits
+
+
+# ------------------------------------------------------ sequential reference
+def sequential_logits(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    """Ground truth (DESIGN.md §1): tokens one at a time, layers bottom to top.
+
+    Each layer reads only KVs that exist when it runs: its target's KVs at positions
+    ``<= p`` if the target is at or below it (already computed for this token), else at
+    positions ``< p``. ``tokens [b,T]`` -> logits ``[b,T,v]``.
+    """
+    b, total = tokens.shape
+    kh, h = cfg.num_kv_heads, cfg.hd
+    buf = jnp.zeros((b, total, kh, h), jnp.dtype(cfg.dtype))
+    cache = {j: (buf, buf) for j in cfg.layout.kv_layers}
+    slots = jnp.arange(total, dtype=jnp.int32)
+
+    @jax.jit
+    def step(params, cache, token, p):
+        run = Runner(cfg, params)
+        pos = jnp.full((b, 1), p, jnp.int32)
+        x = run.embed(token)
+        for i, j in enumerate(cfg.layout.targets):
+            q, own = run.qkv(i, x, pos)
+            if own is not None:
+                cache[i] = tuple(c.at[:, p].set(a[:, 0]) for c, a in zip(cache[i], own))
+            written = p + 1 if j <= i else p
+            kv_pos = jnp.where(slots < written, slots, INVALID_POS)
+            kv_pos = jnp.broadcast_to(kv_pos, (b, total))
+            x = run.finish(i, x, run.attend(i, q, cache[j], pos, kv_pos))
+        return run.logits(x)[:, 0], cache
+
+    out = []
+    for p in range(total):
+        logits, cache = step(params, cache, tokens[:, p : p + 1], jnp.int32(p))
+        out.append(logits)
+    return jnp.stack(out, axis=1)
