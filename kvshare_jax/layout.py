@@ -72,7 +72,8 @@ class KVLayout:
         return cls(tuple(targets), tuple(sliding))
 
     def __str__(self) -> str:
-        return "_".join(f"{t}{'s' if s else ''}" for t, s in zip(self.targets, self.sliding))
+        pairs = zip(self.targets, self.sliding, strict=True)
+        return "_".join(f"{t}{'s' if s else ''}" for t, s in pairs)
 
     # --------------------------------------------------------- derived facts
     @property

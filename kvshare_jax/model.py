@@ -402,7 +402,8 @@ def sequential_logits(cfg: ModelConfig, params: Params, tokens: jax.Array) -> ja
         for i, j in enumerate(cfg.layout.targets):
             q, own = run.qkv(i, x, pos)
             if own is not None:
-                cache[i] = tuple(c.at[:, p].set(a[:, 0]) for c, a in zip(cache[i], own))
+                k, v = cache[i]
+                cache[i] = (k.at[:, p].set(own[0][:, 0]), v.at[:, p].set(own[1][:, 0]))
             written = p + 1 if j <= i else p
             kv_pos = jnp.where(slots < written, slots, INVALID_POS)
             kv_pos = jnp.broadcast_to(kv_pos, (b, total))

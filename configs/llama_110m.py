@@ -1,0 +1,27 @@
+"""The paper's 110M Llama shape (12 layers, d=768, 12 heads / 6 KV heads, ctx 1024)."""
+
+from kvshare_jax.config import default_config
+
+
+def get_config():
+    config = default_config()
+    config.model.num_layers = 12  # L
+    config.model.layout = "standard"  # e.g. 'sandwich-middle:6'
+    config.model.d_model = 768  # residual width
+    config.model.num_heads = 12  # query heads
+    config.model.num_kv_heads = 6  # KV heads
+    config.model.d_ff = 2048  # SwiGLU width
+    config.model.max_len = 1024  # context
+    config.model.dtype = "bfloat16"  # compute dtype on accelerators
+    config.data.dataset = "huggingface:minipile"  # prepared TFDS data (see README)
+    config.data.vocab_size = 32000  # tokenizer vocabulary
+    config.train.seq_len = 1024  # tokens per sequence
+    config.train.batch_size = 128  # global batch
+    config.train.num_steps = 20000  # steps
+    config.train.learning_rate = 3e-4  # peak LR
+    config.train.warmup_steps = 2000  # warm-up
+    config.train.eval_every = 1000  # eval interval
+    config.train.eval_steps = 50  # eval batches
+    config.train.checkpoint_every = 1000  # checkpoint interval
+    config.lock()
+    return config

@@ -1,0 +1,163 @@
+"""Run configuration: the defaults every config file starts from, and conversions.
+
+Config files under ``configs/`` call :func:`default_config` and override fields; every
+field can also be overridden on the command line (``--config.model.layout=yoco``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from kvshare_jax.layout import from_spec
+from kvshare_jax.model import ModelConfig
+
+YOCO_DEFAULT_WINDOW = 4096
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The flat default run config (one comment per field)."""
+    config = ml_collections.ConfigDict()
+
+    config.model = m = ml_collections.ConfigDict()
+    m.num_layers = 8  # L: transformer layers
+    m.layout = "standard"  # preset ('sandwich-middle:4', 'cla:2', 'yoco'...) or '0_6_6_7'
+    m.d_model = 512  # residual width
+    m.num_heads = 8  # query heads
+    m.num_kv_heads = 8  # KV heads (GQA when smaller than num_heads)
+    m.head_dim = 0  # 0 = d_model // num_heads
+    m.d_ff = 1376  # SwiGLU hidden width
+    m.max_len = 1024  # context length
+    m.forward_passes = 7  # m: iterations of a cyclic block without gradient
+    m.backward_passes = 2  # b: iterations with gradient
+    m.sliding_window = 0  # window of 's'-marked layers (yoco sets 4096 if left 0)
+    m.rope_theta = 10000.0  # RoPE base
+    m.norm_eps = 1e-5  # RMSNorm epsilon
+    m.tie_embeddings = False  # share input embedding and LM head
+    m.param_dtype = "float32"  # parameter storage dtype
+    m.dtype = "float32"  # compute dtype: float32 | bfloat16
+    m.attention_impl = "auto"  # xla | pallas | auto (pallas on GPU/TPU)
+    m.init_std = 0.02  # normal initialiser stddev
+    m.remat = False  # rematerialise layers in the backward pass
+
+    config.data = d = ml_collections.ConfigDict()
+    d.dataset = "embedded"  # 'embedded' | 'text:<folder or glob>' | TFDS name ('lm1b')
+    d.tfds_data_dir = ""  # where prepared TFDS data lives ('' = ~/tensorflow_datasets)
+    d.text_key = "text"  # feature holding the text
+    d.train_split = "train"  # TFDS split for training
+    d.eval_split = "validation"  # TFDS split for evaluation
+    d.tokenizer_path = ""  # '' = train-or-load <workdir>/tokenizer.model
+    d.vocab_size = 4096  # sentencepiece vocabulary (= model vocabulary)
+    d.tokenizer_train_docs = 20000  # documents sampled to train the tokenizer
+
+    config.train = t = ml_collections.ConfigDict()
+    t.seq_len = 256  # tokens per training sequence
+    t.batch_size = 16  # global batch (sequences per step, all processes)
+    t.num_steps = 2000  # optimizer steps
+    t.learning_rate = 1e-3  # peak learning rate
+    t.warmup_steps = 100  # linear warm-up steps
+    t.min_lr_ratio = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    t.weight_decay = 0.1  # AdamW weight decay
+    t.b1 = 0.9  # AdamW beta1
+    t.b2 = 0.95  # AdamW beta2
+    t.grad_clip = 1.0  # global-norm gradient clipping (0 = off)
+    t.grad_accum = 1  # micro-batches accumulated per step
+    t.seed = 0  # seed for init and data order
+    t.log_every = 10  # steps between metric logs
+    t.eval_every = 200  # steps between eval runs (0 = only at the end)
+    t.eval_steps = 10  # batches per eval
+    t.checkpoint_every = 200  # steps between checkpoints
+    t.max_to_keep = 3  # checkpoints kept
+
+    config.mesh = mesh = ml_collections.ConfigDict()
+    mesh.data = -1  # data-parallel axis size (-1 = all remaining devices)
+    mesh.fsdp = 1  # parameter-sharding axis size
+    mesh.tensor = 1  # tensor-parallel axis size (heads, mlp)
+    # logical axis -> mesh axes
+    mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+    )
+    config.lock()
+    return config
+
+
+def model_config_from(
+    config: ml_collections.ConfigDict, vocab_size: int | None = None
+) -> ModelConfig:
+    """Builds the frozen :class:`ModelConfig` from a run config's ``model`` section.
+
+    ``vocab_size`` defaults to ``config.data.vocab_size`` (the tokenizer's vocabulary).
+    """
+    m = config.model
+    layout = from_spec(str(m.layout), int(m.num_layers))
+    window = int(m.sliding_window)
+    if any(layout.sliding) and window < 1:
+        window = YOCO_DEFAULT_WINDOW
+    return ModelConfig(
+        layout=layout,
+        vocab_size=int(vocab_size or config.data.vocab_size),
+        d_model=m.d_model,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        d_ff=m.d_ff,
+        max_len=m.max_len,
+        forward_passes=m.forward_passes,
+        backward_passes=m.backward_passes,
+        sliding_window=window,
+        rope_theta=float(m.rope_theta),
+        norm_eps=float(m.norm_eps),
+        tie_embeddings=m.tie_embeddings,
+        param_dtype=m.param_dtype,
+        dtype=m.dtype,
+        attention_impl=m.attention_impl,
+        init_std=float(m.init_std),
+        remat=m.remat,
+    )
+
+
+def load_config(path: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """Loads a config file's ``get_config()`` and applies ``key=value`` overrides.
+
+    Used where absl flags are not (tests, the study runner); values are parsed like
+    command-line overrides (``"model.layout=yoco"``, ``"train.num_steps=10"``).
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_kvshare_config", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"config file not found: {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like 'section.field=value'")
+        apply_override(config, key.removeprefix("config."), value)
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, value: str) -> None:
+    """Sets ``config.<key>`` from a string, converted to the field's existing type."""
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    if leaf not in node:
+        raise KeyError(f"unknown config field {key!r}")
+    old = node[leaf]
+    if isinstance(old, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{key} expects a boolean, got {value!r}")
+        node[leaf] = value.lower() in ("true", "1")
+    elif isinstance(old, (int, float, str)):
+        node[leaf] = type(old)(value)
+    else:
+        import ast
+
+        node[leaf] = ast.literal_eval(value)
