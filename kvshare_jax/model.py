@@ -314,18 +314,20 @@ def _iterate_block(
     kv_pos: jax.Array,
     done: dict[int, KV],
     passes: tuple[int, int],
+    init_kv: dict[int, KV],
 ) -> tuple[jax.Array, dict[int, KV]]:
     """Iterative parallel evaluation of a cyclic block (DESIGN.md §1).
 
     ``m`` iterations without gradient (a ``fori_loop`` on stopped inputs, so nothing is
-    stored for the backward pass), then ``b`` with gradient; upward targets start at 0.
+    stored for the backward pass), then ``b`` with gradient. Upward targets start from
+    ``init_kv`` where given, else from zeros.
     """
     m, b = passes
     targets = run.cfg.layout.targets
     upward = sorted({targets[i] for i in layers if targets[i] > i})
     kh, h = run.cfg.num_kv_heads, run.cfg.hd
     zero = jnp.zeros((*x.shape[:2], kh, h), x.dtype)
-    prev = {j: (zero, zero) for j in upward}
+    prev = {j: init_kv.get(j, (zero, zero)) for j in upward}
 
     if m > 0:
         sg = jax.lax.stop_gradient
@@ -352,13 +354,15 @@ def forward(
     valid: jax.Array | None = None,
     *,
     passes: tuple[int, int] | None = None,
+    init_kv: dict[int, KV] | None = None,
     return_kv: bool = False,
 ) -> jax.Array | tuple[jax.Array, dict[int, KV]]:
     """Parallel forward: ``tokens [b,t]`` -> logits ``[b,t,v]`` (fp32).
 
     ``positions [b,t]`` default to ``arange(t)``; ``valid [b,t]`` marks real tokens (keys
     of invalid tokens are never attended to, e.g. padding). ``passes=(m, b)`` overrides
-    the config's iteration counts (e.g. for prefill). With ``return_kv`` also returns the
+    the config's iteration counts (e.g. for prefill); ``init_kv`` sets the starting KVs of
+    upward targets (default zeros, as in the paper). With ``return_kv`` also returns the
     final KVs of every KV layer, ``{layer: (k, v)}``.
     """
     b, t = tokens.shape
@@ -372,7 +376,7 @@ def forward(
     for start, end, iterated in cfg.layout.segments:
         layers = range(start, end + 1)
         if iterated:
-            x, new = _iterate_block(run, layers, x, positions, kv_pos, done, passes)
+            x, new = _iterate_block(run, layers, x, positions, kv_pos, done, passes, init_kv or {})
         else:
             x, new = _run_layers(run, layers, x, positions, kv_pos, done, {})
         done.update(new)

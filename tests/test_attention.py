@@ -1,0 +1,68 @@
+"""Reference attention masks against a direct numpy implementation."""
+
+import numpy as np
+import pytest
+
+from kvshare_jax.attention import INVALID_POS, resolve_impl, xla_attention
+
+
+def numpy_attention(q, k, v, q_pos, kv_pos, strict, window):
+    """Loops over every (batch, head, query): the definition, written out."""
+    b, t, n, h = q.shape
+    group = n // k.shape[2]
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for ni in range(n):
+            kh = ni // group
+            for ti in range(t):
+                p = q_pos[bi, ti]
+                seen = [
+                    s
+                    for s in range(k.shape[1])
+                    if kv_pos[bi, s] != INVALID_POS
+                    and (kv_pos[bi, s] < p if strict else kv_pos[bi, s] <= p)
+                    and (window is None or kv_pos[bi, s] > p - window)
+                ]
+                if not seen:
+                    continue
+                scores = np.array([q[bi, ti, ni] @ k[bi, s, kh] for s in seen]) / np.sqrt(h)
+                w = np.exp(scores - scores.max())
+                w /= w.sum()
+                out[bi, ti, ni] = sum(wi * v[bi, s, kh] for wi, s in zip(w, seen, strict=True))
+    return out
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("offset", [0, 5])
+def test_masks_match_numpy(strict, window, heads, offset):
+    rng = np.random.default_rng(0)
+    n, kh = heads
+    b, t, s, h = 2, 6, 11, 8
+    q = rng.standard_normal((b, t, n, h), dtype=np.float32)
+    k = rng.standard_normal((b, s, kh, h), dtype=np.float32)
+    v = rng.standard_normal((b, s, kh, h), dtype=np.float32)
+    q_pos = np.tile(np.arange(t, dtype=np.int32) + offset, (b, 1))
+    kv_pos = np.tile(np.arange(s, dtype=np.int32), (b, 1))
+    kv_pos[1, 8:] = INVALID_POS  # second sequence: unwritten tail
+    got = np.asarray(xla_attention(q, k, v, q_pos, kv_pos, strict=strict, window=window))
+    want = numpy_attention(q, k, v, q_pos, kv_pos, strict, window)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_strict_position_zero_is_exactly_zero():
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((1, 4, 2, 8), dtype=np.float32)
+    k = rng.standard_normal((1, 4, 2, 8), dtype=np.float32)
+    pos = np.arange(4, dtype=np.int32)[None]
+    out = np.asarray(xla_attention(q, k, k, pos, pos, strict=True))
+    assert np.all(out[:, 0] == 0.0) and np.all(np.isfinite(out))
+    assert np.all(np.abs(out[:, 1:]) > 0)
+
+
+def test_resolve_impl():
+    assert resolve_impl("auto") == "xla"  # CPU
+    assert resolve_impl("pallas") == "pallas"
+    with pytest.raises(ValueError, match="unknown attention impl"):
+        resolve_impl("cuda")
