@@ -1,0 +1,486 @@
+"""Pallas flash attention with position-based KV-sharing masks (forward and backward).
+
+Shapes: b batch, t query length, s key length, n query heads, kh KV heads
+(``n % kh == 0``, GQA group ``g = n // kh``), h head dim.
+
+Semantics are those of :func:`kvshare_jax.attention.xla_attention`: a key at position
+``kp`` is visible to a query at ``qp`` iff ``kp <= qp`` (``kp < qp`` when ``strict``),
+``kp > qp - window`` when a window is set, and ``kp != INVALID_POS``. A row that sees no
+key outputs exactly 0 and gets zero gradients. Softmax statistics and all accumulation
+are fp32; the output has the dtype of ``q``.
+
+Layout inside the kernels (built by the wrapper, differentiated by JAX):
+
+- GQA is folded into the query rows: for KV head ``j`` the kernel sees the ``g`` query
+  heads of its group as one head of ``t * g`` rows (row ``r`` is token ``r // g``,
+  group member ``r % g``, with position ``q_pos[r // g]``). K/V are never repeated, every
+  K/V tile is loaded once per group, and dK/dV are summed over the group inside the
+  kernel (they accumulate over all rows of the folded head).
+- Head-major ``[b, kh, rows, h]``; positions as a column ``[b, rows, 1]`` (queries) and a
+  row ``[b, 1, s]`` (keys) so a tile mask is a plain broadcast compare.
+- Query rows are padded to a multiple of ``block_q`` by repeating the last position (the
+  padded rows get a zero cotangent, so they add nothing to dK/dV, and they do not widen
+  the tile's position range); keys are padded to a multiple of ``block_k`` with
+  ``INVALID_POS``; the head dim is zero-padded to the backend tile (see
+  :func:`padded_head_dim`). Results are sliced back.
+
+Grids: forward and dQ run one program per (batch, KV head, query tile) and loop over key
+tiles; dK/dV run one program per (batch, KV head, key tile) and loop over query tiles.
+A tile pair is skipped (``lax.cond``) when the position ranges of the two tiles cannot
+overlap the mask (``min kv <= max q`` (``<`` if strict) and, with a window,
+``max valid kv > min q - window``). This test is exact for any positions (it never
+skips a visible pair); it only *saves* work when positions are sorted within a tile, as
+they are for training (``arange``) and for the decoder's cache (``arange(max_len)`` with
+``INVALID_POS`` for unwritten slots). Positions are expected to be non-negative
+(``qp - window`` must not overflow int32).
+
+Decode (``t = 1`` or small, long ``s``) uses the same kernels: the query tile is the
+folded ``t * g`` rows rounded up to the backend minimum (8 rows; 16 on GPU), and the loop
+runs over all key tiles, skipping the ones that are invalid or outside the window. There
+is no split-KV (flash-decoding) parallelism.
+
+Backends. Verified here only in interpret mode on CPU (``interpret=True``), which is what
+the tests run. The kernels are written for the Pallas Triton backend (power-of-two tiles
+>= 16, ``pl.program_id``, ref indexing with ``pl.ds``, ``lax.fori_loop``/``lax.cond``,
+2-D ``dot_general``) and use only constructs Mosaic (TPU) also lowers, but neither
+lowering has been compiled or run. On TPU the full-length operands of the loops (K/V for
+forward and dQ, Q/dO/row statistics for dK/dV) are whole VMEM blocks, so long sequences
+may exceed VMEM there; a TPU-specific variant with the key axis on the grid and VMEM
+scratch accumulators would lift that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kvshare_jax.attention import INVALID_POS
+
+_MASKED = -1e30  # finite "minus infinity": keeps exp/max free of inf - inf
+_INT32_MIN = -(2**31)
+_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
+_DEFAULT_BLOCK = {"gpu": 128, "tpu": 128, "interpret": 32}
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static kernel parameters (hashable: used as a jit/custom_vjp static argument)."""
+
+    scale: float
+    strict: bool
+    window: int | None
+    block_q: int
+    block_k: int
+    platform: str  # "gpu", "tpu" or "interpret"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(x - 1, 0).bit_length()
+
+
+def padded_head_dim(h: int, platform: str) -> int:
+    """Head dim after zero padding: next power of two >= 16 on GPU (Triton tensors),
+    a multiple of 128 on TPU (lanes), a multiple of 8 in interpret mode."""
+    if platform == "gpu":
+        return max(16, _next_pow2(h))
+    return _round_up(h, 128 if platform == "tpu" else 8)
+
+
+def block_size(requested: int | None, length: int, platform: str, axis: str) -> int:
+    """Tile size along ``axis`` ("q" rows or "k" keys) for a sequence of ``length``.
+
+    Defaults: 128 on GPU/TPU, 32 in interpret mode. The tile is shrunk to the (aligned)
+    length for short sequences. Raises ``ValueError`` for sizes the backend cannot use:
+    GPU needs powers of two >= 16; TPU needs multiples of 8 (q) / 128 (k).
+    """
+    block = _DEFAULT_BLOCK[platform] if requested is None else requested
+    if not isinstance(block, numbers.Integral) or block < 1:
+        raise ValueError(f"block_{axis} must be a positive int, got {block!r}")
+    block = int(block)
+    if platform == "gpu":
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"block_{axis}={block}: GPU (Triton) needs a power of two >= 16")
+        return min(block, max(16, _next_pow2(length)))
+    if platform == "tpu":
+        align = 128 if axis == "k" else 8
+        if block % align:
+            raise ValueError(f"block_{axis}={block}: TPU needs a multiple of {align}")
+    # A tile covering the whole (8-aligned) length is a full-array block: always legal.
+    return min(block, _round_up(length, 8))
+
+
+def _dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _visible(qp: jax.Array, kp: jax.Array, cfg: _Config) -> jax.Array:
+    """Tile mask ``[bq, bk]`` from ``qp [bq, 1]`` and ``kp [1, bk]``."""
+    vis = kp < qp if cfg.strict else kp <= qp
+    if cfg.window is not None:
+        vis &= kp > qp - cfg.window
+    return vis & (kp != INVALID_POS)
+
+
+def _kv_range(kp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(min, max) over the valid positions of a key tile (``INVALID_POS`` excluded)."""
+    lo = jnp.min(kp)  # INVALID_POS is the int32 max, so it never wins the min
+    hi = jnp.max(jnp.where(kp != INVALID_POS, kp, _INT32_MIN))
+    return lo, hi
+
+
+def _may_overlap(q_lo, q_hi, kv_lo, kv_hi, cfg: _Config) -> jax.Array:
+    """False only if no (query, key) pair of the two tiles can be visible."""
+    hit = kv_lo < q_hi if cfg.strict else kv_lo <= q_hi
+    if cfg.window is not None:
+        hit &= kv_hi > q_lo - cfg.window
+    return hit
+
+
+def _probs(q, k, qp, kp, lse, cfg: _Config) -> jax.Array:
+    """Normalised probabilities ``[bq, bk]`` recomputed from the row log-sum-exp."""
+    vis = _visible(qp, kp, cfg)
+    s = jnp.where(vis, _dot(q, k, _NT) * cfg.scale, _MASKED)
+    return jnp.where(vis, jnp.exp(s - lse), 0.0)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, o_ref, lse_ref, *, cfg: _Config):
+    """One query tile against all key tiles: online softmax, fp32 accumulators."""
+    bq, hp = q_ref.shape
+    bk = cfg.block_k
+    q = q_ref[...]
+    qp = qpos_ref[...]
+    q_lo, q_hi = jnp.min(qp), jnp.max(qp)
+
+    def body(j, carry):
+        start = pl.multiple_of(j * bk, bk)
+        kp = kvpos_ref[:, pl.ds(start, bk)]
+
+        def update(carry):
+            acc, m, denom = carry
+            k = k_ref[pl.ds(start, bk), :]
+            v = v_ref[pl.ds(start, bk), :]
+            vis = _visible(qp, kp, cfg)
+            s = jnp.where(vis, _dot(q, k, _NT) * cfg.scale, _MASKED)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+            p = jnp.where(vis, jnp.exp(s - m_new), 0.0)
+            alpha = jnp.exp(m - m_new)
+            denom_new = alpha * denom + jnp.sum(p, axis=1, keepdims=True)
+            acc_new = alpha * acc + _dot(p.astype(v.dtype), v, _NN)
+            return acc_new, m_new, denom_new
+
+        return lax.cond(_may_overlap(q_lo, q_hi, *_kv_range(kp), cfg), update, lambda c: c, carry)
+
+    init = (
+        jnp.zeros((bq, hp), jnp.float32),
+        jnp.full((bq, 1), _MASKED, jnp.float32),
+        jnp.zeros((bq, 1), jnp.float32),
+    )
+    acc, m, denom = lax.fori_loop(0, kvpos_ref.shape[-1] // bk, body, init)
+    seen = denom > 0  # denom >= 1 as soon as one key is visible
+    denom = jnp.where(seen, denom, 1.0)
+    o_ref[...] = jnp.where(seen, acc / denom, 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(denom), 0.0)
+
+
+def _dq_kernel(
+    q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config
+):
+    """dQ for one query tile, looping over key tiles."""
+    bk = cfg.block_k
+    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    qp = qpos_ref[...]
+    q_lo, q_hi = jnp.min(qp), jnp.max(qp)
+
+    def body(j, dq):
+        start = pl.multiple_of(j * bk, bk)
+        kp = kvpos_ref[:, pl.ds(start, bk)]
+
+        def update(dq):
+            k = k_ref[pl.ds(start, bk), :]
+            v = v_ref[pl.ds(start, bk), :]
+            p = _probs(q, k, qp, kp, lse, cfg)
+            ds = p * (_dot(do, v, _NT) - delta)
+            return dq + _dot(ds.astype(k.dtype), k, _NN)
+
+        return lax.cond(_may_overlap(q_lo, q_hi, *_kv_range(kp), cfg), update, lambda d: d, dq)
+
+    dq = lax.fori_loop(0, kvpos_ref.shape[-1] // bk, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    qpos_ref,
+    kvpos_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    cfg: _Config,
+):
+    """dK, dV for one key tile, looping over all (group-folded) query tiles."""
+    bq = cfg.block_q
+    k, v = k_ref[...], v_ref[...]
+    kp = kvpos_ref[...]
+    kv_lo, kv_hi = _kv_range(kp)
+
+    def body(i, carry):
+        start = pl.multiple_of(i * bq, bq)
+        qp = qpos_ref[pl.ds(start, bq), :]
+
+        def update(carry):
+            dk, dv = carry
+            q = q_ref[pl.ds(start, bq), :]
+            do = do_ref[pl.ds(start, bq), :]
+            p = _probs(q, k, qp, kp, lse_ref[pl.ds(start, bq), :], cfg)
+            ds = p * (_dot(do, v, _NT) - delta_ref[pl.ds(start, bq), :])
+            return dk + _dot(ds.astype(q.dtype), q, _TN), dv + _dot(p.astype(do.dtype), do, _TN)
+
+        hit = _may_overlap(jnp.min(qp), jnp.max(qp), kv_lo, kv_hi, cfg)
+        return lax.cond(hit, update, lambda c: c, carry)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, qpos_ref.shape[0] // bq, body, (zeros, zeros))
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- calls
+
+
+def _compiler_params(cfg: _Config, head_dim: int):
+    if cfg.platform == "gpu":
+        from jax.experimental.pallas import triton as plgpu
+
+        return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    if cfg.platform == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+    return None
+
+
+def _call(kernel, name: str, cfg: _Config, grid, in_specs, out_specs, out_shape, *args):
+    return pl.pallas_call(
+        functools.partial(kernel, cfg=cfg),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_compiler_params(cfg, args[0].shape[-1]),
+        interpret=cfg.platform == "interpret",
+        name=name,
+    )(*args)
+
+
+def _specs(rows: int, keys: int, hp: int, cfg: _Config, tiled: str):
+    """BlockSpecs (q-like, kv-like, q_pos, kv_pos, row stats) for a (batch, KV head, tile)
+    grid whose tile axis runs over ``tiled`` ("q" or "k"); the other axis is whole."""
+    tile_q = tiled == "q"
+    bq, bk = (cfg.block_q, keys) if tile_q else (rows, cfg.block_k)
+
+    def qi(i):
+        return i if tile_q else 0
+
+    def ki(i):
+        return 0 if tile_q else i
+
+    return (
+        pl.BlockSpec((None, None, bq, hp), lambda b, h, i: (b, h, qi(i), 0)),
+        pl.BlockSpec((None, None, bk, hp), lambda b, h, i: (b, h, ki(i), 0)),
+        pl.BlockSpec((None, bq, 1), lambda b, h, i: (b, qi(i), 0)),
+        pl.BlockSpec((None, 1, bk), lambda b, h, i: (b, 0, ki(i))),
+        pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, qi(i), 0)),
+    )
+
+
+def _forward(q, k, v, q_pos, kv_pos, cfg: _Config):
+    """Folded layout in, ``(o [b,kh,T,hp], lse [b,kh,T,1] fp32)`` out."""
+    b, kh, rows, hp = q.shape
+    q_spec, kv_spec, qpos_spec, kvpos_spec, stat_spec = _specs(rows, k.shape[2], hp, cfg, "q")
+    return _call(
+        _fwd_kernel,
+        "kvshare_flash_fwd",
+        cfg,
+        (b, kh, rows // cfg.block_q),
+        [q_spec, kv_spec, kv_spec, qpos_spec, kvpos_spec],
+        [q_spec, stat_spec],
+        [
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, kh, rows, 1), jnp.float32),
+        ],
+        q,
+        k,
+        v,
+        q_pos,
+        kv_pos,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_pos, kv_pos, cfg: _Config):
+    return _forward(q, k, v, q_pos, kv_pos, cfg)[0]
+
+
+def _flash_fwd(q, k, v, q_pos, kv_pos, cfg: _Config):
+    o, lse = _forward(q, k, v, q_pos, kv_pos, cfg)
+    return o, (q, k, v, q_pos, kv_pos, o, lse)
+
+
+def _flash_bwd(cfg: _Config, res, do):
+    q, k, v, q_pos, kv_pos, o, lse = res
+    b, kh, rows, hp = q.shape
+    keys = k.shape[2]
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
+    args = (q, k, v, q_pos, kv_pos, do, lse, delta)
+
+    q_spec, kv_spec, qpos_spec, kvpos_spec, stat_spec = _specs(rows, keys, hp, cfg, "q")
+    dq = _call(
+        _dq_kernel,
+        "kvshare_flash_dq",
+        cfg,
+        (b, kh, rows // cfg.block_q),
+        [q_spec, kv_spec, kv_spec, qpos_spec, kvpos_spec, q_spec, stat_spec, stat_spec],
+        q_spec,
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        *args,
+    )
+
+    q_spec, kv_spec, qpos_spec, kvpos_spec, stat_spec = _specs(rows, keys, hp, cfg, "k")
+    dk, dv = _call(
+        _dkv_kernel,
+        "kvshare_flash_dkv",
+        cfg,
+        (b, kh, keys // cfg.block_k),
+        [q_spec, kv_spec, kv_spec, qpos_spec, kvpos_spec, q_spec, stat_spec, stat_spec],
+        [kv_spec, kv_spec],
+        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        *args,
+    )
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def _check_inputs(q, k, v, q_pos, kv_pos, window) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"expected q [b,t,n,h] and k, v [b,s,kh,h], got {q.shape}, {k.shape}, {v.shape}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
+    (b, t, n, h), (bk, s, kh, hk) = q.shape, k.shape
+    if bk != b or hk != h:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head dim")
+    if n % kh:
+        raise ValueError(f"query heads ({n}) must be a multiple of KV heads ({kh})")
+    if t == 0 or s == 0:
+        raise ValueError(f"empty sequence: t={t}, s={s}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(
+            f"q, k, v must share one dtype, float32 or bfloat16; "
+            f"got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if q_pos.shape != (b, t) or kv_pos.shape != (b, s):
+        raise ValueError(
+            f"positions must be q_pos [b,t]={(b, t)} and kv_pos [b,s]={(b, s)}, "
+            f"got {q_pos.shape} and {kv_pos.shape}"
+        )
+    if not (jnp.issubdtype(q_pos.dtype, jnp.integer) and jnp.issubdtype(kv_pos.dtype, jnp.integer)):
+        raise ValueError(f"positions must be integers, got {q_pos.dtype} and {kv_pos.dtype}")
+    if window is not None and (not isinstance(window, numbers.Integral) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    kv_pos: jax.Array,
+    *,
+    strict: bool = False,
+    window: int | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Single-device flash attention: ``q [b,t,n,h]``, ``k, v [b,s,kh,h]``,
+    ``q_pos [b,t]``, ``kv_pos [b,s]`` (int) -> ``[b,t,n,h]`` in ``q.dtype``.
+
+    Same result as ``xla_attention``; differentiable in ``q, k, v``. ``block_q`` counts
+    group-folded query rows (``t * n // kh`` in all), ``block_k`` keys (see
+    :func:`block_size`). ``interpret=None`` means interpret mode on CPU.
+    """
+    _check_inputs(q, k, v, q_pos, kv_pos, window)
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    platform = "interpret" if interpret else jax.default_backend()
+    if platform not in _DEFAULT_BLOCK:
+        raise ValueError(
+            f"compiled Pallas kernels are not available on {platform!r}: pass interpret=True"
+        )
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    cfg = _Config(
+        scale=h**-0.5,
+        strict=bool(strict),
+        window=None if window is None else int(window),
+        block_q=block_size(block_q, t * g, platform, "q"),
+        block_k=block_size(block_k, s, platform, "k"),
+        platform=platform,
+    )
+    return _flash_folded(q, k, v, q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32), cfg)
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _flash_folded(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
+    """Fold GQA into rows, pad, run the kernel, unfold (see the module docstring)."""
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    hp = padded_head_dim(h, cfg.platform)
+    rows = t * g
+    pad_rows = _round_up(rows, cfg.block_q) - rows
+    pad_keys = _round_up(s, cfg.block_k) - s
+
+    qf = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
+    qf = jnp.pad(qf, ((0, 0), (0, 0), (0, pad_rows), (0, hp - h)))
+    kf, vf = (
+        jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad_keys), (0, hp - h)))
+        for x in (k, v)
+    )
+    qp = jnp.pad(jnp.repeat(q_pos, g, axis=1), ((0, 0), (0, pad_rows)), mode="edge")
+    kp = jnp.pad(kv_pos, ((0, 0), (0, pad_keys)), constant_values=INVALID_POS)
+
+    o = _flash(qf, kf, vf, qp[:, :, None], kp[:, None, :], cfg)
+    o = o[:, :, :rows, :h].reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4)
+    return o.reshape(b, t, n, h)
