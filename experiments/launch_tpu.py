@@ -68,7 +68,10 @@ def gcloud_commands(args: argparse.Namespace) -> list[list[str]]:
         "python3 -m venv .venv && .venv/bin/pip install -U pip && "
         ".venv/bin/pip install -e '.[tpu]'"
     )
-    run = "cd kvshare_jax && .venv/bin/" + shlex.join(args.command)
+    command = list(args.command)
+    if command[1] in ("train", "study") and "--distributed" not in command:
+        command.append("--distributed")  # every host joins the same jax.distributed job
+    run = "cd kvshare_jax && .venv/bin/" + shlex.join(command)
     for remote in (install, run):
         cmds.append([*tpu, "ssh", args.name, *where, "--worker=all", f"--command={remote}"])
     return cmds

@@ -51,7 +51,7 @@ def test_v4_8_single_host():
     assert "--worker=all" in install and "[tpu]" in install[-1] and REPO in install[-1]
     assert run[-1] == (
         "--command=cd kvshare_jax && .venv/bin/kvshare train --config "
-        "configs/llama_110m.py --workdir gs://b/run"
+        "configs/llama_110m.py --workdir gs://b/run --distributed"
     )
 
 
@@ -81,7 +81,9 @@ def test_v5e_32_multi_host_runs_same_command_on_all_workers():
     assert "--project=lab" in create and "--project=lab" in run
     for cmd in (install, run):
         assert "--worker=all" in cmd
-    assert run[-1].endswith("kvshare study --config configs/study/llama_110m.py --workdir gs://b/s")
+    assert run[-1].endswith(
+        "kvshare study --config configs/study/llama_110m.py --workdir gs://b/s --distributed"
+    )
 
 
 def test_reuse_skips_create_and_bad_accelerator_errors():
