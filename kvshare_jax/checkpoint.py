@@ -1,0 +1,225 @@
+"""Checkpoints of a workdir: orbax steps, the run and model configs, inference loading.
+
+Layout of a workdir::
+
+    config.json            run config (``kvshare eval`` needs no --config)
+    model_config.json      ModelConfig, layout as its mapping string ("0_2_2_2")
+    tokenizer.model        SentencePiece model (written by ``data.get_tokenizer``)
+    checkpoints/<step>/    orbax step: ``params``, ``opt_state`` and ``data_iter`` items
+    checkpoints_corrupt/   unreadable steps moved aside by a resume
+
+``data_iter`` holds the grain iterator state of every process, so a resumed run sees
+the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from kvshare_jax.data import Tokenizer, checkpoint_args
+from kvshare_jax.layout import KVLayout
+from kvshare_jax.model import ModelConfig, Params, init_params
+
+CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "checkpoints_corrupt"
+RUN_CONFIG_FILE = "config.json"
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+# ------------------------------------------------------------------- configs
+def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """JSON-ready fields of ``cfg``; the layout becomes its mapping string."""
+    out = dataclasses.asdict(cfg)
+    out["layout"] = str(cfg.layout)
+    return out
+
+
+def model_config_from_dict(fields: dict[str, Any]) -> ModelConfig:
+    return ModelConfig(**{**fields, "layout": KVLayout.parse(fields["layout"])})
+
+
+def _write_json(path: epath.Path, obj: Any) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def save_configs(workdir: str, config: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
+    """Writes ``config.json`` and ``model_config.json`` (first process only)."""
+    if jax.process_index() != 0:
+        return
+    root = epath.Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_json(root / RUN_CONFIG_FILE, json.loads(config.to_json()))
+    _write_json(root / MODEL_CONFIG_FILE, model_config_to_dict(cfg))
+
+
+def _read_json(workdir: str, name: str) -> Any:
+    path = epath.Path(workdir) / name
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: {workdir!r} is not a training workdir "
+            "(create one with `kvshare train --config ... --workdir ...`)"
+        )
+    return json.loads(path.read_text())
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run config saved by ``kvshare train`` in ``workdir``."""
+    return ml_collections.ConfigDict(_read_json(workdir, RUN_CONFIG_FILE))
+
+
+def load_model_config(workdir: str) -> ModelConfig:
+    """The ModelConfig saved by ``kvshare train`` in ``workdir``."""
+    return model_config_from_dict(_read_json(workdir, MODEL_CONFIG_FILE))
+
+
+# --------------------------------------------------------------- checkpoints
+def _manager(workdir: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+    """Orbax manager of ``<workdir>/checkpoints`` (local paths or e.g. ``gs://``).
+
+    Only a trainer (``max_to_keep`` given) creates the directory, saves asynchronously
+    and removes temporary directories left by an interrupted save; a reader must not.
+    """
+    writer = max_to_keep is not None
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=writer,
+        enable_async_checkpointing=writer,
+        cleanup_tmp_directories=writer,
+    )
+    return ocp.CheckpointManager(epath.Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+
+
+def _restore_newest_readable(
+    manager: ocp.CheckpointManager, restore: Callable[[int], Any]
+) -> tuple[int, Any] | None:
+    """Restores the newest step that ``restore(step)`` can read, newest first.
+
+    An unreadable step (e.g. a truncated file) is skipped with a warning. If no step
+    can be read, the newest step's error is raised: that points to a mismatch (another
+    model config), not to corruption.
+    """
+    first_error = None
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return step, restore(step)
+        except Exception as e:  # noqa: BLE001 - any read failure means "unusable step"
+            logging.warning("checkpoint step %d is unreadable (%s: %s)", step, type(e).__name__, e)
+            first_error = first_error or e
+            continue
+    if first_error is not None:
+        raise RuntimeError(f"no checkpoint in {manager.directory} can be restored") from first_error
+    return None
+
+
+class Checkpointer:
+    """Saves and restores training state; saves are asynchronous (``close`` waits)."""
+
+    def __init__(self, workdir: str, max_to_keep: int):
+        self.workdir = workdir
+        self._manager = _manager(workdir, max_to_keep)
+
+    def save(self, step: int, params: Params, opt_state: Any, data_iter: Any) -> None:
+        """Starts saving ``step``; the iterator state is captured before this returns."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                data_iter=checkpoint_args(data_iter),
+            ),
+        )
+
+    def restore(
+        self, abstract_params: Params, abstract_opt_state: Any, data_iter: Any
+    ) -> tuple[int, Params, Any] | None:
+        """Restores the newest readable step into the given abstract (sharded) trees and
+        ``data_iter``; unreadable newer steps are moved to ``checkpoints_corrupt/``.
+        Returns ``(step, params, opt_state)``, or None when there is no checkpoint."""
+
+        def restore(step: int) -> Any:
+            return self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_params),
+                    opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                    data_iter=checkpoint_args(data_iter, restore=True),
+                ),
+            )
+
+        found = _restore_newest_readable(self._manager, restore)
+        if found is None:
+            return None
+        step, restored = found
+        bad = [s for s in self._manager.all_steps() if s > step]
+        if bad:
+            logging.warning(
+                "falling back to checkpoint step %d; moving unreadable steps %s to %s",
+                step,
+                bad,
+                CORRUPT_DIR,
+            )
+            self._quarantine(bad)
+        return step, restored["params"], restored["opt_state"]
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Moves ``steps`` to ``<workdir>/checkpoints_corrupt/`` (kept for inspection)."""
+        if jax.process_index() == 0:
+            target = epath.Path(self.workdir) / CORRUPT_DIR
+            target.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                (self._manager.directory / str(step)).rename(target / str(step))
+        multihost_utils.sync_global_devices("kvshare_quarantine_checkpoints")
+        self._manager.reload()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+# ----------------------------------------------------------------- inference
+def load_inference(workdir: str) -> tuple[ModelConfig, Params, Tokenizer, int]:
+    """``(model config, params, tokenizer, step)`` of the newest readable checkpoint.
+
+    Restores the parameters only (no optimizer state) onto this process's first device.
+    Raises ``FileNotFoundError`` when ``workdir`` is not a training workdir, holds no
+    checkpoint or lacks its tokenizer.
+    """
+    cfg = load_model_config(workdir)
+    data = load_run_config(workdir).data
+    manager = _manager(workdir)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
+    )
+
+    def restore(step: int) -> Params:
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+        return manager.restore(step, args=args)["params"]
+
+    found = _restore_newest_readable(manager, restore)
+    manager.close()
+    if found is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {epath.Path(workdir) / CHECKPOINT_DIR}: train first with "
+            f"`kvshare train --config ... --workdir {workdir}`"
+        )
+    step, params = found
+    tokenizer_path = epath.Path(data.tokenizer_path or epath.Path(workdir) / "tokenizer.model")
+    if not tokenizer_path.exists():
+        raise FileNotFoundError(f"tokenizer {tokenizer_path} of {workdir} not found")
+    return cfg, params, Tokenizer.load(tokenizer_path), step

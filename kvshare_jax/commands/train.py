@@ -1,0 +1,70 @@
+"""``kvshare train --config configs/tiny.py --workdir DIR [--config.a.b=value ...]``.
+
+Trains the model of a config file, resuming from ``DIR`` when it holds a checkpoint.
+Multi-process jobs pass ``--coordinator_address/--num_processes/--process_id`` (or the
+``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` variables), or
+``--distributed`` to let JAX detect the cluster (TPU pods, SLURM...).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+PROG = "kvshare train"
+
+
+def _define_flags(argv: list[str]) -> flags.FlagValues:
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "run config file, e.g. configs/tiny.py",
+        flag_values=fv,
+        sys_argv=argv,  # where the --config.a.b=value overrides are looked up
+    )
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)", flag_values=fv)
+    flags.DEFINE_string(
+        "coordinator_address", "", "host:port of process 0 in a multi-process job", flag_values=fv
+    )
+    flags.DEFINE_integer("num_processes", 0, "processes in a multi-process job", flag_values=fv)
+    flags.DEFINE_integer("process_id", -1, "this process's index in the job", flag_values=fv)
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "call jax.distributed.initialize() with cluster auto-detection",
+        flag_values=fv,
+    )
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+    return fv
+
+
+def _error(message: object, status: int = 2) -> int:
+    """Prints ``message`` as one line to stderr; returns the exit status."""
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return status
+
+
+def run(argv: list[str]) -> int:
+    argv = [PROG, *argv]
+    fv = _define_flags(argv)
+    try:
+        fv(argv)
+        config = fv.config
+        config.train  # noqa: B018 - a config file that failed to load raises here
+    except (flags.Error, OSError) as e:  # bad flags, unreadable config file
+        return _error(e)
+    from kvshare_jax import sharding, train
+
+    try:
+        sharding.init_distributed(
+            fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed
+        )
+        train.train_and_evaluate(config, fv.workdir)
+    except (ValueError, FileNotFoundError) as e:
+        return _error(e)
+    except train.NonFiniteLossError as e:
+        return _error(e, status=1)
+    return 0

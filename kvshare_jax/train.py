@@ -1,0 +1,405 @@
+"""Training: sharded init, the AdamW train step, evaluation and the resumable loop.
+
+Shapes: b global batch, a micro-batches (``train.grad_accum``), T sequence length,
+v vocabulary. One call of the train step is one optimizer update; with gradient
+accumulation it scans over ``a`` micro-batches of ``b / a`` rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from kvshare_jax import checkpoint, sharding
+from kvshare_jax.config import model_config_from
+from kvshare_jax.data import get_tokenizer, make_iterator, open_source
+from kvshare_jax.metrics import MetricWriter, latest_metrics
+from kvshare_jax.model import ModelConfig, Params, forward, init_params
+
+Batch = dict[str, jax.Array]  # inputs, targets: int32 [b, T]; loss_mask: float32 [b, T]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN/inf; the run stops without saving."""
+
+
+class TrainState(NamedTuple):
+    """What one update reads and writes; the step count lives in the loop/checkpoint."""
+
+    params: Params
+    opt_state: optax.OptState
+
+
+# --------------------------------------------------------------- optimizer
+def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up to ``learning_rate``, cosine decay to ``learning_rate * min_lr_ratio``."""
+    peak = float(train.learning_rate)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=int(train.warmup_steps),
+        decay_steps=max(int(train.num_steps), int(train.warmup_steps) + 1),
+        end_value=peak * float(train.min_lr_ratio),
+    )
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW (no weight decay on 1-D params: norm scales) after global-norm clipping."""
+    adamw = optax.adamw(
+        make_schedule(train),
+        b1=float(train.b1),
+        b2=float(train.b2),
+        weight_decay=float(train.weight_decay),
+        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+    )
+    if float(train.grad_clip) > 0:
+        return optax.chain(optax.clip_by_global_norm(float(train.grad_clip)), adamw)
+    return adamw
+
+
+# ----------------------------------------------------------------- steps
+def loss_terms(cfg: ModelConfig, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """``(sum of masked token cross-entropies, number of loss tokens)`` of a batch."""
+    logits = forward(cfg, params, batch["inputs"])  # [b, T, v] fp32
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"]
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def train_step(
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    grad_accum: int,
+    state: TrainState,
+    batch: Batch,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update on the masked mean cross-entropy of ``batch``; returns loss and grad norm.
+
+    The batch ``[b, T]`` is split into ``a`` strided micro-batches ``[a, b/a, T]`` (each
+    device keeps its rows) and the summed gradients are scanned, so memory holds one
+    micro-batch of activations.
+    """
+
+    def split(x: jax.Array) -> jax.Array:  # [b, T] -> [a, b/a, T]
+        x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, *sharding.BATCH_AXES))
+
+    def accumulate(carry, micro: Batch):
+        loss_sum, weight, grads = carry
+        (l_sum, w), g = jax.value_and_grad(functools.partial(loss_terms, cfg), has_aux=True)(
+            state.params, micro
+        )
+        return (loss_sum + l_sum, weight + w, jax.tree.map(jnp.add, grads, g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+    (loss_sum, weight, grads), _ = jax.lax.scan(accumulate, init, jax.tree.map(split, batch))
+    weight = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss_sum / weight, "grad_norm": optax.tree.norm(grads)}
+    return TrainState(params, opt_state), metrics
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every element of every array in ``tree`` is finite (a scalar bool)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+# ----------------------------------------------------------------- state
+def state_shardings(
+    cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: sharding.Rules
+) -> tuple[TrainState, TrainState]:
+    """``(abstract state with shardings, state shardings)`` without allocating anything."""
+    abstract_params = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    params_sharding = sharding.param_shardings(cfg, mesh, rules)
+    opt_sharding = sharding.opt_state_shardings(tx, abstract_opt, params_sharding, mesh)
+    shardings = TrainState(params_sharding, opt_sharding)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        TrainState(abstract_params, abstract_opt),
+        shardings,
+    )
+    return abstract, shardings
+
+
+def init_state(
+    cfg: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState, seed: int
+) -> TrainState:
+    """Initialises params and optimizer state directly in their shardings (no host copy)."""
+
+    def create(rng: jax.Array) -> TrainState:
+        params = init_params(cfg, rng)
+        return TrainState(params, tx.init(params))
+
+    return jax.jit(create, out_shardings=shardings)(jax.random.key(seed))
+
+
+def in_mesh(fn: Callable, mesh: Mesh, rules: sharding.Rules) -> Callable:
+    """``fn`` called (and so traced) with ``mesh`` and the logical-axis ``rules`` active."""
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return fn(*args)
+
+    return wrapped
+
+
+def compile_train_step(
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    grad_accum: int,
+    mesh: Mesh,
+    rules: sharding.Rules,
+    shardings: TrainState,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted ``train_step`` with sharded inputs/outputs; the state is donated."""
+    step = jax.jit(
+        functools.partial(train_step, cfg, tx, grad_accum),
+        in_shardings=(shardings, sharding.batch_sharding(mesh, rules)),
+        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
+    return in_mesh(step, mesh, rules)
+
+
+# ------------------------------------------------------------------ setup
+def validate(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules) -> None:
+    """Raises ``ValueError`` naming the field for settings that cannot train."""
+    t = config.train
+    model_config_from(config)  # layout and model fields
+    if t.seq_len > config.model.max_len:
+        raise ValueError(
+            f"train.seq_len ({t.seq_len}) exceeds model.max_len ({config.model.max_len})"
+        )
+    for name in ("num_steps", "log_every", "checkpoint_every", "eval_steps", "grad_accum"):
+        if t[name] < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
+    if t.batch_size % t.grad_accum:
+        raise ValueError(
+            f"train.batch_size ({t.batch_size}) is not divisible by train.grad_accum "
+            f"({t.grad_accum})"
+        )
+    sharding.check_batch_divisible(t.batch_size, mesh, rules, "train.batch_size")
+    if t.grad_accum > 1:
+        micro = t.batch_size // t.grad_accum
+        sharding.check_batch_divisible(micro, mesh, rules, "micro-batch (batch / grad_accum)")
+
+
+def _tokenizer(config: ml_collections.ConfigDict, workdir: str):
+    """Trains (first process) or loads the tokenizer; other processes wait, then load."""
+    if jax.process_count() == 1:
+        return get_tokenizer(config.data, workdir)
+    if jax.process_index() == 0:
+        get_tokenizer(config.data, workdir)
+    multihost_utils.sync_global_devices("kvshare_tokenizer")
+    return get_tokenizer(config.data, workdir)
+
+
+def _check_same_params(workdir: str, cfg: ModelConfig) -> None:
+    """A resumed run must have the parameter shapes of the model saved in ``workdir``
+    (other fields, e.g. ``dtype`` or ``forward_passes``, may change)."""
+    try:
+        saved = checkpoint.load_model_config(workdir)
+    except FileNotFoundError:
+        return
+
+    def shapes(c: ModelConfig) -> Any:
+        return jax.eval_shape(functools.partial(init_params, c), jax.random.key(0))
+
+    if shapes(saved) != shapes(cfg):
+        raise ValueError(
+            f"{workdir} holds a model with other parameter shapes (layout {saved.layout}, "
+            f"d_model {saved.d_model}, vocab {saved.vocab_size}) than this config (layout "
+            f"{cfg.layout}, d_model {cfg.d_model}, vocab {cfg.vocab_size}); use a new --workdir"
+        )
+
+
+class Trainer:
+    """What a run needs, built from a config: mesh, model config, optimizer, jitted steps
+    (traced under the mesh and logical-axis rules) and data iterators."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config, t = config, config.train
+        self.mesh = sharding.make_mesh(config.mesh)
+        self.rules = sharding.logical_rules(config.mesh)
+        validate(config, self.mesh, self.rules)
+        d = config.data
+        self.sources = {split: open_source(d, split) for split in (d.train_split, d.eval_split)}
+        self.tokenizer = _tokenizer(config, workdir)
+        self.cfg = model_config_from(config, vocab_size=self.tokenizer.vocab_size)
+        self.tx = make_optimizer(t)
+        self.schedule = make_schedule(t)
+        self.abstract, self.shardings = state_shardings(self.cfg, self.tx, self.mesh, self.rules)
+        sharding.check_shardable(self.abstract)
+        self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+        self.train_step = compile_train_step(
+            self.cfg, self.tx, int(t.grad_accum), self.mesh, self.rules, self.shardings
+        )
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.eval_step = in_mesh(
+            jax.jit(
+                functools.partial(loss_terms, self.cfg),
+                in_shardings=(self.shardings.params, self.batch_sharding),
+                out_shardings=replicated,
+            ),
+            self.mesh,
+            self.rules,
+        )
+        self.all_finite = jax.jit(all_finite, out_shardings=replicated)
+        self.local_batch = t.batch_size // jax.process_count()
+
+    def init_state(self) -> TrainState:
+        return init_state(self.cfg, self.tx, self.shardings, int(self.config.train.seed))
+
+    def iterator(self, split: str) -> Any:
+        """A fresh grain iterator over this process's shard of ``split``."""
+        return make_iterator(
+            self.sources[split],
+            self.tokenizer,
+            seq_len=int(self.config.train.seq_len),
+            batch_size=self.local_batch,
+            seed=int(self.config.train.seed),
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+
+    def batches(self, local: Iterator[dict[str, np.ndarray]]) -> Iterator[Batch]:
+        """This process's batches ``[b / processes, T]`` as global ``[b, T]`` arrays."""
+        for batch in local:
+            yield {
+                k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+                for k, v in batch.items()
+            }
+
+    def evaluate(self, params: Params, num_batches: int | None = None) -> dict[str, float]:
+        """Token-weighted mean loss and perplexity over the first ``num_batches``
+        (default ``train.eval_steps``) batches of the eval split."""
+        num_batches = num_batches or int(self.config.train.eval_steps)
+        batches = self.batches(self.iterator(self.config.data.eval_split))
+        loss_sum, weight = 0.0, 0.0
+        for _ in range(num_batches):
+            l_sum, w = jax.device_get(self.eval_step(params, next(batches)))
+            loss_sum, weight = loss_sum + float(l_sum), weight + float(w)
+        loss = loss_sum / max(weight, 1.0)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0))}
+
+
+# ------------------------------------------------------------------- loop
+def _say(message: str) -> None:
+    """User-facing progress line (first process only)."""
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message)
+
+
+def _check_finite(records: dict[int, dict[str, float]], last_saved: int | None) -> None:
+    """Raises ``NonFiniteLossError`` at the first step with a NaN/inf metric."""
+    for step, m in records.items():
+        bad = ", ".join(f"{k}={m[k]}" for k in ("loss", "grad_norm") if not math.isfinite(m[k]))
+        if bad:
+            kept = f"step {last_saved}" if last_saved is not None else "none saved yet"
+            raise NonFiniteLossError(
+                f"non-finite {bad} at step {step}; stopped without saving (last good "
+                f"checkpoint: {kept}). Lower train.learning_rate or check the data."
+            )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (resuming from ``workdir`` if it holds a checkpoint) and returns the final
+    metrics: ``step``, ``loss``, ``grad_norm``, ``lr``, ``tokens_per_sec``, ``eval_loss``,
+    ``eval_ppl`` (those of the latest log/eval when the run had already finished)."""
+    trainer = Trainer(config, workdir)
+    t = config.train
+    _check_same_params(workdir, trainer.cfg)
+    checkpoint.save_configs(workdir, config, trainer.cfg)
+    ckpt = checkpoint.Checkpointer(workdir, int(t.max_to_keep))
+    train_iter = trainer.iterator(config.data.train_split)
+    restored = ckpt.restore(trainer.abstract.params, trainer.abstract.opt_state, train_iter)
+    if restored is None:
+        start, last_saved, state = 0, None, trainer.init_state()
+    else:
+        start, params, opt_state = restored
+        last_saved, state = start, TrainState(params, opt_state)
+    if start >= t.num_steps:
+        ckpt.close()
+        _say(f"{workdir} is already trained to step {start} (train.num_steps={t.num_steps})")
+        return latest_metrics(workdir)
+    if start:
+        _say(f"resuming {workdir} from step {start}")
+
+    primary = jax.process_index() == 0
+    writer = MetricWriter(workdir, enabled=primary)
+    bar = tqdm.tqdm(total=t.num_steps, initial=start, disable=not primary, desc="train")
+    batches = trainer.batches(train_iter)
+    summary: dict[str, float] = {}
+    pending: dict[int, dict[str, jax.Array]] = {}
+    clock = time.perf_counter()
+    try:
+        for step in range(start + 1, t.num_steps + 1):
+            state, pending[step] = trainer.train_step(state, next(batches))
+            bar.update(1)
+            final = step == t.num_steps
+            log = step % t.log_every == 0 or final
+            do_eval = (t.eval_every > 0 and step % t.eval_every == 0) or final
+            save = step % t.checkpoint_every == 0 or final
+            if not (log or do_eval or save):
+                continue
+            records = jax.device_get(pending)  # waits for the steps so far
+            _check_finite(records, last_saved)
+            summary["step"] = step
+            if log:
+                seconds = time.perf_counter() - clock  # includes compilation at first
+                row = {
+                    "loss": float(np.mean([r["loss"] for r in records.values()])),
+                    "grad_norm": float(records[step]["grad_norm"]),
+                    "lr": float(trainer.schedule(step - 1)),  # the rate used by this step
+                    "tokens_per_sec": len(records) * t.batch_size * t.seq_len / seconds,
+                }
+                writer.write(step, row)
+                summary.update(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+            if do_eval:
+                row = trainer.evaluate(state.params)
+                writer.write(step, row)
+                summary.update(row)
+                _say(f"step {step}: eval_loss {row['eval_loss']:.4f}, ppl {row['eval_ppl']:.2f}")
+            if save:
+                if not bool(trainer.all_finite(state.params)):
+                    raise NonFiniteLossError(
+                        f"non-finite parameters after step {step}; stopped without saving "
+                        f"(last good checkpoint: step {last_saved})"
+                    )
+                ckpt.save(step, state.params, state.opt_state, train_iter)
+                last_saved = step
+            pending, clock = {}, time.perf_counter()
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+    return summary
+
+
+def evaluate_workdir(
+    config: ml_collections.ConfigDict, workdir: str, num_batches: int | None = None
+) -> dict[str, float]:
+    """``step``, ``eval_loss`` and ``eval_ppl`` of the newest checkpoint in ``workdir``."""
+    trainer = Trainer(config, workdir)
+    _, params, _, step = checkpoint.load_inference(workdir)
+    params = jax.device_put(params, trainer.shardings.params)
+    return {"step": step, **trainer.evaluate(params, num_batches)}

@@ -1,0 +1,198 @@
+"""Training end to end on CPU: learning, exact resume (also after SIGKILL), CLI errors,
+multi-process training."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+import trainutil as tu
+
+from kvshare_jax.commands import eval as eval_command
+from kvshare_jax.commands import train as train_command
+from kvshare_jax.data import Tokenizer, make_iterator, open_source
+from kvshare_jax.metrics import latest_metrics, read_metrics
+from kvshare_jax.train import train_and_evaluate
+
+
+def unigram_entropy(config, num_batches: int = 200) -> float:
+    """Entropy (nats) of the token frequencies of the first training batches."""
+    tokenizer = Tokenizer.load(config.data.tokenizer_path)
+    it = make_iterator(
+        open_source(config.data, config.data.train_split),
+        tokenizer,
+        seq_len=config.train.seq_len,
+        batch_size=config.train.batch_size,
+        seed=config.train.seed,
+    )
+    counts = collections.Counter()
+    for _ in range(num_batches):
+        batch = next(it)
+        counts.update(batch["targets"][batch["loss_mask"] > 0].tolist())
+    p = np.array(list(counts.values()), np.float64) / sum(counts.values())
+    return float(-(p * np.log(p)).sum())
+
+
+@pytest.mark.parametrize("layout", ["standard", "sandwich-middle:2"])
+def test_tiny_run_beats_unigram_entropy(layout, tmp_path):
+    if layout == "standard":
+        workdir, config = tu.reference_run(), tu.tiny_config()
+    else:  # 0_2_2_2: layer 1 reads layer 2's KVs, so layers 1..2 are iterated
+        workdir, config = str(tmp_path), tu.tiny_config(f"model.layout={layout}")
+        train_and_evaluate(config, workdir)
+    final = latest_metrics(workdir)
+    entropy = unigram_entropy(config)  # of the 200 x 8 x 32 tokens trained on
+    assert final["step"] == 200
+    # mean training loss of steps 101..200 (ln(512) = 6.24 at initialisation)
+    assert final["loss"] < entropy - 0.3, (final, entropy)
+    assert final["eval_loss"] < math.log(512) - 1, final
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
+    """A run killed (SIGKILL) after its step-100 checkpoint, then restarted, ends with
+    the params, optimizer state and next batch of the uninterrupted run."""
+    workdir = str(tmp_path / "run")
+    half = os.path.join(workdir, "checkpoints", "100")
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(
+            tu.train_cmd(workdir),
+            env=tu.subprocess_env(),
+            cwd=tu.ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 300
+        while not os.path.isdir(half) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert os.path.isdir(half), (tmp_path / "killed.log").read_text()
+    assert not os.path.isdir(os.path.join(workdir, "checkpoints", "200")), "killed too late"
+
+    resumed = tu.run_train(workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from step 100" in resumed.stdout
+    _, params_a, opt_a, batch_a = tu.restore_newest(tu.reference_run())
+    step, params_b, opt_b, batch_b = tu.restore_newest(workdir)
+    assert step == 200
+    tu.assert_trees_equal(params_a, params_b)
+    tu.assert_trees_equal(opt_a, opt_b)
+    tu.assert_trees_equal(batch_a, batch_b)
+    # ... and the saved data position is really "200 batches consumed"
+    config = tu.tiny_config()
+    fresh = make_iterator(
+        open_source(config.data, "train"),
+        Tokenizer.load(config.data.tokenizer_path),
+        seq_len=32,
+        batch_size=8,
+        seed=0,
+    )
+    for _ in range(200):
+        next(fresh)
+    tu.assert_trees_equal(next(fresh), batch_b)
+
+
+def test_rerun_of_finished_run_says_so(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(tu.reference_run(), workdir)
+    argv = [f"--config={tu.TINY_CONFIG}", f"--workdir={workdir}"]
+    argv += [f"--config.{o}" for o in tu.tiny_overrides()]
+    assert train_command.run(argv) == 0
+    assert "already trained to step 200" in capsys.readouterr().out
+
+
+def test_eval_command_reports_the_final_eval_loss(capsys):
+    workdir = tu.reference_run()
+    assert eval_command.run([f"--workdir={workdir}", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    logged = read_metrics(workdir)[-1]
+    assert result["step"] == 200
+    assert result["eval_loss"] == pytest.approx(logged["eval_loss"], rel=1e-6)
+    assert result["eval_ppl"] == pytest.approx(math.exp(logged["eval_loss"]), rel=1e-6)
+
+
+def test_metrics_file_has_train_and_eval_fields():
+    records = read_metrics(tu.reference_run())
+    train_rows = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_rows] == [100, 200]
+    for row in train_rows:
+        assert set(row) == {"step", "loss", "lr", "grad_norm", "tokens_per_sec"}
+        assert row["tokens_per_sec"] > 0
+    assert set(records[-1]) == {"step", "eval_loss", "eval_ppl"}
+    # cosine decay ends at learning_rate * min_lr_ratio after the last update
+    assert train_rows[-1]["lr"] == pytest.approx(3e-4, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.layout=pizza-sideways:2"], "pizza-sideways"),
+        (["train.seq_len=128"], "train.seq_len (128) exceeds model.max_len (64)"),
+        (["train.grad_accum=3"], "not divisible by train.grad_accum (3)"),
+        (["data.dataset=lm1b", "data.tfds_data_dir=/nonexistent/tfds"], "not prepared under"),
+    ],
+)
+def test_bad_inputs_give_one_line_errors(overrides, message, tmp_path, capsys):
+    argv = [f"--config={tu.TINY_CONFIG}", f"--workdir={tmp_path / 'run'}"]
+    argv += [f"--config.{o}" for o in tu.tiny_overrides(*overrides)]
+    assert train_command.run(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvshare train: error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_missing_flags_and_config_file_are_usage_errors(tmp_path, capsys):
+    assert train_command.run([f"--workdir={tmp_path}"]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert train_command.run(["--config=/nonexistent.py", f"--workdir={tmp_path}"]) == 2
+    assert "No such file or directory: '/nonexistent.py'" in capsys.readouterr().err
+    assert eval_command.run([f"--workdir={tmp_path}"]) == 2
+    assert "not a training workdir" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_one_process_restores(tmp_path):
+    """2 processes x 4 CPU devices, mesh data=2 x fsdp=2 x tensor=2, per-process data."""
+    from kvshare_jax.checkpoint import load_inference
+
+    workdir = str(tmp_path / "run")
+    port = _free_port()
+    overrides = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.num_steps=4")
+    overrides += ("train.checkpoint_every=2", "train.log_every=2")
+    procs = [
+        subprocess.Popen(
+            tu.train_cmd(workdir, *overrides)
+            + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+            env=tu.subprocess_env(devices=4),
+            cwd=tu.ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    data_iter = os.path.join(workdir, "checkpoints", "4", "data_iter")
+    for i in range(2):  # each process saved the position in its own data shard
+        assert os.path.exists(os.path.join(data_iter, f"process_{i}-of-2.json"))
+    cfg, params, tokenizer, step = load_inference(workdir)
+    assert step == 4 and cfg.vocab_size == tokenizer.vocab_size
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    assert [r["step"] for r in read_metrics(workdir) if "loss" in r] == [2, 4]
