@@ -365,6 +365,24 @@ def forward(
     upward targets (default zeros, as in the paper). With ``return_kv`` also returns the
     final KVs of every KV layer, ``{layer: (k, v)}``.
     """
+    x, done = forward_hidden(cfg, params, tokens, positions, valid, passes=passes, init_kv=init_kv)
+    logits = Runner(cfg, params).logits(x)
+    return (logits, done) if return_kv else logits
+
+
+def forward_hidden(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    *,
+    passes: tuple[int, int] | None = None,
+    init_kv: dict[int, KV] | None = None,
+) -> tuple[jax.Array, dict[int, KV]]:
+    """`forward` without the LM head: the last layer's output ``[b,t,d]`` (before the
+    final norm) and the final KVs of every KV layer. Prefill uses it to project only
+    the positions it needs onto the vocabulary."""
     b, t = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -380,8 +398,7 @@ def forward(
         else:
             x, new = _run_layers(run, layers, x, positions, kv_pos, done, {})
         done.update(new)
-    logits = run.logits(x)
-    return (logits, done) if return_kv else logits
+    return x, done
 
 
 # ------------------------------------------------------ sequential reference

@@ -1,0 +1,479 @@
+"""Generation benchmark: decode throughput, prefill latency and memory per layout.
+
+Every program is compiled and run once (warm-up) before it is timed; each timed call
+ends in ``jax.block_until_ready`` and gets a fresh cache (allocated outside the timer,
+since the program donates it); the best of ``repeats`` calls is reported. Prompts are
+random tokens of one length; decoding is greedy with no stop token, so every sequence
+runs all ``gen_len`` steps (the decoder has no early exit anyway).
+
+- ``e2e tok/s`` = ``batch * gen_len / t(generate)`` (prefill included, as in HF
+  ``generate``); ``decode tok/s`` = ``batch * (gen_len - 1) / t(decode)``, the
+  ``gen_len - 1`` greedy decode steps alone, timed from a prefilled cache.
+- Memory is the compiled program's own account (``memory_analysis``): arguments +
+  outputs - donated aliases + temporaries, i.e. params + cache + work space.
+- The max batch under a budget is found by compiling (never running) candidates.
+- Roofline of a decode step = (params read + each cache slot read once) / measured
+  copy bandwidth (bytes read + written per second by a large in-place array update).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvshare_jax.decode import cache_bytes, decode_step, generate_fn, init_cache, prefill
+from kvshare_jax.layout import PARTS, POSITIONS
+from kvshare_jax.model import ModelConfig, Params, count_params, init_params
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+MIB = 2**20
+
+
+def parse_bytes(text: str) -> int:
+    """``"2GiB"``, ``"512MiB"``, ``"1.5GB"`` or ``"1000"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot parse a byte size from {text!r} (e.g. 2GiB, 512MiB, 1.5GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def default_layouts(num_kv_layers: int) -> list[str]:
+    """``standard`` and the nine presets at ``num_kv_layers`` KV layers."""
+    return ["standard"] + [f"{p}-{q}:{num_kv_layers}" for p in PARTS for q in POSITIONS]
+
+
+def default_lengths() -> tuple[int, int]:
+    """(prompt, generated) tokens: 16 + 128 on CPU, 512 + 1024 on accelerators."""
+    return (16, 128) if jax.default_backend() == "cpu" else (512, 1024)
+
+
+def device_info() -> dict[str, Any]:
+    dev = jax.devices()[0]
+    return {
+        "platform": dev.platform,
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+    }
+
+
+# ---------------------------------------------------------------- timing
+def best_time(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
+    """Best wall time of ``fn()`` (blocked until ready) over ``repeats`` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def copy_bandwidth(nbytes: int = 256 * MIB, repeats: int = 5) -> float:
+    """Memory bandwidth in bytes/s (read + write) of an in-place update of a big array."""
+    update = jax.jit(lambda a: a * 1.0001, donate_argnums=0)
+    box = [jnp.ones((nbytes // 4,), jnp.float32)]
+
+    def step():
+        box[0] = update(box[0])
+        return box[0]
+
+    return 2 * nbytes / best_time(step, warmup=2, repeats=repeats)
+
+
+def decode_step_bytes(cfg: ModelConfig, params: Params, batch: int, cache_len: int) -> int:
+    """Bytes a decode step must read at least: every parameter except the embedding
+    table (one row per token; it is read in full when tied to the LM head) plus every
+    cache slot once."""
+    total = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    if not cfg.tie_embeddings:
+        total -= params["params"]["embed"]["embedding"].nbytes
+    return total + cache_bytes(cfg, batch, cache_len)
+
+
+# ---------------------------------------------------------------- programs
+def _inputs(cfg: ModelConfig, batch: int, prompt_len: int, seed: int = 0):
+    prompts = jax.random.randint(jax.random.key(seed), (batch, prompt_len), 0, cfg.vocab_size)
+    return prompts.astype(jnp.int32), jnp.full((batch,), prompt_len, jnp.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def compile_generate(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int) -> Any:
+    """The generation program compiled ahead of time for these shapes (not run).
+
+    Compiled from shapes alone (params included), so it is memoised: the max-batch
+    search and the timed runs share compilations.
+    """
+    params = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+    cache = jax.eval_shape(lambda: init_cache(cfg, batch, prompt_len + gen_len - 1))
+    prompts = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    program = generate_fn(cfg, max_new_tokens=gen_len)
+    return program.lower(params, cache, prompts, lengths, jax.random.key(0)).compile()
+
+
+def memory_of(compiled: Any) -> dict[str, int]:
+    """A compiled program's memory: arguments + outputs - donated aliases + temporaries."""
+    mem = compiled.memory_analysis()
+    out = {
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "alias_bytes": int(mem.alias_size_in_bytes),
+        "temp_bytes": int(mem.temp_size_in_bytes),
+    }
+    out["total_bytes"] = (
+        out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+    )
+    return out
+
+
+def program_memory(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int) -> dict[str, int]:
+    """Memory of the compiled generation program at ``batch`` (compiled, not run)."""
+    return memory_of(compile_generate(cfg, batch, prompt_len, gen_len))
+
+
+def max_batch(
+    cfg: ModelConfig,
+    budget: int,
+    prompt_len: int,
+    gen_len: int,
+    limit: int = 1 << 16,
+) -> tuple[int, dict[str, int] | None]:
+    """Largest batch whose compiled program fits ``budget`` bytes, and its memory.
+
+    Memory is affine in the batch, so two compilations give a first guess; steps of
+    doubling size away from it bracket the answer and a bisection makes it exact.
+    """
+    known: dict[int, dict[str, int]] = {}
+
+    def fits(b: int) -> bool:
+        if b not in known:
+            known[b] = program_memory(cfg, b, prompt_len, gen_len)
+        return known[b]["total_bytes"] <= budget
+
+    if not fits(1):
+        return 0, None
+    fits(2)
+    per_seq = max(known[2]["total_bytes"] - known[1]["total_bytes"], 1)
+    guess = int(min(limit, max(1, 1 + (budget - known[1]["total_bytes"]) // per_seq)))
+    lo, hi, step = 1, limit + 1, 1  # invariant: fits(lo), not fits(hi)
+    if fits(guess):
+        lo = guess
+        while lo + step <= limit and fits(lo + step):
+            lo, step = lo + step, 2 * step
+        hi = min(lo + step, limit + 1)
+    else:
+        hi = guess
+        while hi - step > 1 and not fits(hi - step):
+            hi, step = hi - step, 2 * step
+        lo = max(hi - step, 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, known[lo]
+
+
+def _decode_scan(cfg: ModelConfig, steps: int) -> Callable:
+    """``steps`` greedy decode steps after a prefill: the scan of the generation program
+    on its own (cache donated), to time decoding without the prefill."""
+
+    def program(params, cache, tokens):
+        def body(carry, _):
+            cache, tokens = carry
+            logits, cache = decode_step(cfg, params, cache, tokens)
+            tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return (cache, tokens), tokens
+
+        (cache, _), out = jax.lax.scan(body, (cache, tokens), None, length=steps)
+        return out, cache
+
+    return jax.jit(program, donate_argnums=1)
+
+
+def bench_generate(
+    cfg: ModelConfig,
+    params: Params,
+    *,
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    warmup: int = 1,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """Times the generation program, prefill alone and the decode scan alone at ``batch``.
+
+    All three are compiled ahead of time, so no timing includes compilation.
+    """
+    prompts, lengths = _inputs(cfg, batch, prompt_len)
+    cache_len = prompt_len + gen_len - 1
+    cache_shape = jax.eval_shape(lambda: init_cache(cfg, batch, cache_len))
+    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    gen = compile_generate(cfg, batch, prompt_len, gen_len)
+    run_prefill = jax.jit(lambda p, c, x, n: prefill(cfg, p, c, x, n), donate_argnums=1)
+    run_prefill = run_prefill.lower(params, cache_shape, prompts, lengths).compile()
+    run_decode = _decode_scan(cfg, gen_len - 1).lower(params, cache_shape, tokens).compile()
+    rng = jax.random.key(0)
+
+    def timed(program: Callable, prefilled: bool = False) -> float:
+        best = float("inf")
+        for i in range(warmup + repeats):
+            cache = init_cache(cfg, batch, cache_len)
+            if prefilled:
+                logits, cache = run_prefill(params, cache, prompts, lengths)
+                cache = (cache, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+            jax.block_until_ready(cache)
+            start = time.perf_counter()
+            jax.block_until_ready(program(cache))
+            if i >= warmup:
+                best = min(best, time.perf_counter() - start)
+            del cache
+        return best
+
+    t_gen = timed(lambda c: gen(params, c, prompts, lengths, rng))
+    t_prefill = timed(lambda c: run_prefill(params, c, prompts, lengths))
+    t_decode = timed(lambda c: run_decode(params, *c), prefilled=True)
+    steps = max(gen_len - 1, 1)
+    return {
+        "batch": batch,
+        "generate_s": t_gen,
+        "prefill_s": t_prefill,
+        "decode_s": t_decode,
+        "e2e_tok_s": batch * gen_len / t_gen,
+        "decode_tok_s": batch * steps / t_decode,
+        "decode_step_s": t_decode / steps,
+        "memory": memory_of(gen),
+    }
+
+
+# ---------------------------------------------------------------- the suite
+@dataclasses.dataclass
+class BenchSpec:
+    """What to benchmark (one model shape, several layouts)."""
+
+    base: ModelConfig  # model shape; its layout is replaced by each entry of `layouts`
+    layouts: Sequence[str]  # layout specs ('standard', 'pizza-bottom:4', '0_1_1_3'...)
+    batch_sizes: Sequence[int] = (1, 32)
+    prompt_len: int = 16
+    gen_len: int = 128
+    memory_budget: int | None = None  # bytes; None = no max-batch search
+    warmup: int = 1
+    repeats: int = 3
+    seed: int = 0
+
+
+def run_suite(spec: BenchSpec, progress: bool = True) -> dict[str, Any]:
+    """Benchmarks every layout; returns the JSON-ready results."""
+    from tqdm import tqdm
+
+    from kvshare_jax.layout import from_spec
+
+    base = spec.base
+    if min(spec.batch_sizes, default=1) < 1 or spec.prompt_len < 1 or spec.gen_len < 1:
+        raise ValueError("batch sizes, prompt length and generated length must be >= 1")
+    if spec.prompt_len + spec.gen_len > base.max_len:
+        raise ValueError(
+            f"prompt {spec.prompt_len} + generated {spec.gen_len} tokens exceed the model "
+            f"context of {base.max_len}"
+        )
+    layouts = {name: from_spec(name, base.num_layers) for name in spec.layouts}
+    bandwidth = copy_bandwidth()
+    cache_len = spec.prompt_len + spec.gen_len - 1
+    rows = []
+    for name, layout in tqdm(layouts.items(), desc="layouts", disable=not progress):
+        cfg = dataclasses.replace(base, layout=layout)
+        params = init_params(cfg, jax.random.key(spec.seed))
+        row: dict[str, Any] = {
+            "layout": name,
+            "mapping": str(cfg.layout),
+            "kv_layers": cfg.layout.num_kv_layers,
+            "params": count_params(params),
+            "cache_bytes_per_seq": cache_bytes(cfg, 1, cache_len),
+            "runs": [],
+        }
+        for b in spec.batch_sizes:
+            result = bench_generate(
+                cfg,
+                params,
+                batch=b,
+                prompt_len=spec.prompt_len,
+                gen_len=spec.gen_len,
+                warmup=spec.warmup,
+                repeats=spec.repeats,
+            )
+            roofline_s = decode_step_bytes(cfg, params, b, cache_len) / bandwidth
+            result["roofline_step_s"] = roofline_s
+            result["roofline_fraction"] = roofline_s / result["decode_step_s"]
+            row["runs"].append(result)
+        if spec.memory_budget is not None:
+            b, mem = max_batch(cfg, spec.memory_budget, spec.prompt_len, spec.gen_len)
+            row["max_batch"] = b
+            row["max_batch_memory"] = mem
+            if b > 0:
+                row["max_batch_run"] = bench_generate(
+                    cfg,
+                    params,
+                    batch=b,
+                    prompt_len=spec.prompt_len,
+                    gen_len=spec.gen_len,
+                    warmup=spec.warmup,
+                    repeats=spec.repeats,
+                )
+        rows.append(row)
+        compile_generate.cache_clear()
+        jax.clear_caches()
+    return {
+        "meta": {
+            **device_info(),
+            "dtype": base.dtype,
+            "param_dtype": base.param_dtype,
+            "model": {
+                "num_layers": base.num_layers,
+                "d_model": base.d_model,
+                "num_heads": base.num_heads,
+                "num_kv_heads": base.num_kv_heads,
+                "d_ff": base.d_ff,
+                "vocab_size": base.vocab_size,
+                "attention_impl": base.attention_impl,
+            },
+            "prompt_len": spec.prompt_len,
+            "gen_len": spec.gen_len,
+            "batch_sizes": list(spec.batch_sizes),
+            "memory_budget": spec.memory_budget,
+            "copy_bandwidth_bytes_s": bandwidth,
+            "warmup": spec.warmup,
+            "repeats": spec.repeats,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        },
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------- reports
+def markdown(results: dict[str, Any]) -> str:
+    """Tables of the results (throughput per batch size; the memory-budget search)."""
+    meta, rows = results["meta"], results["rows"]
+    m = meta["model"]
+    lines = [
+        f"Device: {meta['device_kind']} ({meta['platform']}, {meta['cpu_count']} CPUs), "
+        f"jax {meta['jax_version']}, dtype {meta['dtype']}; model L={m['num_layers']} "
+        f"d={m['d_model']} heads {m['num_heads']}/{m['num_kv_heads']} d_ff={m['d_ff']} "
+        f"vocab {m['vocab_size']}; prompt {meta['prompt_len']} + {meta['gen_len']} new "
+        f"tokens; copy bandwidth {meta['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s; "
+        f"best of {meta['repeats']} after {meta['warmup']} warm-up.",
+        "",
+    ]
+    batches = meta["batch_sizes"]
+    head = ["layout", "mapping", "KV layers", "cache MiB/seq"]
+    for b in batches:
+        head += [f"b={b} e2e tok/s", f"b={b} decode tok/s", f"b={b} prefill ms"]
+        head += [f"b={b} roofline", f"b={b} program MiB"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["layout"], f"`{r['mapping']}`", str(r["kv_layers"])]
+        cells.append(f"{r['cache_bytes_per_seq'] / MIB:.2f}")
+        for run in r["runs"]:
+            cells += [f"{run['e2e_tok_s']:.0f}", f"{run['decode_tok_s']:.0f}"]
+            cells += [f"{run['prefill_s'] * 1e3:.1f}", f"{run['roofline_fraction']:.0%}"]
+            cells.append(f"{run['memory']['total_bytes'] / MIB:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if meta["memory_budget"] is not None:
+        std = next((r for r in rows if r["layout"] == "standard" and r["max_batch"]), None)
+        std_tok = std["max_batch_run"]["e2e_tok_s"] if std else None
+        lines += [
+            "",
+            f"Memory budget {meta['memory_budget'] / MIB:.0f} MiB (compiled program: params "
+            "+ cache + work space):",
+            "",
+            "| layout | KV layers | max batch | program MiB | e2e tok/s | decode tok/s "
+            "| vs standard |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            if not r["max_batch"]:
+                lines.append(f"| {r['layout']} | {r['kv_layers']} | 0 | - | - | - | - |")
+                continue
+            run, mem = r["max_batch_run"], r["max_batch_memory"]
+            ratio = f"{run['e2e_tok_s'] / std_tok:.2f}x" if std_tok else "-"
+            lines.append(
+                f"| {r['layout']} | {r['kv_layers']} | {r['max_batch']} | "
+                f"{mem['total_bytes'] / MIB:.0f} | {run['e2e_tok_s']:.0f} | "
+                f"{run['decode_tok_s']:.0f} | {ratio} |"
+            )
+    if "baseline" in results:
+        base = results["baseline"]
+        lines += [
+            "",
+            f"Against {base['name']} (same shape, prompt and batch; tokens/s include prefill):",
+            "",
+            "| batch | baseline tok/s | standard tok/s | speedup |",
+            "|---|---|---|---|",
+        ]
+        std = next(r for r in rows if r["layout"] == "standard")
+        ours = {run["batch"]: run["e2e_tok_s"] for run in std["runs"]}
+        for run in base["runs"]:
+            if run["batch"] in ours:
+                mine = ours[run["batch"]]
+                lines.append(
+                    f"| {run['batch']} | {run['e2e_tok_s']:.0f} | {mine:.0f} | "
+                    f"{mine / run['e2e_tok_s']:.2f}x |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    """Bar charts: e2e throughput per layout for each batch size (and at max batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, meta = results["rows"], results["meta"]
+    names = [f"{r['layout']}\n({r['kv_layers']} KV)" for r in rows]
+    series = {f"b={run['batch']}": [] for run in rows[0]["runs"]}
+    for r in rows:
+        for run in r["runs"]:
+            series[f"b={run['batch']}"].append(run["e2e_tok_s"])
+    if meta["memory_budget"] is not None:
+        series[f"max batch @ {meta['memory_budget'] / MIB:.0f} MiB"] = [
+            r["max_batch_run"]["e2e_tok_s"] if r["max_batch"] else 0.0 for r in rows
+        ]
+    fig, axes = plt.subplots(len(series), 1, figsize=(max(8, len(rows)), 3 * len(series)))
+    for ax, (label, values) in zip(np.atleast_1d(axes), series.items(), strict=True):
+        ax.bar(range(len(rows)), values, color="tab:blue")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"generation throughput, {label}")
+        ax.set_xticks(range(len(rows)), names, fontsize=7)
+    fig.suptitle(
+        f"{meta['device_kind']} {meta['dtype']}, prompt {meta['prompt_len']} + "
+        f"{meta['gen_len']} new tokens",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(results: dict[str, Any], out_dir: str, name: str) -> dict[str, str]:
+    """Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` under ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "md", "png")}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    with open(paths["md"], "w", encoding="utf-8") as f:
+        f.write(markdown(results))
+    plot(results, paths["png"])
+    return paths

@@ -1,0 +1,86 @@
+"""``kvshare bench``: decode throughput, prefill latency and memory of several layouts.
+
+    kvshare bench --config configs/llama_tiny.py --batch-sizes 1,32 --memory-budget 2GiB
+
+Layouts default to ``standard`` plus the nine presets at ``--kv-layers`` (default L/2).
+Writes ``<out-dir>/<name>.json``, ``.md`` (tables) and ``.png`` (plot) and prints the
+tables. Method: ``kvshare_jax/bench.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+PROG = "kvshare bench"
+
+
+def parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The command's flags (``experiments/throughput.py`` reuses them)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="config file (overrides: --config.a.b=v)")
+    p.add_argument("--layouts", help="comma-separated layout specs (default: see above)")
+    p.add_argument("--kv-layers", type=int, help="l of the nine default presets (default L/2)")
+    p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens (default 16 CPU / 512 acc.)")
+    p.add_argument("--gen-len", type=int, help="new tokens (default 128 CPU / 1024 acc.)")
+    p.add_argument("--memory-budget", help="find the max batch under this size, e.g. 2GiB")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per program")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (best is reported)")
+    p.add_argument("--out-dir", default="experiments/results", help="where reports go")
+    p.add_argument("--name", help="report file name (default throughput_<platform>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _error(message: object) -> int:
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def spec_from_args(args: argparse.Namespace, overrides: tuple[str, ...]):
+    """The :class:`kvshare_jax.bench.BenchSpec` the flags describe."""
+    from kvshare_jax import bench
+    from kvshare_jax.config import load_config, model_config_from
+
+    cfg = model_config_from(load_config(args.config, overrides))
+    kv_layers = args.kv_layers or max(1, cfg.num_layers // 2)
+    layouts = args.layouts.split(",") if args.layouts else bench.default_layouts(kv_layers)
+    prompt_len, gen_len = bench.default_lengths()
+    return bench.BenchSpec(
+        base=cfg,
+        layouts=[s.strip() for s in layouts if s.strip()],
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",") if b.strip()],
+        prompt_len=args.prompt_len or prompt_len,
+        gen_len=args.gen_len or gen_len,
+        memory_budget=bench.parse_bytes(args.memory_budget) if args.memory_budget else None,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
+
+
+def parse(argv: list[str], p: argparse.ArgumentParser) -> tuple[argparse.Namespace, tuple]:
+    """Flags plus ``--config.a.b=value`` overrides; raises ``ValueError`` on unknown flags."""
+    args, rest = p.parse_known_args(argv)
+    overrides = tuple(a.removeprefix("--") for a in rest if a.startswith("--config."))
+    if len(overrides) != len(rest):
+        raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
+    return args, overrides
+
+
+def run(argv: list[str]) -> int:
+    import jax
+
+    from kvshare_jax import bench
+
+    try:
+        args, overrides = parse(argv, parser())
+        results = bench.run_suite(spec_from_args(args, overrides), progress=not args.quiet)
+    except (ValueError, OSError) as e:
+        return _error(e)
+    paths = bench.write_reports(
+        results, args.out_dir, args.name or f"throughput_{jax.default_backend()}"
+    )
+    print(bench.markdown(results))
+    print("wrote " + ", ".join(paths.values()))
+    return 0
