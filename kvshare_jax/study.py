@@ -1,0 +1,275 @@
+"""The layout study: train, evaluate and benchmark every (layout, l) cell of a study config.
+
+A study config is a run config with a ``study`` section (:func:`study_section`, e.g.
+``configs/study/cpu.py``). Each cell trains one layout with ``l`` KV layers; ``standard``
+is trained once and is the baseline of every ratio. Workdir::
+
+    tokenizer.model           shared by all cells (unless data.tokenizer_path is set)
+    cells/<layout>-l<l>/      a training workdir (``kvshare_jax/checkpoint.py``) + result.json
+    results.json, report.md, *.png      written by ``kvshare_jax/report.py``
+
+A cell is finished when its ``result.json`` exists (written atomically last) and is
+skipped by a rerun; an interrupted cell resumes from its checkpoint. Presets with the
+same mapping (e.g. pizza and sandwich at ``l = 2``) are trained once; the later names
+reuse the first one's cell.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import tqdm
+from jax.experimental import multihost_utils
+
+from kvshare_jax import bench, report
+from kvshare_jax.checkpoint import load_inference
+from kvshare_jax.data import get_tokenizer
+from kvshare_jax.decode import cache_bytes
+from kvshare_jax.layout import PARTS, POSITIONS, from_spec
+from kvshare_jax.model import count_params
+from kvshare_jax.train import Trainer, train_and_evaluate
+
+STANDARD = "standard"
+PRESETS = tuple(f"{p}-{q}" for p in PARTS for q in POSITIONS)
+RESULT_FILE = "result.json"
+
+
+def study_section() -> ml_collections.ConfigDict:
+    """Default ``config.study`` fields (study config files override them)."""
+    s = ml_collections.ConfigDict()
+    s.layouts = (STANDARD, *PRESETS)  # 'standard' (the baseline) + presets without ':l'
+    s.kv_layers = (4,)  # l values: every preset is trained at each
+    s.memory_budget = "64MiB"  # generation program memory for the max-batch throughput run
+    s.bench_batch_sizes = (1,)  # fixed batches also timed; prefill latency at the first
+    s.prompt_len = 16  # prompt tokens of the benchmark
+    s.gen_len = 128  # generated tokens of the benchmark
+    s.train_step_timing_steps = 10  # timed train steps (after one warm-up) per cell
+    return s
+
+
+# ------------------------------------------------------------------ the cells
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One (layout, l) point of the study."""
+
+    layout: str  # 'standard' or a preset name without ':l' ('pizza-top')
+    kv_layers: int  # l (L for standard)
+    mapping: str  # layer -> target string ('0_1_5_5_5_5')
+    same_as: str | None = None  # name of the cell trained for this mapping, if another
+
+    @property
+    def name(self) -> str:
+        return f"{self.layout}-l{self.kv_layers}"
+
+    @property
+    def spec(self) -> str:
+        """The ``model.layout`` value of this cell."""
+        return STANDARD if self.layout == STANDARD else f"{self.layout}:{self.kv_layers}"
+
+    @property
+    def trained(self) -> str:
+        """Name of the cell directory holding this cell's run."""
+        return self.same_as or self.name
+
+
+def plan_cells(config: ml_collections.ConfigDict) -> list[Cell]:
+    """All cells of a study config, standard first, then every l in config order.
+
+    Raises ``ValueError`` naming the field for an unknown layout, a missing ``standard``,
+    an ``l`` outside ``[1, L]`` or a benchmark longer than the model context.
+    """
+    if "study" not in config:
+        raise ValueError("the config has no `study` section; use a file from configs/study/")
+    s, num_layers = config.study, int(config.model.num_layers)
+    unknown = [x for x in s.layouts if x != STANDARD and x not in PRESETS]
+    if unknown:
+        raise ValueError(
+            f"study.layouts: unknown layout {unknown[0]!r}; expected 'standard' or one of "
+            f"{', '.join(PRESETS)} (without ':l')"
+        )
+    if STANDARD not in s.layouts:
+        raise ValueError("study.layouts must include 'standard' (the baseline of all ratios)")
+    if not s.kv_layers:
+        raise ValueError("study.kv_layers is empty")
+    for kv in s.kv_layers:
+        if not 1 <= int(kv) <= num_layers:
+            raise ValueError(f"study.kv_layers: {kv} is outside [1, L={num_layers}]")
+    if s.prompt_len < 1 or s.gen_len < 1 or s.prompt_len + s.gen_len > config.model.max_len:
+        raise ValueError(
+            f"study.prompt_len ({s.prompt_len}) + study.gen_len ({s.gen_len}) must be >= 2 "
+            f"and fit model.max_len ({config.model.max_len})"
+        )
+    bench.parse_bytes(s.memory_budget)
+    points = [(STANDARD, num_layers)]
+    points += [(x, int(kv)) for kv in s.kv_layers for x in s.layouts if x != STANDARD]
+    cells, first_of = [], {}
+    for layout, kv in points:
+        spec = STANDARD if layout == STANDARD else f"{layout}:{kv}"
+        mapping = str(from_spec(spec, num_layers))
+        cell = Cell(layout, kv, mapping)
+        cells.append(dataclasses.replace(cell, same_as=first_of.get(mapping)))
+        first_of.setdefault(mapping, cell.name)
+    return cells
+
+
+def cell_config(config: ml_collections.ConfigDict, cell: Cell) -> ml_collections.ConfigDict:
+    """The run config of ``cell``: the study config with its layout."""
+    out = copy.deepcopy(config)
+    out.model.layout = cell.spec
+    return out
+
+
+# ------------------------------------------------------------- measurements
+def time_train_step(
+    config: ml_collections.ConfigDict, workdir: str, steps: int
+) -> dict[str, float]:
+    """Best and median wall time of one optimizer step on a fixed batch (fresh params,
+    compiled and warmed up first, each step blocked until ready). The report uses the
+    best, which is the least disturbed by other load, like the generation benchmark."""
+    trainer = Trainer(config, workdir)
+    state = trainer.init_state()
+    batch = next(trainer.batches(trainer.iterator(config.data.train_split)))
+    state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = trainer.train_step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "steps": steps}
+
+
+def benchmark(workdir: str, settings: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Generation benchmark of ``workdir``'s checkpoint: the largest batch whose program
+    fits ``settings.memory_budget`` (a ``study`` section) and its throughput, plus the
+    fixed ``settings.bench_batch_sizes``."""
+    cfg, params, _, _ = load_inference(workdir)
+    lengths = {"prompt_len": int(settings.prompt_len), "gen_len": int(settings.gen_len)}
+    budget = bench.parse_bytes(settings.memory_budget)
+    batch, memory = bench.max_batch(cfg, budget, **lengths)
+    runs = [
+        bench.bench_generate(cfg, params, batch=int(b), **lengths)
+        for b in settings.bench_batch_sizes
+    ]
+    at_max = bench.bench_generate(cfg, params, batch=batch, **lengths) if batch else None
+    return {
+        "params": count_params(params),
+        "cache_bytes_per_seq": cache_bytes(cfg, 1, sum(lengths.values()) - 1),
+        "memory_budget": budget,
+        "max_batch": batch,
+        "max_batch_memory": memory,
+        "max_batch_run": at_max,
+        "runs": runs,
+    }
+
+
+def run_cell(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes) ``cell`` in ``workdir`` and measures it; returns its result."""
+    phases: dict[str, float] = {}
+
+    def timed(phase: str, fn: Callable[..., Any], *args: Any) -> Any:
+        start = time.perf_counter()
+        out = fn(*args)
+        phases[phase] = time.perf_counter() - start
+        return out
+
+    final = timed("train", train_and_evaluate, config, workdir)
+    steps = int(config.study.train_step_timing_steps)
+    step_time = timed("train_step_timing", time_train_step, config, workdir, steps)
+    measured = timed("bench", benchmark, workdir, config.study)
+    layout = from_spec(cell.spec, int(config.model.num_layers))
+    return {
+        "name": cell.name,
+        "layout": cell.layout,
+        "kv_layers": cell.kv_layers,
+        "spec": cell.spec,
+        "mapping": cell.mapping,
+        "cache_fraction": layout.cache_fraction,
+        "train": {k: final[k] for k in ("step", "loss", "eval_loss", "eval_ppl", "tokens_per_sec")},
+        "train_step": step_time,
+        "bench": measured,
+        "wall_s": sum(phases.values()),
+        "phase_s": phases,
+    }
+
+
+# ----------------------------------------------------------------- the study
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Writes ``obj`` as JSON to ``path`` atomically (first process only)."""
+    if jax.process_index() != 0:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _shared_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Path of the study's tokenizer: ``data.tokenizer_path`` or ``<workdir>/tokenizer.model``
+    (trained here once, by the first process)."""
+    if config.data.tokenizer_path:
+        return str(config.data.tokenizer_path)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        get_tokenizer(config.data, workdir)
+    multihost_utils.sync_global_devices("kvshare_study_tokenizer")
+    return os.path.abspath(os.path.join(workdir, "tokenizer.model"))
+
+
+def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs every unfinished cell of the study config, then writes the report.
+
+    Returns the results written to ``<workdir>/results.json``.
+    """
+    cells = plan_cells(config)
+    config = copy.deepcopy(config)
+    config.data.tokenizer_path = _shared_tokenizer(config, workdir)
+    to_train = [c for c in cells if c.same_as is None]
+    _say(
+        f"study: {len(cells)} cells, {len(to_train)} to train "
+        f"({len(cells) - len(to_train)} share a mapping) in {workdir}"
+    )
+    results: dict[str, dict[str, Any]] = {}
+    for i, cell in enumerate(to_train, 1):
+        cell_dir = os.path.join(workdir, "cells", cell.name)
+        path = os.path.join(cell_dir, RESULT_FILE)
+        tag = f"[cell {i}/{len(to_train)}] {cell.name}"
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                results[cell.name] = json.load(f)
+            _say(f"{tag}: finished earlier, skipped")
+            continue
+        _say(f"{tag}: layout {cell.spec} ({cell.mapping})")
+        result = run_cell(cell_config(config, cell), cell, cell_dir)
+        write_json(path, result)
+        results[cell.name] = result
+        run = result["bench"]["max_batch_run"] or {}
+        _say(
+            f"{tag}: ppl {result['train']['eval_ppl']:.2f}, max batch "
+            f"{result['bench']['max_batch']} at {run.get('e2e_tok_s', 0.0):.0f} tok/s, "
+            f"train step {result['train_step']['min_s'] * 1e3:.0f} ms "
+            f"({result['wall_s']:.0f} s)"
+        )
+        jax.clear_caches()
+    out = report.build_results(config, cells, results)
+    write_json(os.path.join(workdir, "results.json"), out)
+    if jax.process_index() == 0:
+        paths = report.write_report(out, workdir)
+        _say(f"wrote {workdir}/results.json, " + ", ".join(paths))
+    return out

@@ -1,0 +1,184 @@
+"""The layout study: cell planning, report derivation, and a micro-study end to end
+(files written, finished cells skipped on rerun, numbers traced back to the cells)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import trainutil as tu
+
+from kvshare_jax import report, study
+from kvshare_jax.commands import study as study_command
+from kvshare_jax.config import load_config
+
+STUDY_DIR = os.path.join(tu.ROOT, "configs", "study")
+CPU_STUDY = os.path.join(STUDY_DIR, "cpu.py")
+
+# A 2-layer d=64 model trained 4 steps; with l = 1, pizza-top and lasagna-top are the
+# same mapping "1_1" (one cell); generation of 8 tokens after 4 under a 1 MiB budget.
+MICRO = (
+    *tu.TINY,
+    "model.num_layers=2",
+    "train.num_steps=4",
+    "train.log_every=2",
+    "train.eval_steps=2",
+    "train.checkpoint_every=4",
+    "study.layouts=('standard','pizza-top','lasagna-top')",
+    "study.kv_layers=(1,)",
+    "study.memory_budget=1MiB",
+    "study.bench_batch_sizes=(1,)",
+    "study.prompt_len=4",
+    "study.gen_len=8",
+    "study.train_step_timing_steps=2",
+)
+
+
+def micro_argv(workdir: str) -> list[str]:
+    overrides = (*MICRO, f"data.tokenizer_path={tu.tokenizer_path()}")
+    return [f"--config={CPU_STUDY}", f"--workdir={workdir}"] + [f"--config.{o}" for o in overrides]
+
+
+# ------------------------------------------------------------------ planning
+def test_study_configs_plan_standard_once_and_every_preset_per_l():
+    expected = {"cpu.py": (6, (3,)), "llama_110m.py": (12, (6, 3, 2))}
+    expected["tinyllama_1b.py"] = (22, (11, 6, 3))
+    for name, (num_layers, kv_layers) in expected.items():
+        config = load_config(os.path.join(STUDY_DIR, name))
+        cells = study.plan_cells(config)
+        assert config.model.num_layers == num_layers
+        assert tuple(config.study.kv_layers) == kv_layers
+        assert [c.name for c in cells[:1]] == [f"standard-l{num_layers}"]
+        assert [c.name for c in cells[1:]] == [
+            f"{p}-l{kv}" for kv in kv_layers for p in study.PRESETS
+        ]
+
+
+def test_cells_with_the_same_mapping_share_one_run():
+    config = load_config(CPU_STUDY, ("study.kv_layers=(2,)",))
+    cells = {c.name: c for c in study.plan_cells(config)}
+    # l = 2: pizza and sandwich both keep layer 0 and share one block [1, 5]
+    for position in ("bottom", "top", "middle"):
+        sandwich = cells[f"sandwich-{position}-l2"]
+        assert sandwich.same_as == f"pizza-{position}-l2"
+        assert sandwich.mapping == cells[f"pizza-{position}-l2"].mapping
+    assert cells["sandwich-top-l2"].mapping == "0_5_5_5_5_5"
+    assert cells["lasagna-top-l2"].same_as is None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("study.layouts=('pizza-top',)", "must include 'standard'"),
+        ("study.layouts=('standard','pizza-top:3')", "unknown layout 'pizza-top:3'"),
+        ("study.kv_layers=(7,)", "outside [1, L=6]"),
+        ("study.gen_len=250", "model.max_len"),
+    ],
+)
+def test_bad_study_fields_are_named(override, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        study.plan_cells(load_config(CPU_STUDY, (override,)))
+
+
+def test_cli_rejects_a_config_without_study_section(tmp_path, capsys):
+    tiny = os.path.join(tu.ROOT, "configs", "tiny.py")
+    assert study_command.run([f"--config={tiny}", f"--workdir={tmp_path}"]) == 2
+    assert "no `study` section" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------- report
+def _row(layout: str, ppl: float, tok_s: float) -> dict:
+    return {"layout": layout, "mapping": layout, "eval_ppl": ppl, "tok_s": tok_s}
+
+
+def test_pareto_front_keeps_only_undominated_layouts():
+    rows = [
+        _row("standard", 10.0, 100.0),
+        _row("a", 11.0, 200.0),  # faster, worse
+        _row("b", 12.0, 150.0),  # dominated by a
+        _row("c", 10.5, 90.0),  # dominated by standard
+        _row("d", 13.0, 300.0),  # fastest
+    ]
+    assert [r["layout"] for r in report.pareto_front(rows)] == ["d", "a", "standard"]
+
+
+def _fake_result(cell, ppl: float, tok_s: float, step_s: float = 0.1) -> dict:
+    """A cell result with the fields the report reads."""
+    fraction = cell.kv_layers / 6
+    run = {"batch": 1, "e2e_tok_s": tok_s, "prefill_s": 0.01}
+    return {
+        "cache_fraction": fraction,
+        "train": {"eval_loss": 1.0, "eval_ppl": ppl},
+        "train_step": {"min_s": step_s, "median_s": step_s},
+        "bench": {"max_batch": int(10 / fraction), "max_batch_run": run, "runs": [run]},
+        "wall_s": 1.0,
+    }
+
+
+@pytest.mark.parametrize("winner", ["pizza-top", "lasagna-bottom"])
+def test_summary_is_derived_from_the_numbers(winner):
+    config = load_config(CPU_STUDY, ("study.layouts=('standard','pizza-top','lasagna-bottom')",))
+    cells = study.plan_cells(config)
+    results = {c.trained: _fake_result(c, 20.0, 100.0) for c in cells}
+    results[f"{winner}-l3"] = _fake_result(cells[1], 19.0, 150.0)  # better on both axes
+    out = report.build_results(config, cells, results)
+    assert out["pareto"]["3"] == [winner]
+    text = "\n".join(report.summary(out))
+    assert f"Pareto front, fastest first: {winner} (ppl 19.00, 1.50x)." in text
+    assert f"Lowest perplexity: {winner} (ppl 19.00, -5.0% vs standard)" in text
+    assert f"l = 3: {winner}." in text
+
+
+# ------------------------------------------------------------------- the run
+def test_micro_study_runs_reports_and_skips_finished_cells(tmp_path, capsys, monkeypatch):
+    workdir = str(tmp_path / "study")
+    assert study_command.run(micro_argv(workdir)) == 0
+    out = capsys.readouterr().out
+    assert "[cell 2/2] pizza-top-l1" in out
+    for name in ("report.md", "results.json", *report.FIGURES.values()):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0
+
+    cells = {}
+    for name in ("standard-l2", "pizza-top-l1"):
+        with open(os.path.join(workdir, "cells", name, study.RESULT_FILE)) as f:
+            cells[name] = json.load(f)
+    assert sorted(os.listdir(os.path.join(workdir, "cells"))) == sorted(cells)
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    std, pizza, lasagna = results["rows"]
+    assert (pizza["mapping"], lasagna["same_as"]) == ("1_1", "pizza-top-l1")
+    # every number of a row is the cell's measurement or a ratio of two of them
+    tok_s = {n: c["bench"]["max_batch_run"]["e2e_tok_s"] for n, c in cells.items()}
+    step_s = {n: c["train_step"]["min_s"] for n, c in cells.items()}
+    for row in (pizza, lasagna):
+        cell = cells["pizza-top-l1"]
+        assert row["eval_ppl"] == cell["train"]["eval_ppl"]
+        assert row["max_batch"] == cell["bench"]["max_batch"] > 0
+        assert row["tok_s_ratio"] == tok_s["pizza-top-l1"] / tok_s["standard-l2"]
+        assert row["train_step_ratio"] == step_s["pizza-top-l1"] / step_s["standard-l2"]
+        assert row["cache_fraction"] == 0.5
+    assert (
+        std["tok_s_ratio"] == 1.0 and std["eval_ppl"] == cells["standard-l2"]["train"]["eval_ppl"]
+    )
+    assert results["pareto"]["1"] == [r["layout"] for r in report.pareto_front(results["rows"])]
+    text = (tmp_path / "study" / "report.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| pizza-top |"))
+    assert f"| {pizza['eval_ppl']:.2f} |" in line and f"| {pizza['tok_s_ratio']:.2f}x |" in line
+    assert "## Which layout should I use?" in text
+
+    # A rerun trains and measures nothing: every cell is finished.
+    mtimes = {
+        n: os.stat(os.path.join(workdir, "cells", n, study.RESULT_FILE)).st_mtime_ns for n in cells
+    }
+
+    def must_not_run(*args):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(study, "run_cell", must_not_run)
+    assert study_command.run(micro_argv(workdir)) == 0
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+    for name, mtime in mtimes.items():
+        assert os.stat(os.path.join(workdir, "cells", name, study.RESULT_FILE)).st_mtime_ns == mtime
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f)["rows"] == results["rows"]
