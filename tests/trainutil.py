@@ -9,12 +9,14 @@ import atexit
 import contextlib
 import fcntl
 import functools
+import glob
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 
 import jax
@@ -28,12 +30,19 @@ TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
 
 
 def _session_dir() -> str:
-    """A directory shared by this test session's processes (xdist workers, children)."""
+    """A directory shared by this test session's processes (xdist workers, children).
+
+    A single-process session removes it at exit; xdist sessions leave theirs (no worker
+    knows it is the last), so directories older than a day are removed here.
+    """
     if "KVSHARE_TEST_SESSION" not in os.environ:
+        for old in glob.glob(os.path.join(tempfile.gettempdir(), "kvshare-tests-*")):
+            if time.time() - os.path.getmtime(old) > 86400:
+                shutil.rmtree(old, ignore_errors=True)
         run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
         path = os.path.join(tempfile.gettempdir(), f"kvshare-tests-{run}")
         os.makedirs(path, exist_ok=True)
-        if "PYTEST_XDIST_WORKER" not in os.environ:  # single process: clean up at exit
+        if "PYTEST_XDIST_WORKER" not in os.environ:
             atexit.register(shutil.rmtree, path, ignore_errors=True)
         os.environ["KVSHARE_TEST_SESSION"] = path  # inherited by child processes
     return os.environ["KVSHARE_TEST_SESSION"]

@@ -14,6 +14,7 @@ import ast
 import functools
 import hashlib
 import os
+import threading
 from collections.abc import Sequence
 
 SPLITS = ("train", "validation")
@@ -84,6 +85,11 @@ def _titles() -> dict[str, list[str]]:
     return split_by_hash(titles)
 
 
+# ast.parse is not thread-safe on CPython 3.11 ("AST constructor recursion depth
+# mismatch" under grain's reader threads), so parsing is serialised.
+_PARSE_LOCK = threading.Lock()
+
+
 @functools.cache
 def document(title: str) -> str:
     """Text of the document ``title`` (``topic:<pydoc topic>`` or ``module:<name>``)."""
@@ -93,7 +99,10 @@ def document(title: str) -> str:
 
         return topics[name]
     with open(_module_path(name), encoding="utf-8") as f:
-        return "\n\n".join(_docstrings(ast.parse(f.read())))
+        source = f.read()
+    with _PARSE_LOCK:
+        tree = ast.parse(source)
+    return "\n\n".join(_docstrings(tree))
 
 
 def document_titles(split: str) -> list[str]:
