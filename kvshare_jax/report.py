@@ -99,8 +99,9 @@ def _meta(config: ml_collections.ConfigDict, results: dict[str, dict[str, Any]])
 def build_results(
     config: ml_collections.ConfigDict, cells: Sequence[Cell], results: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
-    """``{"meta", "rows", "pareto"}`` from the cells and their measurements (keyed by
-    trained cell name); ``rows[0]`` is standard, ``pareto[str(l)]`` the front's layouts."""
+    """``{"meta", "rows", "pareto", "cells"}`` from the cells and their measurements
+    (``results``, keyed by trained cell name, kept as ``cells``); ``rows[0]`` is standard,
+    ``pareto[str(l)]`` the front's layouts."""
     std = results[cells[0].trained]
     out = {
         "meta": _meta(config, results),
@@ -110,6 +111,7 @@ def build_results(
         str(kv): [r["layout"] for r in pareto_front(rows_at(out, int(kv)))]
         for kv in config.study.kv_layers
     }
+    out["cells"] = results
     return out
 
 
@@ -201,7 +203,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{t['num_steps']} steps of {t['batch_size']}x{t['seq_len']} tokens on "
         f"`{meta['dataset']}`. Device: {meta['device_kind']} ({meta['platform']}, "
         f"{meta['cpu_count']} CPUs), jax {meta['jax_version']}. Cells took "
-        f"{meta['cell_wall_s'] / 60:.1f} min in total; finished {meta['time']}.",
+        f"{meta['cell_wall_s'] / 60:.1f} min in total (each cell's last run); finished "
+        f"{meta['time']}.",
         "",
         f"- **val ppl**: exp of the mean token cross-entropy over {t['eval_steps']} "
         "validation batches after the last step.",

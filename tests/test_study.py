@@ -146,6 +146,7 @@ def test_micro_study_runs_reports_and_skips_finished_cells(tmp_path, capsys, mon
     assert sorted(os.listdir(os.path.join(workdir, "cells"))) == sorted(cells)
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
+    assert results["cells"] == cells
     std, pizza, lasagna = results["rows"]
     assert (pizza["mapping"], lasagna["same_as"]) == ("1_1", "pizza-top-l1")
     # every number of a row is the cell's measurement or a ratio of two of them
