@@ -6,18 +6,13 @@ from __future__ import annotations
 import os
 
 import pytest
-import trainutil as tu
 
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
-NOTEBOOK = os.path.join(tu.ROOT, "experiments", "colab_quickstart.ipynb")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, "experiments", "colab_quickstart.ipynb")
 TINY_SIZES = """\
-import sys
-
-sys.path.insert(0, {tests!r})
-import trainutil  # noqa: F401  (locks ast.parse for the corpus; shares the compile cache)
-
 LAYOUT = "pizza-top:1"
 NUM_LAYERS = 2
 D_MODEL = 64
@@ -42,13 +37,12 @@ def _text(cell) -> str:
 
 
 def test_quickstart_notebook_executes_on_cpu(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("KVSHARE_TEST_JAX_CACHE", tu.CACHE_DIR)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the kernel inherits the environment
     nb = nbformat.read(NOTEBOOK, as_version=4)
     first = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
     assert "parameters" in nb.cells[first].metadata.get("tags", [])
     assert "git+{REPO_URL}" in nb.cells[first].source
-    sizes = TINY_SIZES.format(tests=os.path.join(tu.ROOT, "tests"), workdir=str(tmp_path / "run"))
+    sizes = TINY_SIZES.format(workdir=str(tmp_path / "run"))
     nb.cells.insert(first + 1, nbformat.v4.new_code_cell(sizes))
 
     client = nbclient.NotebookClient(
