@@ -76,8 +76,11 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--d-ff", type=int, default=1376)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--out", default="experiments/results/throughput_hf_baseline.json")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = llama_tiny(args.vocab, args.layers, args.d_model, args.heads, args.kv_heads, args.d_ff)
     runs = []
     for b in (int(x) for x in args.batch_sizes.split(",")):

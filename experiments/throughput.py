@@ -19,7 +19,6 @@ import sys
 from kvshare_jax.commands import bench as bench_cmd
 
 DEFAULTS = dict(
-    config="configs/llama_tiny.py",
     batch_sizes="1,32",
     memory_budget="256MiB",
     name="throughput_cpu",
@@ -32,7 +31,7 @@ def main(argv: list[str]) -> int:
 
     from kvshare_jax import bench
 
-    p = bench_cmd.parser("experiments/throughput.py")
+    p = bench_cmd.parser("experiments/throughput.py", config="configs/llama_tiny.py")
     p.add_argument("--baseline", help="HF baseline JSON (hf_generate_baseline.py)")
     p.set_defaults(**DEFAULTS)
     args, overrides = bench_cmd.parse(argv, p)

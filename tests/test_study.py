@@ -16,8 +16,8 @@ from kvshare_jax.config import load_config
 STUDY_DIR = os.path.join(tu.ROOT, "configs", "study")
 CPU_STUDY = os.path.join(STUDY_DIR, "cpu.py")
 
-# A 2-layer d=64 model trained 4 steps; with l = 1, pizza-top and lasagna-top are the
-# same mapping "1_1" (one cell); generation of 8 tokens after 4 under a 1 MiB budget.
+# A 2-layer d=64 model trained 4 steps; with l = 1, pizza-bottom and lasagna-bottom are the
+# same mapping "0_0" (one cell); generation of 8 tokens after 4 under a 1 MiB budget.
 MICRO = (
     *tu.TINY,
     "model.num_layers=2",
@@ -25,7 +25,7 @@ MICRO = (
     "train.log_every=2",
     "train.eval_steps=2",
     "train.checkpoint_every=4",
-    "study.layouts=('standard','pizza-top','lasagna-top')",
+    "study.layouts=('standard','pizza-bottom','lasagna-bottom')",
     "study.kv_layers=(1,)",
     "study.memory_budget=1MiB",
     "study.bench_batch_sizes=(1,)",
@@ -64,14 +64,14 @@ def test_cells_with_the_same_mapping_share_one_run():
         assert sandwich.same_as == f"pizza-{position}-l2"
         assert sandwich.mapping == cells[f"pizza-{position}-l2"].mapping
     assert cells["sandwich-top-l2"].mapping == "0_5_5_5_5_5"
-    assert cells["lasagna-top-l2"].same_as is None
+    assert cells["lasagna-bottom-l2"].same_as is None
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("study.layouts=('pizza-top',)", "must include 'standard'"),
-        ("study.layouts=('standard','pizza-top:3')", "unknown layout 'pizza-top:3'"),
+        ("study.layouts=('pizza-bottom',)", "must include 'standard'"),
+        ("study.layouts=('standard','pizza-bottom:3')", "unknown layout 'pizza-bottom:3'"),
         ("study.kv_layers=(7,)", "outside [1, L=6]"),
         ("study.gen_len=250", "model.max_len"),
     ],
@@ -116,9 +116,9 @@ def _fake_result(cell, ppl: float, tok_s: float, step_s: float = 0.1) -> dict:
     }
 
 
-@pytest.mark.parametrize("winner", ["pizza-top", "lasagna-bottom"])
+@pytest.mark.parametrize("winner", ["pizza-bottom", "lasagna-bottom"])
 def test_summary_is_derived_from_the_numbers(winner):
-    config = load_config(CPU_STUDY, ("study.layouts=('standard','pizza-top','lasagna-bottom')",))
+    config = load_config(CPU_STUDY, ("study.layouts=('standard','pizza-bottom','lasagna-bottom')",))
     cells = study.plan_cells(config)
     results = {c.trained: _fake_result(c, 20.0, 100.0) for c in cells}
     results[f"{winner}-l3"] = _fake_result(cells[1], 19.0, 150.0)  # better on both axes
@@ -135,12 +135,12 @@ def test_micro_study_runs_reports_and_skips_finished_cells(tmp_path, capsys, mon
     workdir = str(tmp_path / "study")
     assert study_command.run(micro_argv(workdir)) == 0
     out = capsys.readouterr().out
-    assert "[cell 2/2] pizza-top-l1" in out
+    assert "[cell 2/2] pizza-bottom-l1" in out
     for name in ("report.md", "results.json", *report.FIGURES.values()):
         assert os.path.getsize(os.path.join(workdir, name)) > 0
 
     cells = {}
-    for name in ("standard-l2", "pizza-top-l1"):
+    for name in ("standard-l2", "pizza-bottom-l1"):
         with open(os.path.join(workdir, "cells", name, study.RESULT_FILE)) as f:
             cells[name] = json.load(f)
     assert sorted(os.listdir(os.path.join(workdir, "cells"))) == sorted(cells)
@@ -148,23 +148,23 @@ def test_micro_study_runs_reports_and_skips_finished_cells(tmp_path, capsys, mon
         results = json.load(f)
     assert results["cells"] == cells
     std, pizza, lasagna = results["rows"]
-    assert (pizza["mapping"], lasagna["same_as"]) == ("1_1", "pizza-top-l1")
+    assert (pizza["mapping"], lasagna["same_as"]) == ("0_0", "pizza-bottom-l1")
     # every number of a row is the cell's measurement or a ratio of two of them
     tok_s = {n: c["bench"]["max_batch_run"]["e2e_tok_s"] for n, c in cells.items()}
     step_s = {n: c["train_step"]["min_s"] for n, c in cells.items()}
     for row in (pizza, lasagna):
-        cell = cells["pizza-top-l1"]
+        cell = cells["pizza-bottom-l1"]
         assert row["eval_ppl"] == cell["train"]["eval_ppl"]
         assert row["max_batch"] == cell["bench"]["max_batch"] > 0
-        assert row["tok_s_ratio"] == tok_s["pizza-top-l1"] / tok_s["standard-l2"]
-        assert row["train_step_ratio"] == step_s["pizza-top-l1"] / step_s["standard-l2"]
+        assert row["tok_s_ratio"] == tok_s["pizza-bottom-l1"] / tok_s["standard-l2"]
+        assert row["train_step_ratio"] == step_s["pizza-bottom-l1"] / step_s["standard-l2"]
         assert row["cache_fraction"] == 0.5
     assert (
         std["tok_s_ratio"] == 1.0 and std["eval_ppl"] == cells["standard-l2"]["train"]["eval_ppl"]
     )
     assert results["pareto"]["1"] == [r["layout"] for r in report.pareto_front(results["rows"])]
     text = (tmp_path / "study" / "report.md").read_text()
-    line = next(x for x in text.splitlines() if x.startswith("| pizza-top |"))
+    line = next(x for x in text.splitlines() if x.startswith("| pizza-bottom |"))
     assert f"| {pizza['eval_ppl']:.2f} |" in line and f"| {pizza['tok_s_ratio']:.2f}x |" in line
     assert "## Which layout should I use?" in text
 

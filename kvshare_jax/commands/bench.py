@@ -15,10 +15,16 @@ import sys
 PROG = "kvshare bench"
 
 
-def parser(prog: str = PROG) -> argparse.ArgumentParser:
-    """The command's flags (``experiments/throughput.py`` reuses them)."""
+def parser(prog: str = PROG, config: str | None = None) -> argparse.ArgumentParser:
+    """The command's flags; ``experiments/throughput.py`` reuses them with a default
+    ``config``."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="config file (overrides: --config.a.b=v)")
+    p.add_argument(
+        "--config",
+        required=config is None,
+        default=config,
+        help="config file (overrides: --config.a.b=v)",
+    )
     p.add_argument("--layouts", help="comma-separated layout specs (default: see above)")
     p.add_argument("--kv-layers", type=int, help="l of the nine default presets (default L/2)")
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
