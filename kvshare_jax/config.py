@@ -62,6 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
     t.grad_clip = 1.0  # global-norm gradient clipping (0 = off)
     t.grad_accum = 1  # micro-batches accumulated per step
     t.seed = 0  # seed for init and data order
+    t.init_from = ""  # workdir or HF dir whose weights start the run (the model is its)
     t.log_every = 10  # steps between metric logs
     t.eval_every = 200  # steps between eval runs (0 = only at the end)
     t.eval_steps = 10  # batches per eval

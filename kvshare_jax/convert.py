@@ -286,6 +286,21 @@ def save_workdir(workdir: str, cfg: ModelConfig, params: Params, tokenizer: str 
         manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
 
 
+def _is_workdir(path: str) -> bool:
+    if os.path.exists(os.path.join(path, checkpoint.MODEL_CONFIG_FILE)):
+        return True
+    if os.path.exists(os.path.join(path, hf_io.CONFIG_FILE)):
+        return False
+    raise FileNotFoundError(f"{path} is neither a workdir nor a HuggingFace model dir")
+
+
+def init_model_config(path: str) -> ModelConfig:
+    """The ModelConfig of a workdir or HF directory, without reading any weights."""
+    if _is_workdir(path):
+        return checkpoint.load_model_config(path)
+    return model_config_from_hf(hf_io.read_config(path))
+
+
 def load_init_params(path: str, shardings: Params | None = None) -> tuple[ModelConfig, Params]:
     """``(ModelConfig, params)`` to start training from: the newest checkpoint of a
     workdir (converted or trained), or a HF ``llama``/``lckv-llama`` directory.
@@ -293,9 +308,7 @@ def load_init_params(path: str, shardings: Params | None = None) -> tuple[ModelC
     ``shardings`` (a tree of ``jax.sharding.Sharding`` like the params) places the
     params; default: the first device.
     """
-    if not os.path.exists(os.path.join(path, checkpoint.MODEL_CONFIG_FILE)):
-        if not os.path.exists(os.path.join(path, hf_io.CONFIG_FILE)):
-            raise FileNotFoundError(f"{path} is neither a workdir nor a HuggingFace model dir")
+    if not _is_workdir(path):
         cfg, params = read_hf(path)
         return cfg, jax.device_put(params, shardings or jax.devices()[0])
     cfg = checkpoint.load_model_config(path)

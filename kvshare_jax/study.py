@@ -90,6 +90,8 @@ def plan_cells(config: ml_collections.ConfigDict) -> list[Cell]:
     if "study" not in config:
         raise ValueError("the config has no `study` section; use a file from configs/study/")
     s, num_layers = config.study, int(config.model.num_layers)
+    if config.train.get("init_from"):
+        raise ValueError("train.init_from is not supported by a study: every cell trains anew")
     unknown = [x for x in s.layouts if x != STANDARD and x not in PRESETS]
     if unknown:
         raise ValueError(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -23,7 +25,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kvshare_jax import checkpoint, sharding
+from kvshare_jax import checkpoint, convert, sharding
 from kvshare_jax.config import model_config_from
 from kvshare_jax.data import get_tokenizer, make_iterator, open_source
 from kvshare_jax.metrics import MetricWriter, latest_metrics
@@ -212,6 +214,38 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: str):
     return get_tokenizer(config.data, workdir)
 
 
+# Model fields that the weights of ``train.init_from`` fix; the others (dtype,
+# attention_impl, forward/backward passes, remat...) stay the run config's.
+INIT_SOURCE_FIELDS = (
+    "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "d_ff", "max_len",
+    "sliding_window", "rope_theta", "norm_eps", "tie_embeddings",
+)  # fmt: skip
+
+
+def adopt_init_source(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """The run config of a run started from ``train.init_from`` (a workdir or HF dir):
+    its model section and vocabulary become the source's; the source's ``tokenizer.model``
+    (when the config names no tokenizer) is copied into ``workdir``."""
+    src = config.train.init_from
+    cfg = convert.init_model_config(src)
+    config = config.copy_and_resolve_references()
+    for name in INIT_SOURCE_FIELDS:
+        config.model[name] = getattr(cfg, name)
+    config.model.layout = str(cfg.layout)
+    config.data.vocab_size = cfg.vocab_size
+    tokenizer = os.path.join(src, convert.TOKENIZER_FILE)
+    target = os.path.join(workdir, convert.TOKENIZER_FILE)
+    if not config.data.tokenizer_path and os.path.exists(tokenizer) and not os.path.exists(target):
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            shutil.copyfile(tokenizer, target)
+    if config.train.seq_len > cfg.max_len:
+        raise ValueError(
+            f"train.seq_len={config.train.seq_len} exceeds the context of {src} ({cfg.max_len})"
+        )
+    return config
+
+
 def _check_same_params(workdir: str, cfg: ModelConfig) -> None:
     """A resumed run must have the parameter shapes of the model saved in ``workdir``
     (other fields, e.g. ``dtype`` or ``forward_passes``, may change)."""
@@ -243,7 +277,9 @@ class Trainer:
         d = config.data
         self.sources = {split: open_source(d, split) for split in (d.train_split, d.eval_split)}
         self.tokenizer = _tokenizer(config, workdir)
-        self.cfg = model_config_from(config, vocab_size=self.tokenizer.vocab_size)
+        # a run started from other weights keeps their vocabulary (>= the tokenizer's)
+        vocab = int(d.vocab_size) if t.init_from else self.tokenizer.vocab_size
+        self.cfg = model_config_from(config, vocab_size=vocab)
         self.tx = make_optimizer(t)
         self.schedule = make_schedule(t)
         self.abstract, self.shardings = state_shardings(self.cfg, self.tx, self.mesh, self.rules)
@@ -266,7 +302,14 @@ class Trainer:
         self.local_batch = t.batch_size // jax.process_count()
 
     def init_state(self) -> TrainState:
-        return init_state(self.cfg, self.tx, self.shardings, int(self.config.train.seed))
+        """Fresh random params, or ``train.init_from``'s weights, and a new optimizer."""
+        t = self.config.train
+        if not t.init_from:
+            return init_state(self.cfg, self.tx, self.shardings, int(t.seed))
+        _, params = convert.load_init_params(t.init_from, shardings=self.shardings.params)
+        params = jax.tree.map(lambda x, a: x.astype(a.dtype), params, self.abstract.params)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
+        return TrainState(params, opt_state)
 
     def iterator(self, split: str) -> Any:
         """A fresh grain iterator over this process's shard of ``split``."""
@@ -324,6 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains (resuming from ``workdir`` if it holds a checkpoint) and returns the final
     metrics: ``step``, ``loss``, ``grad_norm``, ``lr``, ``tokens_per_sec``, ``eval_loss``,
     ``eval_ppl`` (those of the latest log/eval when the run had already finished)."""
+    if config.train.init_from:
+        config = adopt_init_source(config, workdir)
     trainer = Trainer(config, workdir)
     t = config.train
     _check_same_params(workdir, trainer.cfg)

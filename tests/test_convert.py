@@ -21,15 +21,14 @@ L, VOCAB, T = 4, 256, 24
 
 
 # ------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def hf_llama(tmp_path_factory):
-    """``(model, dir)``: a random-init fp32 ``LlamaForCausalLM`` saved with
-    ``save_pretrained``; norm scales randomised so a swapped norm would show."""
+def save_hf_llama(path, vocab: int = VOCAB):
+    """A random-init fp32 ``LlamaForCausalLM`` (L=4, d=64, GQA 4/2) saved with
+    ``save_pretrained`` at ``path``; norm scales randomised so a swapped norm would show."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=L,
@@ -45,9 +44,15 @@ def hf_llama(tmp_path_factory):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("hf") / "llama"
     model.save_pretrained(path)
-    return model, str(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    """``(model, dir)`` of `save_hf_llama`."""
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    return save_hf_llama(path), str(path)
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +282,42 @@ def test_kv_init_average_means_reading_layers_and_trains(hf_llama, tmp_path):
         params, opt, loss = step(params, opt)
         losses.append(float(loss))
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+@pytest.mark.hf
+def test_kvshare_train_init_from_starts_from_the_converted_weights(tmp_path):
+    """``kvshare train --init-from`` takes the converted model (layout, shapes, vocab) and
+    its tokenizer and weights: one step at learning rate 0 saves exactly those params."""
+    import trainutil as tu
+
+    from kvshare_jax import checkpoint
+    from kvshare_jax.data.tokenizer import Tokenizer
+
+    hf, converted, run = (str(tmp_path / name) for name in ("hf", "converted", "run"))
+    save_hf_llama(hf, vocab=512)
+    tok = Tokenizer.load(tu.tokenizer_path())  # 512 pieces of the embedded corpus
+    tok.save(os.path.join(hf, convert.TOKENIZER_FILE))  # travels with the conversion
+    args = ("--from-hf", hf, "--workdir", converted, "--layout", "lckv:1")
+    assert convert_cli(*args, "--kv-init", "average") == 0
+    overrides = (*tu.TINY, "train.num_steps=1", "train.learning_rate=0.0", "train.eval_steps=1")
+    argv = ["train", "--config", tu.TINY_CONFIG, "--workdir", run, "--init-from", converted]
+    assert cli.main(argv + [f"--config.{o}" for o in overrides]) == 0
+    cfg, params, tokenizer, step = checkpoint.load_inference(run)
+    src_cfg, src_params = convert.load_init_params(converted)
+    assert step == 1 and cfg.layout.targets == (0, 3, 3, 3)
+    assert (cfg.vocab_size, cfg.d_model, cfg.max_len) == (512, 64, 128)
+    assert tokenizer.model_proto == tok.model_proto  # the source's, copied into the run
+    tu.assert_trees_equal(params, src_params)
+    assert cfg == dataclasses.replace(src_cfg, forward_passes=cfg.forward_passes)
+
+
+def test_kvshare_train_init_from_a_missing_dir_is_a_one_line_error(tmp_path, capsys):
+    import trainutil as tu
+
+    argv = ["train", "--config", tu.TINY_CONFIG, "--workdir", str(tmp_path / "run")]
+    assert cli.main([*argv, "--init-from", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "neither a workdir nor a HuggingFace model dir" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.hf

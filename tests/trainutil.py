@@ -4,7 +4,6 @@ shared by pytest-xdist workers and child processes; helpers to run ``kvshare``."
 
 from __future__ import annotations
 
-import ast
 import atexit
 import contextlib
 import fcntl
@@ -15,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 
@@ -76,21 +74,7 @@ def _build_once(name: str, build: Callable[[str], None]) -> str:
     return path
 
 
-def _serialize_ast_parse() -> None:
-    """WORKAROUND, remove once kvshare_jax/data/corpus.py locks it: the embedded corpus
-    calls ``ast.parse`` from grain's reader threads, and CPython 3.11's ``ast.parse`` is
-    not thread-safe ("SystemError: AST constructor recursion depth mismatch")."""
-    parse, lock = ast.parse, threading.Lock()
-
-    def locked_parse(*args, **kwargs):
-        with lock:
-            return parse(*args, **kwargs)
-
-    ast.parse = locked_parse
-
-
-_serialize_ast_parse()
-# `kvshare` in a child process, with this module imported first (for the workaround).
+# `kvshare` in a child process, with this module imported first (compilation cache).
 _CLI = "import sys, trainutil; from kvshare_jax.cli import main; sys.exit(main(sys.argv[1:]))"
 
 # A 4-layer, d=64 model on 8 x 32-token batches; 200 steps take a few seconds after

@@ -14,7 +14,7 @@ import sys
 
 from absl import flags
 
-from kvshare_jax.commands.train import _define_flags
+from kvshare_jax.commands.train import define_flags
 
 PROG = "kvshare study"
 
@@ -27,7 +27,7 @@ def _error(message: object, status: int = 2) -> int:
 
 def run(argv: list[str]) -> int:
     argv = [PROG, *argv]
-    fv = _define_flags(argv)
+    fv = define_flags(argv)
     try:
         fv(argv)
         config = fv.config

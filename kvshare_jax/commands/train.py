@@ -4,6 +4,11 @@ Trains the model of a config file, resuming from ``DIR`` when it holds a checkpo
 Multi-process jobs pass ``--coordinator_address/--num_processes/--process_id`` (or the
 ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` variables), or
 ``--distributed`` to let JAX detect the cluster (TPU pods, SLURM...).
+
+``--init-from SRC`` starts a new run from the weights of a workdir or HuggingFace model
+directory (``kvshare convert`` output, say): the model section of the config is replaced
+by SRC's model and its ``tokenizer.model`` is used when it has one. A workdir that already
+holds a checkpoint resumes from it instead.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from ml_collections import config_flags
 PROG = "kvshare train"
 
 
-def _define_flags(argv: list[str]) -> flags.FlagValues:
+def define_flags(argv: list[str]) -> flags.FlagValues:
+    """The flags shared by ``kvshare train`` and ``kvshare study``."""
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config",
@@ -48,12 +54,17 @@ def _error(message: object, status: int = 2) -> int:
 
 
 def run(argv: list[str]) -> int:
-    argv = [PROG, *argv]
-    fv = _define_flags(argv)
+    argv = [PROG, *("--init_from" + a[11:] if a.startswith("--init-from") else a for a in argv)]
+    fv = define_flags(argv)
+    flags.DEFINE_string(
+        "init_from", "", "workdir or HF dir to start from (sets train.init_from)", flag_values=fv
+    )
     try:
         fv(argv)
         config = fv.config
         config.train  # noqa: B018 - a config file that failed to load raises here
+        if fv.init_from:
+            config.train.init_from = fv.init_from
     except (flags.Error, OSError) as e:  # bad flags, unreadable config file
         return _error(e)
     from kvshare_jax import sharding, train
