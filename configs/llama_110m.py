@@ -13,7 +13,7 @@ def get_config():
     config.model.d_ff = 2048  # SwiGLU width
     config.model.max_len = 1024  # context
     config.model.dtype = "bfloat16"  # compute dtype on accelerators
-    config.data.dataset = "huggingface:minipile"  # prepared TFDS data (see README)
+    config.data.dataset = "huggingface:jeankaddour__minipile"  # prepared TFDS data (README)
     config.data.vocab_size = 32000  # tokenizer vocabulary
     config.train.seq_len = 1024  # tokens per sequence
     config.train.batch_size = 128  # global batch

@@ -1,10 +1,12 @@
 """HF transformers ``LlamaForCausalLM.generate`` throughput on the llama_tiny shape.
 
-The baseline that ``experiments/throughput.py`` compares against. Needs torch + transformers
-(a separate environment; install the CPU wheel with a pinned version)::
+The baseline that ``experiments/throughput.py`` compares against. Needs the ``[hf]`` extra
+(torch 2.13.0 CPU wheel + transformers)::
 
-    python3 -m venv /work/hfvenv && /work/hfvenv/bin/pip install torch==2.13.0 transformers
-    /work/hfvenv/bin/python experiments/hf_generate_baseline.py --batch-sizes 1,32
+    .venv/bin/pip install -e ".[hf]"
+    .venv/bin/python experiments/hf_generate_baseline.py --batch-sizes 1,32
+    .venv/bin/python experiments/throughput.py --layouts standard \
+        --baseline experiments/results/throughput_hf_baseline.json --name throughput_cpu_vs_hf
 
 Greedy decoding with the KV cache (``use_cache=True``), random weights, fp32, every
 sequence forced to generate exactly ``--gen-len`` tokens; tokens/s = batch * gen_len /

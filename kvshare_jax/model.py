@@ -297,13 +297,26 @@ def _run_layers(
     targets = run.cfg.layout.targets
     new: dict[int, KV] = {}
     for i in layers:
-        q, own = run.qkv(i, x, pos)
+        j = targets[i]
+        other = None if j == i else (new[j] if j in new else (prev[j] if j > i else done[j]))
+        x, own = _layer(run.cfg, i)(run.params, x, pos, kv_pos, other)
         if own is not None:
             new[i] = own
-        j = targets[i]
-        kv = new[j] if j in new else (prev[j] if j > i else done[j])
-        x = run.finish(i, x, run.attend(i, q, kv, pos, kv_pos))
     return x, new
+
+
+def _layer(cfg: ModelConfig, i: int) -> Callable:
+    """Layer ``i`` as a pure function ``(params, x, pos, kv_pos, other_kv) -> (x, own_kv)``
+    (``other_kv`` is None when the layer reads its own KVs); rematerialised in the
+    backward pass when ``cfg.remat``."""
+
+    def layer(params, x, pos, kv_pos, other):
+        run = Runner(cfg, params)
+        q, own = run.qkv(i, x, pos)
+        kv = own if other is None else other
+        return run.finish(i, x, run.attend(i, q, kv, pos, kv_pos)), own
+
+    return jax.checkpoint(layer) if cfg.remat else layer
 
 
 def _iterate_block(

@@ -1,6 +1,7 @@
 """The transformer: plain-transformer parity, parameter counts, exact KV-sharing
 semantics (parallel iteration == sequential evaluation), no future leakage, gradients."""
 
+import dataclasses
 import functools
 
 import jax
@@ -186,6 +187,25 @@ def test_upward_targets_get_gradient_through_upward_reads_with_b2():
     g1, g2 = kgrad(1), kgrad(2)
     assert float(jnp.max(jnp.abs(g2))) > 0
     assert float(jnp.max(jnp.abs(g2 - g1))) > 1e-3 * float(jnp.max(jnp.abs(g2)))
+
+
+@pytest.mark.parametrize("spec", ["standard", "sandwich-middle:3"])
+def test_remat_recomputes_layers_with_the_same_loss_and_gradients(spec):
+    """``remat=True`` wraps every layer in ``jax.checkpoint`` (seen in the jaxpr) and
+    changes neither the loss nor any gradient."""
+    cfg = small_config(spec)
+    params = init_params(cfg, jax.random.key(0))
+    toks = tokens()
+    remat = dataclasses.replace(cfg, remat=True)
+    grad = jax.value_and_grad(lambda c, p: _loss(c, p, toks), argnums=1)
+    jaxpr = str(jax.make_jaxpr(lambda p: grad(remat, p))(params))
+    assert jaxpr.count("remat") >= L and "remat" not in str(
+        jax.make_jaxpr(lambda p: grad(cfg, p))(params)
+    )
+    (loss, g), (loss_r, g_r) = grad(cfg, params), grad(remat, params)
+    np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+    for a, c in zip(jax.tree.leaves(g), jax.tree.leaves(g_r), strict=True):
+        np.testing.assert_allclose(c, a, atol=1e-6, rtol=1e-5)
 
 
 def test_config_validation():

@@ -1,7 +1,7 @@
 """CPU study: standard + the nine presets at l = L/2 = 3 of a 6-layer d=128 model.
 
-Trains on the embedded corpus (no download); about half an hour on 2 shared CPU cores
-(results: experiments/results/study_cpu/)::
+Trains on the embedded corpus (no download); 28 minutes on an idle 2-core CPU (results:
+experiments/results/study_cpu/)::
 
     kvshare study --config configs/study/cpu.py --workdir runs/study_cpu
 
