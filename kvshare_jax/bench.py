@@ -303,16 +303,17 @@ def run_suite(spec: BenchSpec, progress: bool = True) -> dict[str, Any]:
             "cache_bytes_per_seq": cache_bytes(cfg, 1, cache_len),
             "runs": [],
         }
+        timed = functools.partial(
+            bench_generate,
+            cfg,
+            params,
+            prompt_len=spec.prompt_len,
+            gen_len=spec.gen_len,
+            warmup=spec.warmup,
+            repeats=spec.repeats,
+        )
         for b in spec.batch_sizes:
-            result = bench_generate(
-                cfg,
-                params,
-                batch=b,
-                prompt_len=spec.prompt_len,
-                gen_len=spec.gen_len,
-                warmup=spec.warmup,
-                repeats=spec.repeats,
-            )
+            result = timed(batch=b)
             roofline_s = decode_step_bytes(cfg, params, b, cache_len) / bandwidth
             result["roofline_step_s"] = roofline_s
             result["roofline_fraction"] = roofline_s / result["decode_step_s"]
@@ -322,15 +323,7 @@ def run_suite(spec: BenchSpec, progress: bool = True) -> dict[str, Any]:
             row["max_batch"] = b
             row["max_batch_memory"] = mem
             if b > 0:
-                row["max_batch_run"] = bench_generate(
-                    cfg,
-                    params,
-                    batch=b,
-                    prompt_len=spec.prompt_len,
-                    gen_len=spec.gen_len,
-                    warmup=spec.warmup,
-                    repeats=spec.repeats,
-                )
+                row["max_batch_run"] = timed(batch=b)
         rows.append(row)
         compile_generate.cache_clear()
         jax.clear_caches()

@@ -10,7 +10,9 @@ tables. Method: ``kvshare_jax/bench.py``.
 from __future__ import annotations
 
 import argparse
-import sys
+import functools
+
+from kvshare_jax.commands import error
 
 PROG = "kvshare bench"
 
@@ -39,9 +41,7 @@ def parser(prog: str = PROG, config: str | None = None) -> argparse.ArgumentPars
     return p
 
 
-def _error(message: object) -> int:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
+_error = functools.partial(error, PROG)  # one-line message, exit status 2 by default
 
 
 def spec_from_args(args: argparse.Namespace, overrides: tuple[str, ...]):

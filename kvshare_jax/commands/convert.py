@@ -13,14 +13,14 @@ another KV layout for uptraining. Export writes ``llama`` for the standard layou
 from __future__ import annotations
 
 import argparse
-import sys
+import functools
+
+from kvshare_jax.commands import error
 
 PROG = "kvshare convert"
 
 
-def _error(message: object) -> int:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
+_error = functools.partial(error, PROG)  # one-line message, exit status 2 by default
 
 
 def _parser() -> argparse.ArgumentParser:

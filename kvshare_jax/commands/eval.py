@@ -6,10 +6,12 @@ mesh defaults to data parallelism over this machine's devices (``--mesh=-1,1,1``
 
 from __future__ import annotations
 
+import functools
 import json
-import sys
 
 from absl import flags
+
+from kvshare_jax.commands import error
 
 PROG = "kvshare eval"
 
@@ -29,9 +31,7 @@ def _define_flags() -> flags.FlagValues:
     return fv
 
 
-def _error(message: object) -> int:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
+_error = functools.partial(error, PROG)  # one-line message, exit status 2 by default
 
 
 def _mesh_sizes(values: list[str]) -> dict[str, int]:

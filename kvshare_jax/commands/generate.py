@@ -15,7 +15,9 @@ prints the new ids comma-separated.
 from __future__ import annotations
 
 import argparse
-import sys
+import functools
+
+from kvshare_jax.commands import error
 
 PROG = "kvshare generate"
 BYTE_VOCAB = 256
@@ -44,9 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _error(message: object) -> int:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
+_error = functools.partial(error, PROG)  # one-line message, exit status 2 by default
 
 
 def _ints(text: str, what: str) -> list[int]:

@@ -15,18 +15,18 @@ HuggingFace tokenizer dir. Needs the ``[eval]`` extra (lm-eval).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import sys
 from typing import Any
+
+from kvshare_jax.commands import error
 
 PROG = "kvshare harness"
 RESULTS_FILE = "harness_results.json"
 
 
-def _error(message: object) -> int:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
+_error = functools.partial(error, PROG)  # one-line message, exit status 2 by default
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from kvshare_jax.commands import error
 from kvshare_jax.layout import from_spec
 
 
@@ -31,7 +31,6 @@ def run(argv: list[str]) -> int:
             layers = len(spec.split("_"))
         layout = from_spec(spec, layers)
     except ValueError as e:
-        print(f"kvshare layout: error: {e}", file=sys.stderr)
-        return 2
+        return error("kvshare layout", e)
     print(layout.describe(args.forward_passes, args.backward_passes))
     return 0

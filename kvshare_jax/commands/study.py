@@ -9,20 +9,18 @@ for ``kvshare train`` (``--distributed``...). Compiled programs are cached in
 
 from __future__ import annotations
 
+import functools
 import os
-import sys
 
 from absl import flags
 
-from kvshare_jax.commands.train import define_flags
+from kvshare_jax.commands import error
+from kvshare_jax.commands.train import define_flags, run_job
 
 PROG = "kvshare study"
 
 
-def _error(message: object, status: int = 2) -> int:
-    """Prints ``message`` as one line to stderr; returns the exit status."""
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return status
+_error = functools.partial(error, PROG)  # one-line message, exit status 2 by default
 
 
 def run(argv: list[str]) -> int:
@@ -36,18 +34,12 @@ def run(argv: list[str]) -> int:
         return _error(e)
     import jax
 
-    from kvshare_jax import sharding, study, train
+    from kvshare_jax import study
 
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.join(fv.workdir, "jax_cache"))
     try:
         study.plan_cells(config)  # config errors before joining a job or training
-        sharding.init_distributed(
-            fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed
-        )
-        study.run_study(config, fv.workdir)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         return _error(e)
-    except train.NonFiniteLossError as e:
-        return _error(e, status=1)
-    return 0
+    return run_job(PROG, fv, lambda: study.run_study(config, fv.workdir))

@@ -13,10 +13,13 @@ holds a checkpoint resumes from it instead.
 
 from __future__ import annotations
 
-import sys
+import functools
+from collections.abc import Callable
 
 from absl import flags
 from ml_collections import config_flags
+
+from kvshare_jax.commands import error
 
 PROG = "kvshare train"
 
@@ -47,10 +50,7 @@ def define_flags(argv: list[str]) -> flags.FlagValues:
     return fv
 
 
-def _error(message: object, status: int = 2) -> int:
-    """Prints ``message`` as one line to stderr; returns the exit status."""
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return status
+_error = functools.partial(error, PROG)  # one-line message, exit status 2 by default
 
 
 def run(argv: list[str]) -> int:
@@ -67,15 +67,23 @@ def run(argv: list[str]) -> int:
             config.train.init_from = fv.init_from
     except (flags.Error, OSError) as e:  # bad flags, unreadable config file
         return _error(e)
+    from kvshare_jax import train
+
+    return run_job(PROG, fv, lambda: train.train_and_evaluate(config, fv.workdir))
+
+
+def run_job(prog: str, fv: flags.FlagValues, job: Callable[[], object]) -> int:
+    """Joins the multi-process job the flags of `define_flags` name, then runs ``job``;
+    bad input is a one-line error with exit status 2, a non-finite loss status 1."""
     from kvshare_jax import sharding, train
 
     try:
         sharding.init_distributed(
             fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed
         )
-        train.train_and_evaluate(config, fv.workdir)
+        job()
     except (ValueError, FileNotFoundError) as e:
-        return _error(e)
+        return error(prog, e)
     except train.NonFiniteLossError as e:
-        return _error(e, status=1)
+        return error(prog, e, status=1)
     return 0
