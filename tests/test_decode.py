@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_model
 
 from kvshare_jax.commands import generate as generate_cmd
 from kvshare_jax.decode import (
@@ -23,7 +24,7 @@ from kvshare_jax.layout import PARTS, POSITIONS, from_spec, preset
 from kvshare_jax.model import ModelConfig, forward, init_params, sequential_logits
 from kvshare_jax.sampling import Sampling, sample
 
-L, VOCAB, KV = 6, 97, 3
+L, VOCAB, KV = 6, test_model.VOCAB, 3
 PRESET_SPECS = [f"{p}-{q}:{KV}" for p in PARTS for q in POSITIONS]
 LAYOUT_SPECS = [*PRESET_SPECS, "standard", "yoco"]
 PROMPT_WIDTH, LENGTHS, NEW = 6, (6, 2, 4), 5
@@ -34,16 +35,8 @@ SAMPLING_SPEC = "0_2_2"  # 3 layers, one upward block: cheap programs for sampli
 
 
 def small_config(spec: str, layers: int = L, **kw) -> ModelConfig:
-    base = dict(
-        vocab_size=VOCAB,
-        d_model=64,
-        num_heads=4,
-        num_kv_heads=2,
-        d_ff=96,
-        max_len=24,
-        sliding_window=3,
-    )
-    return ModelConfig.create(spec, layers, **{**base, **kw})
+    """test_model's small model with a 24-token context and a window of 3."""
+    return test_model.small_config(spec, layers, **{"max_len": 24, "sliding_window": 3, **kw})
 
 
 @functools.cache

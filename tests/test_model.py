@@ -25,7 +25,8 @@ PRESET_SPECS = [
 METHOD_SPECS = ["standard", "yoco", "cla:2", "lckv:1", "mlkv:2", "0_3_0_3_4_5", "2_3_2_3_5_5"]
 
 
-def small_config(spec: str, **kw) -> ModelConfig:
+def small_config(spec: str, layers: int = L, **kw) -> ModelConfig:
+    """A d=64 model of ``layers`` layers (GQA 4/2, window 4); ``kw`` overrides fields."""
     base = dict(
         vocab_size=VOCAB,
         d_model=64,
@@ -35,7 +36,7 @@ def small_config(spec: str, **kw) -> ModelConfig:
         max_len=64,
         sliding_window=4,
     )
-    return ModelConfig.create(spec, L, **{**base, **kw})
+    return ModelConfig.create(spec, layers, **{**base, **kw})
 
 
 def tokens(seed: int = 1, batch: int = 2, length: int = T) -> jax.Array:
