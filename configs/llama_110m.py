@@ -1,4 +1,7 @@
-"""The paper's 110M Llama shape (12 layers, d=768, 12 heads / 6 KV heads, ctx 1024)."""
+"""The paper's 110M Llama shape (12 layers, d=768, 12 heads / 6 KV heads, ctx 1024).
+
+Target slice: v5e:2x2 (checked by tests/test_configs_fit.py; `kvshare compile` plans others).
+"""
 
 from kvshare_jax.config import default_config
 

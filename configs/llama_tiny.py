@@ -2,6 +2,8 @@
 
 ``kvshare bench --config configs/llama_tiny.py`` compares layouts on this shape;
 ``experiments/hf_generate_baseline.py`` times HF ``LlamaForCausalLM`` on the same one.
+
+Target slice: v5e:1x1 (checked by tests/test_configs_fit.py; `kvshare compile` plans others).
 """
 
 from kvshare_jax.config import default_config

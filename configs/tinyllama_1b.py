@@ -1,4 +1,7 @@
-"""TinyLlama-1.1B shape (22 layers, d=2048, 32 heads / 4 KV heads, d_ff 5632, ctx 2048)."""
+"""TinyLlama-1.1B shape (22 layers, d=2048, 32 heads / 4 KV heads, d_ff 5632, ctx 2048).
+
+Target slice: v5e:4x4 (checked by tests/test_configs_fit.py; `kvshare compile` plans others).
+"""
 
 from kvshare_jax.config import default_config
 

@@ -18,19 +18,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-INVALID_POS = jnp.iinfo(jnp.int32).max
+from kvshare_jax.masks import INVALID_POS, attention_mask
+from kvshare_jax.target import target_platform
+
+__all__ = ["INVALID_POS", "Impl", "attention", "attention_mask", "resolve_impl", "xla_attention"]
+
 Impl = Literal["xla", "pallas", "auto"]
-
-
-def attention_mask(
-    q_pos: jax.Array, kv_pos: jax.Array, *, strict: bool, window: int | None
-) -> jax.Array:
-    """Boolean mask ``[b, t, s]`` from positions ``q_pos [b, t]`` and ``kv_pos [b, s]``."""
-    qp, kp = q_pos[:, :, None], kv_pos[:, None, :]
-    valid = kp < qp if strict else kp <= qp
-    if window is not None:
-        valid &= kp > qp - window
-    return valid & (kp != INVALID_POS)
 
 
 def xla_attention(
@@ -65,10 +58,12 @@ def xla_attention(
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def resolve_impl(impl: Impl) -> Literal["xla", "pallas"]:
-    """``auto`` picks Pallas on GPU/TPU and the XLA reference on CPU."""
+def resolve_impl(impl: Impl, platform: str | None = None) -> Literal["xla", "pallas"]:
+    """``auto`` picks Pallas when the target (``platform``, else the ambient mesh's
+    devices, else the default backend; see :mod:`kvshare_jax.target`) is a GPU or TPU,
+    and the XLA reference on CPU."""
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+        return "pallas" if target_platform(platform) in ("gpu", "tpu") else "xla"
     if impl not in ("xla", "pallas"):
         raise ValueError(f"unknown attention impl {impl!r}: expected xla, pallas or auto")
     return impl

@@ -31,9 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvshare_jax.decode import cache_bytes, decode_step, generate_fn, init_cache, prefill
+from kvshare_jax import aot
+from kvshare_jax.decode import cache_bytes, decode_step, init_cache, prefill
 from kvshare_jax.layout import PARTS, POSITIONS
 from kvshare_jax.model import ModelConfig, Params, count_params, init_params
+from kvshare_jax.target import target_platform
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -53,9 +55,10 @@ def default_layouts(num_kv_layers: int) -> list[str]:
     return ["standard"] + [f"{p}-{q}:{num_kv_layers}" for p in PARTS for q in POSITIONS]
 
 
-def default_lengths() -> tuple[int, int]:
-    """(prompt, generated) tokens: 16 + 128 on CPU, 512 + 1024 on accelerators."""
-    return (16, 128) if jax.default_backend() == "cpu" else (512, 1024)
+def default_lengths(platform: str | None = None) -> tuple[int, int]:
+    """(prompt, generated) tokens: 16 + 128 on CPU, 512 + 1024 on accelerators (the
+    target ``platform``, default: see :mod:`kvshare_jax.target`)."""
+    return (16, 128) if target_platform(platform) == "cpu" else (512, 1024)
 
 
 def device_info() -> dict[str, Any]:
@@ -98,9 +101,13 @@ def decode_step_bytes(cfg: ModelConfig, params: Params, batch: int, cache_len: i
     """Bytes a decode step must read at least: every parameter except the embedding
     table (one row per token; it is read in full when tied to the LM head) plus every
     cache slot once."""
-    total = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+
+    def nbytes(x: Any) -> int:  # arrays and ShapeDtypeStructs alike
+        return x.size * x.dtype.itemsize
+
+    total = sum(nbytes(x) for x in jax.tree_util.tree_leaves(params))
     if not cfg.tie_embeddings:
-        total -= params["params"]["embed"]["embedding"].nbytes
+        total -= nbytes(params["params"]["embed"]["embedding"])
     return total + cache_bytes(cfg, batch, cache_len)
 
 
@@ -111,18 +118,16 @@ def _inputs(cfg: ModelConfig, batch: int, prompt_len: int, seed: int = 0):
 
 
 @functools.lru_cache(maxsize=16)
-def compile_generate(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int) -> Any:
-    """The generation program compiled ahead of time for these shapes (not run).
+def compile_generate(
+    cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, device: Any = None
+) -> Any:
+    """The generation program compiled ahead of time for these shapes (not run), for
+    ``device`` (e.g. a TPU of a compile-only topology) or the default device.
 
     Compiled from shapes alone (params included), so it is memoised: the max-batch
     search and the timed runs share compilations.
     """
-    params = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
-    cache = jax.eval_shape(lambda: init_cache(cfg, batch, prompt_len + gen_len - 1))
-    prompts = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
-    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    program = generate_fn(cfg, max_new_tokens=gen_len)
-    return program.lower(params, cache, prompts, lengths, jax.random.key(0)).compile()
+    return aot.lower_generate(cfg, batch, prompt_len, gen_len, device).compile()
 
 
 def memory_of(compiled: Any) -> dict[str, int]:
@@ -140,9 +145,17 @@ def memory_of(compiled: Any) -> dict[str, int]:
     return out
 
 
-def program_memory(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int) -> dict[str, int]:
-    """Memory of the compiled generation program at ``batch`` (compiled, not run)."""
-    return memory_of(compile_generate(cfg, batch, prompt_len, gen_len))
+def program_memory(
+    cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, device: Any = None
+) -> dict[str, int] | None:
+    """Memory of the compiled generation program at ``batch`` (compiled, not run); None
+    when the compiler refuses it for lack of device memory."""
+    try:
+        return memory_of(compile_generate(cfg, batch, prompt_len, gen_len, device))
+    except Exception as e:  # noqa: BLE001 - the TPU compiler's RESOURCE_EXHAUSTED
+        if aot.is_hbm_oom(e):
+            return None
+        raise
 
 
 def max_batch(
@@ -151,23 +164,33 @@ def max_batch(
     prompt_len: int,
     gen_len: int,
     limit: int = 1 << 16,
+    device: Any = None,
 ) -> tuple[int, dict[str, int] | None]:
     """Largest batch whose compiled program fits ``budget`` bytes, and its memory.
 
-    Memory is affine in the batch, so two compilations give a first guess; steps of
-    doubling size away from it bracket the answer and a bisection makes it exact.
+    Memory is about affine in the batch, so two compilations give a first guess; steps
+    of doubling size away from it bracket the answer and a bisection makes it exact
+    (where memory grows with the batch, as it does past the smallest batches).
     """
-    known: dict[int, dict[str, int]] = {}
+    known: dict[int, dict[str, int] | None] = {}
 
     def fits(b: int) -> bool:
         if b not in known:
-            known[b] = program_memory(cfg, b, prompt_len, gen_len)
-        return known[b]["total_bytes"] <= budget
+            known[b] = program_memory(cfg, b, prompt_len, gen_len, device)
+        return known[b] is not None and known[b]["total_bytes"] <= budget
 
     if not fits(1):
         return 0, None
-    fits(2)
-    per_seq = max(known[2]["total_bytes"] - known[1]["total_bytes"], 1)
+    # the slope from batch 1: the compiler's choices at tiny batches can make 2 cost
+    # less than 1 (seen on TPU), so probe further out until the slope is positive
+    per_seq = 0
+    for probe in (2, 16):
+        if not fits(probe):
+            break
+        per_seq = (known[probe]["total_bytes"] - known[1]["total_bytes"]) // (probe - 1)
+        if per_seq > 0:
+            break
+    per_seq = per_seq if per_seq > 0 else max(known[1]["total_bytes"], 1)
     guess = int(min(limit, max(1, 1 + (budget - known[1]["total_bytes"]) // per_seq)))
     lo, hi, step = 1, limit + 1, 1  # invariant: fits(lo), not fits(hi)
     if fits(guess):
@@ -274,10 +297,8 @@ class BenchSpec:
     seed: int = 0
 
 
-def run_suite(spec: BenchSpec, progress: bool = True) -> dict[str, Any]:
-    """Benchmarks every layout; returns the JSON-ready results."""
-    from tqdm import tqdm
-
+def _check_spec(spec: BenchSpec) -> dict[str, Any]:
+    """Validates the spec; returns its layouts by name."""
     from kvshare_jax.layout import from_spec
 
     base = spec.base
@@ -288,21 +309,58 @@ def run_suite(spec: BenchSpec, progress: bool = True) -> dict[str, Any]:
             f"prompt {spec.prompt_len} + generated {spec.gen_len} tokens exceed the model "
             f"context of {base.max_len}"
         )
-    layouts = {name: from_spec(name, base.num_layers) for name in spec.layouts}
+    return {name: from_spec(name, base.num_layers) for name in spec.layouts}
+
+
+def _row(name: str, cfg: ModelConfig, params: Any, cache_len: int) -> dict[str, Any]:
+    """The columns of a layout that need no measurement."""
+    return {
+        "layout": name,
+        "mapping": str(cfg.layout),
+        "kv_layers": cfg.layout.num_kv_layers,
+        "params": count_params(params),
+        "cache_bytes_per_seq": cache_bytes(cfg, 1, cache_len),
+        "runs": [],
+    }
+
+
+def _meta(spec: BenchSpec, **extra: Any) -> dict[str, Any]:
+    base = spec.base
+    return {
+        "dtype": base.dtype,
+        "param_dtype": base.param_dtype,
+        "model": {
+            "num_layers": base.num_layers,
+            "d_model": base.d_model,
+            "num_heads": base.num_heads,
+            "num_kv_heads": base.num_kv_heads,
+            "d_ff": base.d_ff,
+            "vocab_size": base.vocab_size,
+            "attention_impl": base.attention_impl,
+        },
+        "prompt_len": spec.prompt_len,
+        "gen_len": spec.gen_len,
+        "batch_sizes": list(spec.batch_sizes),
+        "memory_budget": spec.memory_budget,
+        "warmup": spec.warmup,
+        "repeats": spec.repeats,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **extra,
+    }
+
+
+def run_suite(spec: BenchSpec, progress: bool = True) -> dict[str, Any]:
+    """Benchmarks every layout; returns the JSON-ready results."""
+    from tqdm import tqdm
+
+    layouts = _check_spec(spec)
     bandwidth = copy_bandwidth()
     cache_len = spec.prompt_len + spec.gen_len - 1
     rows = []
     for name, layout in tqdm(layouts.items(), desc="layouts", disable=not progress):
-        cfg = dataclasses.replace(base, layout=layout)
+        cfg = dataclasses.replace(spec.base, layout=layout)
         params = init_params(cfg, jax.random.key(spec.seed))
-        row: dict[str, Any] = {
-            "layout": name,
-            "mapping": str(cfg.layout),
-            "kv_layers": cfg.layout.num_kv_layers,
-            "params": count_params(params),
-            "cache_bytes_per_seq": cache_bytes(cfg, 1, cache_len),
-            "runs": [],
-        }
+        row = _row(name, cfg, params, cache_len)
         timed = functools.partial(
             bench_generate,
             cfg,
@@ -327,37 +385,90 @@ def run_suite(spec: BenchSpec, progress: bool = True) -> dict[str, Any]:
         rows.append(row)
         compile_generate.cache_clear()
         jax.clear_caches()
-    return {
-        "meta": {
-            **device_info(),
-            "dtype": base.dtype,
-            "param_dtype": base.param_dtype,
-            "model": {
-                "num_layers": base.num_layers,
-                "d_model": base.d_model,
-                "num_heads": base.num_heads,
-                "num_kv_heads": base.num_kv_heads,
-                "d_ff": base.d_ff,
-                "vocab_size": base.vocab_size,
-                "attention_impl": base.attention_impl,
-            },
-            "prompt_len": spec.prompt_len,
-            "gen_len": spec.gen_len,
-            "batch_sizes": list(spec.batch_sizes),
-            "memory_budget": spec.memory_budget,
-            "copy_bandwidth_bytes_s": bandwidth,
-            "warmup": spec.warmup,
-            "repeats": spec.repeats,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        },
-        "rows": rows,
-    }
+    meta = _meta(spec, **device_info(), copy_bandwidth_bytes_s=bandwidth)
+    return {"meta": meta, "rows": rows}
+
+
+def compile_suite(spec: BenchSpec, topology: str, progress: bool = True) -> dict[str, Any]:
+    """The max-batch column for one device of a TPU ``topology``, from the TPU compiler's
+    memory account alone (nothing runs: throughput is "not measured"). Beside it, the
+    decode roofline on that chip: (params + cache) bytes / HBM bandwidth per step."""
+    from tqdm import tqdm
+
+    layouts = _check_spec(spec)
+    device = aot.topology(topology)[0]
+    chip = aot.chip_of(device)
+    budget = spec.memory_budget or chip.hbm_bytes
+    cache_len = spec.prompt_len + spec.gen_len - 1
+    rows = []
+    for name, layout in tqdm(layouts.items(), desc="layouts", disable=not progress):
+        cfg = dataclasses.replace(spec.base, layout=layout)
+        params = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+        row = _row(name, cfg, params, cache_len)
+        b, mem = max_batch(cfg, budget, spec.prompt_len, spec.gen_len, device=device)
+        row["max_batch"], row["max_batch_memory"] = b, mem
+        if b > 0:
+            step_s = decode_step_bytes(cfg, params, b, cache_len) / chip.hbm_bandwidth
+            row["max_batch_roofline"] = {"decode_step_s": step_s, "decode_tok_s": b / step_s}
+        rows.append(row)
+        compile_generate.cache_clear()
+    meta = _meta(
+        spec,
+        platform="tpu",
+        device_kind=device.device_kind,
+        topology=topology,
+        chip=vars(chip),
+        memory_budget=budget,
+        measured=False,
+        jax_version=jax.__version__,
+    )
+    return {"meta": meta, "rows": rows}
 
 
 # ---------------------------------------------------------------- reports
+def _model_text(meta: dict[str, Any]) -> str:
+    m = meta["model"]
+    return (
+        f"dtype {meta['dtype']}; model L={m['num_layers']} d={m['d_model']} heads "
+        f"{m['num_heads']}/{m['num_kv_heads']} d_ff={m['d_ff']} vocab {m['vocab_size']}; "
+        f"prompt {meta['prompt_len']} + {meta['gen_len']} new tokens"
+    )
+
+
+def markdown_compiled(results: dict[str, Any]) -> str:
+    """The table of :func:`compile_suite`: max batch per layout on one TPU device."""
+    meta, rows = results["meta"], results["rows"]
+    chip = meta["chip"]
+    std = next((r for r in rows if r["layout"] == "standard" and r["max_batch"]), None)
+    lines = [
+        f"Compiled, not run: one {meta['device_kind']} of {meta['topology']} (TPU compiler's "
+        f"memory account, jax {meta['jax_version']}), budget "
+        f"{meta['memory_budget'] / 2**30:.2f} GiB; {_model_text(meta)}. Roofline: (params + "
+        f"cache) bytes per decode step / {chip['hbm_bandwidth'] / 1e9:.0f} GB/s.",
+        "",
+        "| layout | KV layers | cache MiB/seq | max batch | vs standard | program GiB "
+        "| e2e tok/s | roofline decode ms/step | roofline tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [r["layout"], str(r["kv_layers"]), f"{r['cache_bytes_per_seq'] / MIB:.2f}"]
+        cells.append(str(r["max_batch"]))
+        cells.append(f"{r['max_batch'] / std['max_batch']:.2f}x" if std else "-")
+        if r["max_batch"]:
+            roof = r["max_batch_roofline"]
+            cells += [f"{r['max_batch_memory']['total_bytes'] / 2**30:.2f}", "not measured"]
+            cells += [f"{roof['decode_step_s'] * 1e3:.2f}", f"{roof['decode_tok_s']:.0f}"]
+        else:
+            cells += ["-", "not measured", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """Tables of the results (throughput per batch size; the memory-budget search)."""
     meta, rows = results["meta"], results["rows"]
+    if meta.get("measured") is False:
+        return markdown_compiled(results)
     m = meta["model"]
     lines = [
         f"Device: {meta['device_kind']} ({meta['platform']}, {meta['cpu_count']} CPUs), "
@@ -427,12 +538,15 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    """Bar charts: e2e throughput per layout for each batch size (and at max batch)."""
+    """Bar charts: e2e throughput per layout for each batch size (and at max batch); for
+    compile-only results, max batch and roofline throughput."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if results["meta"].get("measured") is False:
+        return _plot_compiled(results, path, plt)
     rows, meta = results["rows"], results["meta"]
     names = [f"{r['layout']}\n({r['kv_layers']} KV)" for r in rows]
     series = {f"b={run['batch']}": [] for run in rows[0]["runs"]}
@@ -452,6 +566,30 @@ def plot(results: dict[str, Any], path: str) -> None:
     fig.suptitle(
         f"{meta['device_kind']} {meta['dtype']}, prompt {meta['prompt_len']} + "
         f"{meta['gen_len']} new tokens",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_compiled(results: dict[str, Any], path: str, plt: Any) -> None:
+    rows, meta = results["rows"], results["meta"]
+    names = [f"{r['layout']}\n({r['kv_layers']} KV)" for r in rows]
+    series = {
+        "max batch": [r["max_batch"] for r in rows],
+        "roofline tokens/s at max batch": [
+            r["max_batch_roofline"]["decode_tok_s"] if r["max_batch"] else 0 for r in rows
+        ],
+    }
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.9 * len(rows)), 6))
+    for ax, (label, values) in zip(axes, series.items(), strict=True):
+        ax.bar(range(len(rows)), values, color="tab:green")
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks(range(len(rows)), names, fontsize=7, rotation=30, ha="right")
+    fig.suptitle(
+        f"{meta['device_kind']} ({meta['topology']}), {meta['memory_budget'] / 2**30:.1f} GiB, "
+        f"prompt {meta['prompt_len']} + {meta['gen_len']} (compiled, not run)",
         fontsize=9,
     )
     fig.tight_layout()

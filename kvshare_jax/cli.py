@@ -19,6 +19,7 @@ COMMANDS = {
     "study": "run the paper's layout study from a study config",
     "convert": "import / export HuggingFace and reference LCKV checkpoints",
     "harness": "evaluate a workdir with lm-eval-harness",
+    "compile": "AOT-compile a config for a TPU slice: memory per device, roofline, fit",
 }
 
 
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    from kvshare_jax.target import quiet_libtpu
+
+    quiet_libtpu()
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"kvshare: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)

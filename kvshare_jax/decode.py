@@ -13,7 +13,7 @@ n new tokens.
 A layout with ``l`` KV layers has exactly ``l / L`` of the cache bytes of a standard
 transformer. Sliding-window layers keep full-length slots (no ring buffer).
 
-**Exactness** (DESIGN.md §1): a decode step runs the new token through all layers bottom
+**Exactness** (docs/design.md §5): a decode step runs the new token through all layers bottom
 to top; a KV layer writes its K/V at ``pos`` before attending, so a layer reading a
 target at or below it sees positions ``<= pos`` and a layer reading an upward target
 sees positions ``< pos`` (the target has not run yet for this token). Prefill is the

@@ -113,7 +113,7 @@ class KVLayout:
 
     @functools.cached_property
     def cyclic_blocks(self) -> tuple[CyclicBlock, ...]:
-        """Minimal contiguous blocks that must be iterated (DESIGN.md §1)."""
+        """Minimal contiguous blocks that must be iterated (docs/design.md §4)."""
         blocks, i, n = [], 0, self.num_layers
         while i < n:
             if self.targets[i] <= i:

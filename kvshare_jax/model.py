@@ -329,7 +329,7 @@ def _iterate_block(
     passes: tuple[int, int],
     init_kv: dict[int, KV],
 ) -> tuple[jax.Array, dict[int, KV]]:
-    """Iterative parallel evaluation of a cyclic block (DESIGN.md §1).
+    """Iterative parallel evaluation of a cyclic block (docs/design.md §4).
 
     ``m`` iterations without gradient (a ``fori_loop`` on stopped inputs, so nothing is
     stored for the backward pass), then ``b`` with gradient. Upward targets start from
@@ -416,7 +416,7 @@ def forward_hidden(
 
 # ------------------------------------------------------ sequential reference
 def sequential_logits(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
-    """Ground truth (DESIGN.md §1): tokens one at a time, layers bottom to top.
+    """Ground truth (docs/design.md §3): tokens one at a time, layers bottom to top.
 
     Each layer reads only KVs that exist when it runs: its target's KVs at positions
     ``<= p`` if the target is at or below it (already computed for this token), else at

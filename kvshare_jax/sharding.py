@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -75,7 +76,11 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None
     """Builds the ``('data', 'fsdp', 'tensor')`` mesh over ``devices`` (default: all)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    axis_types = (AxisType.Auto,) * 3
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except AssertionError:  # no physical-layout rule (e.g. one device per TPU v4 core)
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
 def logical_rules(mesh_cfg: ml_collections.ConfigDict) -> Rules:
@@ -156,7 +161,13 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, rules: Rules, what: str =
             f"{what} size {batch_size} is not divisible by the data-parallel size {ways} "
             f"(mesh {shape})"
         )
-    if batch_size % jax.process_count():
+    processes = process_count(mesh)
+    if batch_size % processes:
         raise ValueError(
-            f"{what} size {batch_size} is not divisible by the process count {jax.process_count()}"
+            f"{what} size {batch_size} is not divisible by the process count {processes}"
         )
+
+
+def process_count(mesh: Mesh) -> int:
+    """How many processes (hosts) own the mesh's devices."""
+    return len({d.process_index for d in mesh.devices.flat})

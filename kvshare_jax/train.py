@@ -163,6 +163,24 @@ def in_mesh(fn: Callable, mesh: Mesh, rules: sharding.Rules) -> Callable:
     return wrapped
 
 
+def jit_train_step(
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    grad_accum: int,
+    mesh: Mesh,
+    rules: sharding.Rules,
+    shardings: TrainState,
+) -> Any:
+    """``train_step`` jitted with sharded inputs/outputs and the state donated; trace it
+    (call, ``lower``) under :func:`in_mesh` or ``jax.set_mesh(mesh)`` + the rules."""
+    return jax.jit(
+        functools.partial(train_step, cfg, tx, grad_accum),
+        in_shardings=(shardings, sharding.batch_sharding(mesh, rules)),
+        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
+
+
 def compile_train_step(
     cfg: ModelConfig,
     tx: optax.GradientTransformation,
@@ -171,14 +189,8 @@ def compile_train_step(
     rules: sharding.Rules,
     shardings: TrainState,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The jitted ``train_step`` with sharded inputs/outputs; the state is donated."""
-    step = jax.jit(
-        functools.partial(train_step, cfg, tx, grad_accum),
-        in_shardings=(shardings, sharding.batch_sharding(mesh, rules)),
-        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=0,
-    )
-    return in_mesh(step, mesh, rules)
+    """The jitted ``train_step``, traced under the mesh and rules when called."""
+    return in_mesh(jit_train_step(cfg, tx, grad_accum, mesh, rules, shardings), mesh, rules)
 
 
 # ------------------------------------------------------------------ setup

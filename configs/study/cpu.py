@@ -7,6 +7,8 @@ experiments/results/study_cpu/)::
 
 Add l = 2 (six more cells; pizza and sandwich coincide there) with
 ``--config.study.kv_layers='(3,2)'``.
+
+Target slice: v5e:1x1 (checked by tests/test_configs_fit.py; `kvshare compile` plans others).
 """
 
 from kvshare_jax.config import default_config

@@ -5,6 +5,8 @@ and sandwich coincide at l = 2, lasagna-middle and lasagna-bottom at l = 6). On 
 host, with MiniPile prepared (see README)::
 
     kvshare study --config configs/study/llama_110m.py --workdir runs/study_110m
+
+Target slice: v5e:2x2 (checked by tests/test_configs_fit.py; `kvshare compile` plans others).
 """
 
 import os

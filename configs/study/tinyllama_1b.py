@@ -4,6 +4,8 @@ Standard + the nine presets at each l: 28 cells, 27 training runs of 50k steps
 (lasagna-middle and lasagna-bottom coincide at l = 11). A pod-scale job; every host runs
 ``kvshare study --distributed --config configs/study/tinyllama_1b.py --workdir DIR`` with
 DIR on a filesystem all hosts share (e.g. through ``experiments/launch_tpu.py``).
+
+Target slice: v5e:4x4 (checked by tests/test_configs_fit.py; `kvshare compile` plans others).
 """
 
 import os

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 
 from kvshare_jax.commands import error
+from kvshare_jax.commands import parse_with_overrides as parse
 
 PROG = "kvshare bench"
 
@@ -37,6 +39,11 @@ def parser(prog: str = PROG, config: str | None = None) -> argparse.ArgumentPars
     p.add_argument("--repeats", type=int, default=3, help="timed runs (best is reported)")
     p.add_argument("--out-dir", default="experiments/results", help="where reports go")
     p.add_argument("--name", help="report file name (default throughput_<platform>)")
+    p.add_argument(
+        "--topology",
+        help="compile only, for one device of this TPU slice (e.g. v5e:1x1): the max-batch "
+        "column from the TPU compiler's memory account (budget: the chip's HBM)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -52,7 +59,7 @@ def spec_from_args(args: argparse.Namespace, overrides: tuple[str, ...]):
     cfg = model_config_from(load_config(args.config, overrides))
     kv_layers = args.kv_layers or max(1, cfg.num_layers // 2)
     layouts = args.layouts.split(",") if args.layouts else bench.default_layouts(kv_layers)
-    prompt_len, gen_len = bench.default_lengths()
+    prompt_len, gen_len = bench.default_lengths("tpu" if args.topology else None)
     return bench.BenchSpec(
         base=cfg,
         layouts=[s.strip() for s in layouts if s.strip()],
@@ -65,15 +72,6 @@ def spec_from_args(args: argparse.Namespace, overrides: tuple[str, ...]):
     )
 
 
-def parse(argv: list[str], p: argparse.ArgumentParser) -> tuple[argparse.Namespace, tuple]:
-    """Flags plus ``--config.a.b=value`` overrides; raises ``ValueError`` on unknown flags."""
-    args, rest = p.parse_known_args(argv)
-    overrides = tuple(a.removeprefix("--") for a in rest if a.startswith("--config."))
-    if len(overrides) != len(rest):
-        raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
-    return args, overrides
-
-
 def run(argv: list[str]) -> int:
     import jax
 
@@ -81,12 +79,21 @@ def run(argv: list[str]) -> int:
 
     try:
         args, overrides = parse(argv, parser())
-        results = bench.run_suite(spec_from_args(args, overrides), progress=not args.quiet)
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise ValueError(f"--out-dir {args.out_dir} is a file")
+        spec = spec_from_args(args, overrides)
+        if args.topology:
+            results = bench.compile_suite(spec, args.topology, progress=not args.quiet)
+        else:
+            results = bench.run_suite(spec, progress=not args.quiet)
     except (ValueError, OSError) as e:
         return _error(e)
-    paths = bench.write_reports(
-        results, args.out_dir, args.name or f"throughput_{jax.default_backend()}"
+    default_name = (
+        f"max_batch_{args.topology.replace(':', '_')}"
+        if args.topology
+        else (f"throughput_{jax.default_backend()}")
     )
+    paths = bench.write_reports(results, args.out_dir, args.name or default_name)
     print(bench.markdown(results))
     print("wrote " + ", ".join(paths.values()))
     return 0

@@ -1,0 +1,387 @@
+"""Ahead-of-time compilation for a TPU slice from any host: memory, cost and a roofline.
+
+``jax.experimental.topologies`` describes a TPU slice (``"v5e:4x4"``: 16 chips on 4
+hosts) without the hardware; compiling a program for its devices runs the real TPU
+compiler (Mosaic for Pallas kernels) on this host, with ``memory_analysis()`` and
+``cost_analysis()``. All numbers are *per device* (the partitioned program).
+
+- ``total`` bytes = arguments + outputs - donated aliases + temporaries; it fits when
+  it is at most the device's usable HBM (what the TPU compiler reports as available).
+  A program that does not fit often fails to compile ("Ran out of memory on HBM"): the
+  required temporaries are then read from the compiler's message.
+- ``roofline_step_s`` = max(executed FLOPs / peak bf16 FLOP/s, bytes accessed / HBM
+  bandwidth): a lower bound on the step time. Executed FLOPs are counted from the model
+  (XLA counts a loop body once; see below); bytes are XLA's. ``mfu_ceiling`` = model
+  FLOPs (a standard transformer's forward + backward) / (roofline time * peak): the best
+  MFU the step can reach.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from kvshare_jax import sharding
+from kvshare_jax.config import model_config_from
+from kvshare_jax.model import ModelConfig, init_params
+from kvshare_jax.target import quiet_libtpu
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Peaks of one JAX device of a TPU generation (a chip; a TensorCore on v2-v4, whose
+    compile-only topologies list one device per core)."""
+
+    name: str
+    bf16_flops: float  # peak bf16 FLOP/s
+    hbm_bandwidth: float  # bytes/s
+    hbm_bytes: int  # usable HBM per device (what the TPU compiler reports as available)
+
+
+# Public peak figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm, per chip,
+# halved per core on v2-v4); usable HBM measured with libtpu's compiler on this host.
+CHIPS = {
+    "TPU v2": Chip("v2", 22.5e12, 350e9, int(7.48 * GIB)),
+    "TPU v3": Chip("v3", 61.5e12, 450e9, int(15.48 * GIB)),
+    "TPU v4": Chip("v4", 137.5e12, 614e9, int(15.25 * GIB)),
+    "TPU v5 lite": Chip("v5e", 197e12, 819e9, int(15.75 * GIB)),
+    "TPU v5": Chip("v5p", 459e12, 2765e9, int(95.74 * GIB)),
+    "TPU v6 lite": Chip("v6e", 918e12, 1640e9, int(31.25 * GIB)),
+}
+GENERATIONS = {chip.name: kind for kind, chip in CHIPS.items()}
+_TOPOLOGY = re.compile(r"(v[0-9][a-z]?):([1-9][0-9]*(?:x[1-9][0-9]*){1,2})")
+_HBM_OOM = re.compile(r"memory required for (.+?) \(([0-9.]+)([KMGT]?)\) exceeds available HBM")
+
+
+def chip_of(device: Any) -> Chip:
+    """The :class:`Chip` of a TPU device; ``ValueError`` for other devices."""
+    try:
+        return CHIPS[device.device_kind]
+    except KeyError:
+        raise ValueError(f"no peak figures for device kind {device.device_kind!r}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def topology(name: str) -> tuple[Any, ...]:
+    """The compile-only devices of a TPU slice such as ``"v5e:4x4"`` or ``"v4:2x2x1"``
+    (generations v2, v3, v4, v5e, v5p, v6e; ``"v5e:1x1"`` is a single chip)."""
+    from jax.experimental import topologies
+
+    m = _TOPOLOGY.fullmatch(name.strip())
+    if m is None or m.group(1) not in GENERATIONS:
+        raise ValueError(
+            f"bad topology {name!r}: expected GENERATION:AxB[xC] with GENERATION one of "
+            f"{', '.join(GENERATIONS)} (e.g. v5e:4x4, v4:2x2x1)"
+        )
+    dims = tuple(int(d) for d in m.group(2).split("x"))
+    quiet_libtpu()
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=name.strip())
+    except Exception as e:  # noqa: BLE001 - libtpu raises plain runtime errors
+        if "chips_per_host_bounds" not in str(e):
+            raise ValueError(f"topology {name!r}: {str(e).splitlines()[0]}") from None
+        # smaller than one host's block of chips (e.g. v5e:1x1): one host holds them all
+        bounds = (*dims, 1)[:3]
+        try:
+            desc = topologies.get_topology_desc(
+                platform="tpu", topology_name=name.strip(), chips_per_host_bounds=bounds
+            )
+        except Exception as e2:  # noqa: BLE001
+            raise ValueError(f"topology {name!r}: {str(e2).splitlines()[0]}") from None
+    return tuple(desc.devices)
+
+
+def num_hosts(devices: Any) -> int:
+    return len({d.process_index for d in devices})
+
+
+# ---------------------------------------------------------------- program reports
+def _parse_oom(message: str) -> int | None:
+    m = _HBM_OOM.search(message)
+    if m is None:
+        return None
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(3)]
+    return int(float(m.group(2)) * scale)
+
+
+def is_hbm_oom(error: BaseException) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error) and _parse_oom(str(error)) is not None
+
+
+def report(
+    compiled: Any | None,
+    chip: Chip,
+    *,
+    executed_flops: float = 0.0,
+    model_flops: float | None = None,
+    error: str = "",
+) -> dict[str, Any]:
+    """Per-device memory, cost and roofline of a compiled program (``compiled=None`` and
+    ``error`` = the compiler's HBM out-of-memory message when it did not compile).
+    ``executed_flops`` and ``model_flops`` are per device (see the FLOP counts below)."""
+    out: dict[str, Any] = {"hbm_bytes_per_device": chip.hbm_bytes}
+    if compiled is None:
+        temps = _parse_oom(error)
+        out |= {
+            "fits": False,
+            "bytes_per_device": {"arguments": None, "temporaries": temps, "total": temps},
+            "flops_per_device": None,
+            "bytes_accessed_per_device": None,
+            "roofline_step_s": None,
+            "error": " ".join(error.split())[:300],
+        }
+        return out
+    mem = compiled.memory_analysis()
+    total = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0))
+    nbytes = float(cost.get("bytes accessed", 0.0))
+    compute_s = max(flops, executed_flops) / chip.bf16_flops
+    roofline = max(compute_s, nbytes / chip.hbm_bandwidth)
+    out |= {
+        "fits": total <= chip.hbm_bytes,
+        "bytes_per_device": {
+            "arguments": int(mem.argument_size_in_bytes),
+            "outputs": int(mem.output_size_in_bytes),
+            "aliases": int(mem.alias_size_in_bytes),
+            "temporaries": int(mem.temp_size_in_bytes),
+            "total": int(total),
+        },
+        "flops_per_device": flops,
+        "executed_flops_per_device": executed_flops,
+        "bytes_accessed_per_device": nbytes,
+        "roofline_step_s": roofline,
+        "bound": "compute" if compute_s >= nbytes / chip.hbm_bandwidth else "memory",
+    }
+    if model_flops is not None and roofline > 0:
+        out["model_flops_per_device"] = model_flops
+        out["mfu_ceiling"] = model_flops / (roofline * chip.bf16_flops)
+    return out
+
+
+def compile_or_report(lower: Any, chip: Chip, **flops: float) -> tuple[Any | None, dict[str, Any]]:
+    """Compiles ``lower()`` (a ``Lowered``) and reports; an HBM out-of-memory compile
+    error becomes a report with ``fits=False``; other compiler errors propagate."""
+    try:
+        compiled = lower().compile()
+    except Exception as e:  # noqa: BLE001 - XlaRuntimeError / JaxRuntimeError
+        if not is_hbm_oom(e):
+            raise
+        return None, report(None, chip, error=str(e))
+    return compiled, report(compiled, chip, **flops)
+
+
+# ---------------------------------------------------------------- FLOP counts
+# XLA's cost analysis counts the body of a loop once (measured: a 7-trip fori_loop or
+# scan of a matmul reports one matmul's FLOPs), and the train step loops over
+# micro-batches and over the no-gradient passes of cyclic blocks. So the roofline uses
+# the executed FLOPs counted here from the model, and XLA's bytes (a lower bound).
+def _layer_flops(cfg: ModelConfig, i: int, keys: float) -> float:
+    """Forward matmul FLOPs of layer ``i`` for one token that attends to ``keys`` keys."""
+    q_dim, kv_dim = cfg.num_heads * cfg.hd, cfg.num_kv_heads * cfg.hd
+    proj = q_dim + q_dim + (2 * kv_dim if cfg.layout.is_kv_layer(i) else 0)
+    if cfg.layout.sliding[i] and cfg.sliding_window:
+        keys = min(keys, cfg.sliding_window)
+    return 2 * cfg.d_model * (proj + 3 * cfg.d_ff) + 4 * q_dim * keys
+
+
+def _passes(cfg: ModelConfig, passes: tuple[int, int]) -> tuple[list[int], list[int]]:
+    """Per layer: forward evaluations, and how many of them carry a gradient."""
+    runs, grads = [1] * cfg.num_layers, [1] * cfg.num_layers
+    for block in cfg.layout.cyclic_blocks:
+        for i in block.layers:
+            runs[i], grads[i] = sum(passes), passes[1]
+    return runs, grads
+
+
+def executed_train_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
+    """Matmul FLOPs one train step executes: forward (cyclic blocks m + b times), backward
+    (twice the forward of what carries a gradient) and remat's extra forward."""
+    keys = (seq_len + 1) / 2  # causal: the mean number of visible keys
+    runs, grads = _passes(cfg, (cfg.forward_passes, cfg.backward_passes))
+    head = 2 * cfg.d_model * cfg.vocab_size
+    per_token = 3 * head
+    for i in range(cfg.num_layers):
+        layer = _layer_flops(cfg, i, keys)
+        per_token += layer * (runs[i] + (2 + int(cfg.remat)) * grads[i])
+    return float(batch * seq_len * per_token)
+
+
+def model_train_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
+    """Model FLOPs of a train step: a standard transformer's forward + backward, each
+    layer once (the MFU numerator: no iteration, no recomputation)."""
+    keys = (seq_len + 1) / 2
+    per_token = 3 * 2 * cfg.d_model * cfg.vocab_size
+    per_token += sum(3 * _layer_flops(cfg, i, keys) for i in range(cfg.num_layers))
+    return float(batch * seq_len * per_token)
+
+
+def executed_generate_flops(cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int) -> float:
+    """Matmul FLOPs of a generation: prefill (cyclic blocks m + b times) and
+    ``gen_len - 1`` decode steps over the cache buffer."""
+    runs, _ = _passes(cfg, (cfg.forward_passes, cfg.backward_passes))
+    head = 2 * cfg.d_model * cfg.vocab_size
+    cache = prompt_len + gen_len - 1
+    prefill = (
+        head
+        + sum(_layer_flops(cfg, i, cache) * runs[i] for i in range(cfg.num_layers)) * prompt_len
+    )
+    decode = (gen_len - 1) * (
+        head + sum(_layer_flops(cfg, i, cache) for i in range(cfg.num_layers))
+    )
+    return float(batch * (prefill + decode))
+
+
+def train_program(config: ml_collections.ConfigDict, devices: Any) -> dict[str, Any]:
+    """Compiles the sharded train step of ``config`` for ``devices``; the report adds
+    the mesh and the micro-batch settings."""
+    from kvshare_jax import train
+
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.logical_rules(config.mesh)
+    train.validate(config, mesh, rules)
+    t = config.train
+    cfg = model_config_from(config)
+    tx = train.make_optimizer(t)
+    abstract, shardings = train.state_shardings(cfg, tx, mesh, rules)
+    sharding.check_shardable(abstract)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=batch_sharding)
+    mask = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.float32, sharding=batch_sharding)
+    batch = {"inputs": tokens, "targets": tokens, "loss_mask": mask}
+    step = train.jit_train_step(cfg, tx, int(t.grad_accum), mesh, rules, shardings)
+
+    def lower():
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return step.lower(abstract, batch)
+
+    b, n = int(t.batch_size), len(devices)
+    _, out = compile_or_report(
+        lower,
+        chip_of(devices[0]),
+        executed_flops=executed_train_flops(cfg, b, int(t.seq_len)) / n,
+        model_flops=model_train_flops(cfg, b, int(t.seq_len)) / n,
+    )
+    out["mesh"] = dict(zip(sharding.MESH_AXES, mesh.devices.shape, strict=True))
+    out["settings"] = {
+        "batch_size": int(t.batch_size),
+        "seq_len": int(t.seq_len),
+        "grad_accum": int(t.grad_accum),
+        "remat": bool(config.model.remat),
+        "attention_impl": str(config.model.attention_impl),
+    }
+    return out
+
+
+def lower_generate(
+    cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, device: Any | None = None
+) -> Any:
+    """Lowers the generation program (prefill + decode scan) from shapes alone; with a
+    ``device``, for that device (traced under a one-device mesh of it, so the kernels
+    and ``attention_impl="auto"`` build for its platform)."""
+    from kvshare_jax.decode import generate_fn, init_cache
+
+    params = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+    cache = jax.eval_shape(lambda: init_cache(cfg, batch, prompt_len + gen_len - 1))
+    args = (
+        params,
+        cache,
+        jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+        jax.eval_shape(lambda: jax.random.key(0)),
+    )
+    program = generate_fn(cfg, max_new_tokens=gen_len)
+    if device is None:
+        return program.lower(*args)
+    where = SingleDeviceSharding(device)
+    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), args)
+    mesh = Mesh([device], ("data",))
+    with jax.set_mesh(mesh):
+        return program.lower(*args)
+
+
+def generate_program(
+    cfg: ModelConfig, device: Any, batch: int, prompt_len: int, gen_len: int
+) -> dict[str, Any]:
+    """Compiles the generation program for one device and reports (per device)."""
+    executed = executed_generate_flops(cfg, batch, prompt_len, gen_len)
+    _, out = compile_or_report(
+        lambda: lower_generate(cfg, batch, prompt_len, gen_len, device),
+        chip_of(device),
+        executed_flops=executed,
+    )
+    out["settings"] = {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
+    return out
+
+
+# ---------------------------------------------------------------- fitting
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def fit_candidates(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """Overrides to try, cheapest first: more gradient accumulation, then remat, then
+    parameters sharded over every device (fsdp = -1, data = 1) with accumulation."""
+    t, m = config.train, config.model
+    accums = [a for a in _divisors(int(t.batch_size)) if a > int(t.grad_accum)]
+    out = [{"train.grad_accum": a} for a in accums]
+    if not m.remat:
+        out += [{"model.remat": True, "train.grad_accum": a} for a in [int(t.grad_accum), *accums]]
+    if int(config.mesh.fsdp) != -1:
+        out += [
+            {"mesh.data": 1, "mesh.fsdp": -1, "model.remat": True, "train.grad_accum": a}
+            for a in [int(t.grad_accum), *accums]
+        ]
+    return out
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> Any:
+    """A copy of ``config`` with ``{"section.field": value}`` applied."""
+    config = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config
+
+
+def find_fit(
+    config: ml_collections.ConfigDict, devices: Any, progress: bool = False
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The first of :func:`fit_candidates` whose train step compiles and fits, and its
+    report; ``(None, None)`` when none does. Candidates that are not valid for the mesh
+    (micro-batch not divisible by the data-parallel size) are skipped."""
+    from tqdm import tqdm
+
+    for overrides in tqdm(fit_candidates(config), desc="fit search", disable=not progress):
+        try:
+            out = train_program(with_overrides(config, overrides), devices)
+        except ValueError:
+            continue
+        if out["fits"]:
+            return overrides, out
+    return None, None
+
+
+def overrides_text(overrides: dict[str, Any]) -> str:
+    """``--config.train.grad_accum=4 --config.model.remat=true``."""
+
+    def value(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return " ".join(f"--config.{k}={value(v)}" for k, v in overrides.items())

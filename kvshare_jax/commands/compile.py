@@ -1,0 +1,180 @@
+"""``kvshare compile``: will it fit? Compile a config for a TPU slice on any host.
+
+    kvshare compile --config configs/tinyllama_1b.py --topology v5e:4x4 [--config.a.b=v]
+
+AOT-compiles the sharded train step (and the generation program on one device) with the
+real TPU compiler and prints, per device: argument, temporary and total bytes against
+the chip's HBM, whether it fits, FLOPs, bytes accessed and a roofline step time. When
+the train step does not fit, it searches (by compiling) for the smallest change that
+does and prints the overrides. Exit status 0 when everything fits, 1 when not, 2 on bad
+input. Method: ``kvshare_jax/aot.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+from typing import Any
+
+from kvshare_jax.commands import error, parse_with_overrides
+
+PROG = "kvshare compile"
+PROGRAMS = ("train_step", "generate")
+_ALIASES = {"train": "train_step", "train_step": "train_step", "generate": "generate"}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="config file (overrides: --config.a.b=v)")
+    p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:4x4, v4:2x2x1")
+    p.add_argument("--programs", default="train,generate", help="train and/or generate")
+    p.add_argument("--gen-batch", type=int, default=1, help="batch of the generate program")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens (default 512 or max_len/4)")
+    p.add_argument("--gen-len", type=int, help="new tokens (default: fill the context)")
+    p.add_argument("--no-search", action="store_true", help="do not search for a fit")
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+_error = functools.partial(error, PROG)
+
+
+def generate_lengths(config: Any, prompt_len: int | None, gen_len: int | None) -> tuple[int, int]:
+    """The generate program's lengths: the flags, else the study's, else 512 prompt tokens
+    (a quarter of the context when shorter) and the rest of the context."""
+    max_len = int(config.model.max_len)
+    study = config.get("study")
+    prompt = prompt_len or (study.prompt_len if study else min(512, max_len // 4))
+    gen = gen_len or (study.gen_len if study else max_len - prompt)
+    if prompt < 1 or gen < 1 or prompt + gen > max_len:
+        raise ValueError(
+            f"prompt {prompt} + generated {gen} tokens must be >= 1 each and fit the "
+            f"context of {max_len}"
+        )
+    return prompt, gen
+
+
+def compile_config(
+    config: Any,
+    topology: str,
+    programs: tuple[str, ...] = PROGRAMS,
+    *,
+    gen_batch: int = 1,
+    prompt_len: int | None = None,
+    gen_len: int | None = None,
+    search: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The JSON-ready report of ``kvshare compile`` (see the module docstring)."""
+    from kvshare_jax import aot
+    from kvshare_jax.config import model_config_from
+
+    devices = aot.topology(topology)
+    out: dict[str, Any] = {
+        "topology": topology,
+        "device_kind": devices[0].device_kind,
+        "num_devices": len(devices),
+        "num_hosts": aot.num_hosts(devices),
+        "chip": vars(aot.chip_of(devices[0])),
+        "programs": {},
+    }
+    if "generate" in programs:  # validate its flags before the long train compile
+        if gen_batch < 1:
+            raise ValueError(f"--gen-batch must be >= 1, got {gen_batch}")
+        lengths = generate_lengths(config, prompt_len, gen_len)
+    if "train_step" in programs:
+        train = aot.train_program(config, devices)
+        out["programs"]["train_step"] = train
+        if not train["fits"] and search:
+            overrides, fit = aot.find_fit(config, devices, progress=progress)
+            out["suggestion"] = (
+                {"overrides": aot.overrides_text(overrides), "train_step": fit}
+                if overrides
+                else {"overrides": None, "note": "no grad_accum/remat/fsdp setting fits"}
+            )
+    if "generate" in programs:
+        cfg = model_config_from(config)
+        out["programs"]["generate"] = aot.generate_program(cfg, devices[0], gen_batch, *lengths)
+    return out
+
+
+def _gib(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**30:.2f}"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The human-readable table of a :func:`compile_config` report."""
+    lines = [
+        f"{report['topology']}: {report['num_devices']} x {report['device_kind']} on "
+        f"{report['num_hosts']} host(s); HBM {_gib(report['chip']['hbm_bytes'])} GiB per device",
+        "",
+        "| program | fits | arguments GiB | temporaries GiB | total GiB | TFLOP | GB accessed "
+        "| roofline s | MFU ceiling |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = list(report["programs"].items())
+    if "suggestion" in report and report["suggestion"]["overrides"]:
+        rows.append(("train_step (suggested)", report["suggestion"]["train_step"]))
+    for name, p in rows:
+        b = p["bytes_per_device"]
+        flops = p.get("executed_flops_per_device") or p["flops_per_device"]
+        cells = [
+            name,
+            "yes" if p["fits"] else "NO",
+            _gib(b["arguments"]),
+            _gib(b["temporaries"]),
+            _gib(b["total"]),
+            "-" if flops is None else f"{flops / 1e12:.2f}",
+            "-"
+            if p["bytes_accessed_per_device"] is None
+            else f"{p['bytes_accessed_per_device'] / 1e9:.1f}",
+            "-" if p["roofline_step_s"] is None else f"{p['roofline_step_s']:.3g}",
+            f"{p['mfu_ceiling']:.0%}" if "mfu_ceiling" in p else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    train = report["programs"].get("train_step")
+    if train:
+        mesh = " ".join(f"{k}={v}" for k, v in train["mesh"].items())
+        lines += ["", f"train_step mesh {mesh}; settings {train['settings']}"]
+    if "suggestion" in report:
+        s = report["suggestion"]
+        lines.append(
+            f"suggestion: {s['overrides']}" if s["overrides"] else f"suggestion: {s['note']}"
+        )
+    return "\n".join(lines)
+
+
+def run(argv: list[str]) -> int:
+    from kvshare_jax.config import load_config
+
+    try:
+        args, overrides = parse_with_overrides(argv, parser())
+        names = [n.strip() for n in args.programs.split(",") if n.strip()]
+        bad = [n for n in names if n not in _ALIASES]
+        if bad or not names:
+            raise ValueError(f"--programs takes train and/or generate, got {args.programs!r}")
+        if args.json and os.path.isdir(args.json):
+            raise ValueError(f"--json {args.json} is a directory")
+        config = load_config(args.config, overrides)
+        report = compile_config(
+            config,
+            args.topology,
+            tuple(dict.fromkeys(_ALIASES[n] for n in names)),
+            gen_batch=args.gen_batch,
+            prompt_len=args.prompt_len,
+            gen_len=args.gen_len,
+            search=not args.no_search,
+            progress=not args.quiet,
+        )
+    except (ValueError, KeyError, OSError) as e:
+        return _error(e)
+    print(render(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        print(f"wrote {args.json}")
+    return 0 if all(p["fits"] for p in report["programs"].values()) else 1
