@@ -42,7 +42,7 @@ import optax
 
 from kvshare_jax import sharding, train
 from kvshare_jax.config import default_config, model_config_from
-from kvshare_jax.layout import PARTS, POSITIONS
+from kvshare_jax.layout import preset_specs
 from kvshare_jax.model import ModelConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def layouts(kv_layers: int) -> list[str]:
-    return ["standard"] + [f"{p}-{q}:{kv_layers}" for p in PARTS for q in POSITIONS]
+    return preset_specs(kv_layers)
 
 
 def run_config(args: argparse.Namespace, layout: str) -> ml_collections.ConfigDict:

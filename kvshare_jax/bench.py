@@ -33,7 +33,6 @@ import numpy as np
 
 from kvshare_jax import aot
 from kvshare_jax.decode import cache_bytes, decode_step, init_cache, prefill
-from kvshare_jax.layout import PARTS, POSITIONS
 from kvshare_jax.model import ModelConfig, Params, count_params, init_params
 from kvshare_jax.target import target_platform
 
@@ -48,11 +47,6 @@ def parse_bytes(text: str) -> int:
     if m is None or m.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot parse a byte size from {text!r} (e.g. 2GiB, 512MiB, 1.5GB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def default_layouts(num_kv_layers: int) -> list[str]:
-    """``standard`` and the nine presets at ``num_kv_layers`` KV layers."""
-    return ["standard"] + [f"{p}-{q}:{num_kv_layers}" for p in PARTS for q in POSITIONS]
 
 
 def default_lengths(platform: str | None = None) -> tuple[int, int]:

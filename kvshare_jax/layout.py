@@ -14,6 +14,23 @@ import re
 
 PARTS = ("pizza", "sandwich", "lasagna")
 POSITIONS = ("bottom", "top", "middle")
+STANDARD = "standard"
+PRESETS = tuple(f"{p}-{q}" for p in PARTS for q in POSITIONS)  # the nine, without ':l'
+METHODS = ("cla:K", "lckv:W", "yoco", "mlkv:K")  # named methods of the paper (from_spec)
+_MAPPING = re.compile(r"\d+s?(_\d+s?)*")
+
+
+def preset_specs(num_kv_layers: int) -> list[str]:
+    """``standard`` and the nine presets at ``num_kv_layers`` KV layers: the layouts
+    the paper compares, as ``from_spec`` strings."""
+    return [STANDARD, *(f"{p}:{num_kv_layers}" for p in PRESETS)]
+
+
+def mapping_length(spec: str) -> int | None:
+    """Layers spelled by a mapping string (``"0_1_1"`` -> 3); None for a named layout,
+    whose layer count must be given."""
+    spec = spec.strip()
+    return len(spec.split("_")) if _MAPPING.fullmatch(spec) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +226,7 @@ def from_spec(spec: str, num_layers: int) -> KVLayout:
     ``"yoco"`` and ``"mlkv:K"`` (lasagna-bottom with K KV layers).
     """
     spec = spec.strip()
-    if re.fullmatch(r"\d+s?(_\d+s?)*", spec):
+    if _MAPPING.fullmatch(spec):
         return KVLayout.parse(spec, num_layers)
     name, _, arg = spec.partition(":")
     if num_layers < 1:
@@ -220,7 +237,7 @@ def from_spec(spec: str, num_layers: int) -> KVLayout:
             raise ValueError(f"layout {spec!r} needs an integer argument, e.g. {name}:2")
         return int(arg)
 
-    if name == "standard" and not arg:
+    if name == STANDARD and not arg:
         return KVLayout(tuple(range(num_layers)))
     if name == "cla":
         k = int_arg()

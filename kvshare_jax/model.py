@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from kvshare_jax.attention import INVALID_POS, attention
-from kvshare_jax.layout import KVLayout, from_spec
+from kvshare_jax.layout import KVLayout, from_spec, mapping_length
 
 Params = Any
 KV = tuple[jax.Array, jax.Array]  # k, v: [b, s, k, h]
@@ -74,7 +74,9 @@ class ModelConfig:
         """Builds a config from a layout spec string (preset or mapping) or a KVLayout."""
         if isinstance(layout, str):
             if num_layers is None:
-                num_layers = len(layout.split("_"))
+                num_layers = mapping_length(layout)
+            if num_layers is None:
+                raise ValueError(f"layout {layout!r} needs num_layers")
             layout = from_spec(layout, num_layers)
         elif num_layers is not None and num_layers != layout.num_layers:
             raise ValueError(f"layout has {layout.num_layers} layers, expected {num_layers}")

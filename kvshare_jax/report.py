@@ -7,22 +7,45 @@ Pareto front of (perplexity, throughput) at each number of KV layers ``l``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ml_collections
 
 from kvshare_jax.bench import device_info
+from kvshare_jax.layout import STANDARD
 
-if TYPE_CHECKING:
-    from kvshare_jax.study import Cell
-
-STANDARD = "standard"
 FIGURES = {"tradeoff": "throughput_vs_ppl.png", "kv_layers": "kv_layers.png"}
 _COLORS = {"pizza": "tab:orange", "sandwich": "tab:green", "lasagna": "tab:blue"}
 _MARKERS = {"bottom": "v", "top": "^", "middle": "o"}
+
+
+# ---------------------------------------------------------------- the cells
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One (layout, l) point of the study."""
+
+    layout: str  # 'standard' or a preset name without ':l' ('pizza-top')
+    kv_layers: int  # l (L for standard)
+    mapping: str  # layer -> target string ('0_1_5_5_5_5')
+    same_as: str | None = None  # name of the cell trained for this mapping, if another
+
+    @property
+    def name(self) -> str:
+        return f"{self.layout}-l{self.kv_layers}"
+
+    @property
+    def spec(self) -> str:
+        """The ``model.layout`` value of this cell."""
+        return STANDARD if self.layout == STANDARD else f"{self.layout}:{self.kv_layers}"
+
+    @property
+    def trained(self) -> str:
+        """Name of the cell directory holding this cell's run."""
+        return self.same_as or self.name
 
 
 # ---------------------------------------------------------------- the rows

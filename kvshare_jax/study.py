@@ -34,12 +34,11 @@ from kvshare_jax import bench, report
 from kvshare_jax.checkpoint import load_inference
 from kvshare_jax.data import get_tokenizer
 from kvshare_jax.decode import cache_bytes
-from kvshare_jax.layout import PARTS, POSITIONS, from_spec
+from kvshare_jax.layout import PRESETS, STANDARD, from_spec
 from kvshare_jax.model import count_params
+from kvshare_jax.report import Cell
 from kvshare_jax.train import Trainer, train_and_evaluate
 
-STANDARD = "standard"
-PRESETS = tuple(f"{p}-{q}" for p in PARTS for q in POSITIONS)
 RESULT_FILE = "result.json"
 
 
@@ -57,30 +56,6 @@ def study_section() -> ml_collections.ConfigDict:
 
 
 # ------------------------------------------------------------------ the cells
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    """One (layout, l) point of the study."""
-
-    layout: str  # 'standard' or a preset name without ':l' ('pizza-top')
-    kv_layers: int  # l (L for standard)
-    mapping: str  # layer -> target string ('0_1_5_5_5_5')
-    same_as: str | None = None  # name of the cell trained for this mapping, if another
-
-    @property
-    def name(self) -> str:
-        return f"{self.layout}-l{self.kv_layers}"
-
-    @property
-    def spec(self) -> str:
-        """The ``model.layout`` value of this cell."""
-        return STANDARD if self.layout == STANDARD else f"{self.layout}:{self.kv_layers}"
-
-    @property
-    def trained(self) -> str:
-        """Name of the cell directory holding this cell's run."""
-        return self.same_as or self.name
-
-
 def plan_cells(config: ml_collections.ConfigDict) -> list[Cell]:
     """All cells of a study config, standard first, then every l in config order.
 

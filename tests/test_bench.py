@@ -10,6 +10,7 @@ import pytest
 from kvshare_jax import bench
 from kvshare_jax.commands import bench as bench_cmd
 from kvshare_jax.decode import cache_bytes
+from kvshare_jax.layout import preset_specs
 from kvshare_jax.model import ModelConfig, init_params
 
 PROMPT, GEN = 4, 4
@@ -30,8 +31,8 @@ def test_parse_bytes():
         bench.parse_bytes("2 parsecs")
 
 
-def test_default_layouts_are_standard_and_the_nine_presets():
-    layouts = bench.default_layouts(4)
+def test_preset_specs_are_standard_and_the_nine_presets():
+    layouts = preset_specs(4)
     assert layouts[0] == "standard" and len(layouts) == 10
     assert {"pizza-bottom:4", "sandwich-middle:4", "lasagna-top:4"} <= set(layouts)
 

@@ -20,13 +20,21 @@ from kvshare_jax.decode import (
     init_cache,
     prefill,
 )
-from kvshare_jax.layout import PARTS, POSITIONS, from_spec, preset
+from kvshare_jax.layout import (
+    PARTS,
+    POSITIONS,
+    STANDARD,
+    from_spec,
+    mapping_length,
+    preset,
+    preset_specs,
+)
 from kvshare_jax.model import ModelConfig, forward, init_params, sequential_logits
 from kvshare_jax.sampling import Sampling, sample
 
 L, VOCAB, KV = 6, test_model.VOCAB, 3
-PRESET_SPECS = [f"{p}-{q}:{KV}" for p in PARTS for q in POSITIONS]
-LAYOUT_SPECS = [*PRESET_SPECS, "standard", "yoco"]
+PRESET_SPECS = [s for s in preset_specs(KV) if s != STANDARD]
+LAYOUT_SPECS = [*PRESET_SPECS, STANDARD, "yoco"]
 PROMPT_WIDTH, LENGTHS, NEW = 6, (6, 2, 4), 5
 # Converged prefill (passes >= prompt width); shared so tests reuse compiled programs.
 EXACT = dict(max_new_tokens=NEW, prefill_passes=(PROMPT_WIDTH, 1), return_logits=True)
@@ -41,7 +49,7 @@ def small_config(spec: str, layers: int = L, **kw) -> ModelConfig:
 
 @functools.cache
 def model(spec: str) -> tuple[ModelConfig, dict]:
-    cfg = small_config(spec, len(spec.split("_")) if spec[0].isdigit() else L)
+    cfg = small_config(spec, mapping_length(spec) or L)
     return cfg, init_params(cfg, jax.random.key(0))
 
 

@@ -12,6 +12,7 @@ import trainutil as tu
 from kvshare_jax import report, study
 from kvshare_jax.commands import study as study_command
 from kvshare_jax.config import load_config
+from kvshare_jax.layout import PRESETS
 
 STUDY_DIR = os.path.join(tu.ROOT, "configs", "study")
 CPU_STUDY = os.path.join(STUDY_DIR, "cpu.py")
@@ -50,9 +51,7 @@ def test_study_configs_plan_standard_once_and_every_preset_per_l():
         assert config.model.num_layers == num_layers
         assert tuple(config.study.kv_layers) == kv_layers
         assert [c.name for c in cells[:1]] == [f"standard-l{num_layers}"]
-        assert [c.name for c in cells[1:]] == [
-            f"{p}-l{kv}" for kv in kv_layers for p in study.PRESETS
-        ]
+        assert [c.name for c in cells[1:]] == [f"{p}-l{kv}" for kv in kv_layers for p in PRESETS]
 
 
 def test_cells_with_the_same_mapping_share_one_run():

@@ -12,7 +12,8 @@ Target slice: v5e:2x2 (checked by tests/test_configs_fit.py; `kvshare compile` p
 import os
 
 from kvshare_jax.config import load_config
-from kvshare_jax.study import PRESETS, STANDARD, study_section
+from kvshare_jax.layout import PRESETS, STANDARD
+from kvshare_jax.study import study_section
 
 
 def get_config():

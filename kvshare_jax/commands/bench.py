@@ -55,10 +55,11 @@ def spec_from_args(args: argparse.Namespace, overrides: tuple[str, ...]):
     """The :class:`kvshare_jax.bench.BenchSpec` the flags describe."""
     from kvshare_jax import bench
     from kvshare_jax.config import load_config, model_config_from
+    from kvshare_jax.layout import preset_specs
 
     cfg = model_config_from(load_config(args.config, overrides))
     kv_layers = args.kv_layers or max(1, cfg.num_layers // 2)
-    layouts = args.layouts.split(",") if args.layouts else bench.default_layouts(kv_layers)
+    layouts = args.layouts.split(",") if args.layouts else preset_specs(kv_layers)
     prompt_len, gen_len = bench.default_lengths("tpu" if args.topology else None)
     return bench.BenchSpec(
         base=cfg,

@@ -26,9 +26,11 @@ def run(argv: list[str]) -> int:
     try:
         layers = args.layers
         if layers is None:
-            if ":" in spec or spec in ("standard", "yoco"):
+            from kvshare_jax.layout import mapping_length
+
+            layers = mapping_length(spec)
+            if layers is None:
                 raise ValueError(f"--layers is required for {args.spec!r}")
-            layers = len(spec.split("_"))
         layout = from_spec(spec, layers)
     except ValueError as e:
         return error("kvshare layout", e)
