@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -27,6 +27,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from kvshare_jax import hf_io
 from kvshare_jax.data import Tokenizer, checkpoint_args
 from kvshare_jax.layout import KVLayout
 from kvshare_jax.model import ModelConfig, Params, init_params
@@ -35,6 +36,7 @@ CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
 RUN_CONFIG_FILE = "config.json"
 MODEL_CONFIG_FILE = "model_config.json"
+TOKENIZER_FILE = "tokenizer.model"
 
 
 # ------------------------------------------------------------------- configs
@@ -190,36 +192,82 @@ class Checkpointer:
         self._manager.close()
 
 
-# ----------------------------------------------------------------- inference
-def load_inference(workdir: str) -> tuple[ModelConfig, Params, Tokenizer, int]:
-    """``(model config, params, tokenizer, step)`` of the newest readable checkpoint.
+# ----------------------------------------------------------------- model directories
+class OpenModel(NamedTuple):
+    """A model opened from a directory (see :func:`open_model`)."""
 
-    Restores the parameters only (no optimizer state) onto this process's first device.
-    Raises ``FileNotFoundError`` when ``workdir`` is not a training workdir, holds no
-    checkpoint or lacks its tokenizer.
+    cfg: ModelConfig
+    params: Params
+    tokenizer: Tokenizer | None  # None when the directory has none (and none was required)
+    step: int | None  # the checkpoint step; None for a HuggingFace directory
+
+
+def is_workdir(path: str) -> bool:
+    """True for a workdir (trained or converted), False for a HuggingFace model
+    directory; ``FileNotFoundError`` for anything else."""
+    if (epath.Path(path) / MODEL_CONFIG_FILE).exists():
+        return True
+    if (epath.Path(path) / hf_io.CONFIG_FILE).exists():
+        return False
+    raise FileNotFoundError(f"{path} is neither a workdir nor a HuggingFace model dir")
+
+
+def model_config_of(path: str) -> ModelConfig:
+    """The ModelConfig of a workdir or HuggingFace directory, reading no weights."""
+    if is_workdir(path):
+        return load_model_config(path)
+    return hf_io.model_config_from_hf(hf_io.read_config(path))
+
+
+def tokenizer_file(path: str) -> epath.Path:
+    """Where the tokenizer of a model directory is: a workdir's ``data.tokenizer_path``
+    when its run set one, else ``<path>/tokenizer.model``."""
+    run_config = epath.Path(path) / RUN_CONFIG_FILE
+    if is_workdir(path) and run_config.exists():
+        tokenizer_path = load_run_config(path).data.tokenizer_path
+        if tokenizer_path:
+            return epath.Path(tokenizer_path)
+    return epath.Path(path) / TOKENIZER_FILE
+
+
+def open_model(path: str, shardings: Any = None, need_tokenizer: bool = False) -> OpenModel:
+    """Opens a workdir (trained or converted: its newest readable checkpoint, falling
+    back past unreadable steps) or a HuggingFace ``llama``/``lckv-llama`` directory.
+
+    Only the parameters are restored, placed by ``shardings`` (a tree like the params;
+    default: this process's first device). The tokenizer is loaded when the directory
+    has one; ``need_tokenizer`` makes its absence a ``FileNotFoundError``.
     """
-    cfg = load_model_config(workdir)
-    data = load_run_config(workdir).data
-    manager = _manager(workdir)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
-    )
-
-    def restore(step: int) -> Params:
-        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
-        return manager.restore(step, args=args)["params"]
-
-    found = _restore_newest_readable(manager, restore)
-    manager.close()
-    if found is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {epath.Path(workdir) / CHECKPOINT_DIR}: train first with "
-            f"`kvshare train --config ... --workdir {workdir}`"
+    if not is_workdir(path):
+        cfg, params = hf_io.read_hf(path)
+        params = jax.device_put(params, shardings or jax.local_devices()[0])
+        step = None
+    else:
+        cfg = load_model_config(path)
+        abstract = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+        if shardings is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: device, abstract)
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
         )
-    step, params = found
-    tokenizer_path = epath.Path(data.tokenizer_path or epath.Path(workdir) / "tokenizer.model")
-    if not tokenizer_path.exists():
-        raise FileNotFoundError(f"tokenizer {tokenizer_path} of {workdir} not found")
-    return cfg, params, Tokenizer.load(tokenizer_path), step
+        manager = _manager(path)
+
+        def restore(step: int) -> Params:
+            args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+            return manager.restore(step, args=args)["params"]
+
+        found = _restore_newest_readable(manager, restore)
+        manager.close()
+        if found is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {epath.Path(path) / CHECKPOINT_DIR}: train first with "
+                f"`kvshare train --config ... --workdir {path}`"
+            )
+        step, params = found
+    tokenizer = tokenizer_file(path)
+    if not tokenizer.exists():
+        if need_tokenizer:
+            raise FileNotFoundError(f"tokenizer {tokenizer} of {path} not found")
+        return OpenModel(cfg, params, None, step)
+    return OpenModel(cfg, params, Tokenizer.load(tokenizer), step)

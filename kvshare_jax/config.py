@@ -6,6 +6,8 @@ field can also be overridden on the command line (``--config.model.layout=yoco``
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from kvshare_jax.layout import from_spec
@@ -14,30 +16,38 @@ from kvshare_jax.model import ModelConfig
 YOCO_DEFAULT_WINDOW = 4096
 
 
+# ModelConfig fields the model section does not hold as such: the layout is a spec string
+# there (with num_layers), the vocabulary is the tokenizer's (data.vocab_size)
+_NOT_MODEL_FIELDS = ("layout", "vocab_size")
+
+
+def model_fields() -> dict[str, object]:
+    """``{name: default}`` of the :class:`ModelConfig` fields a model section holds."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in _NOT_MODEL_FIELDS
+    }
+
+
+def model_section() -> ml_collections.ConfigDict:
+    """``config.model``: ``num_layers`` and ``layout`` (a spec: preset name like
+    ``'sandwich-middle:4'``, ``'cla:2'``, ``'yoco'``, or a mapping like ``'0_6_6_7'``)
+    plus every other :class:`ModelConfig` field with its default, so a new model field
+    is added in one place. ``sliding_window`` 0 with 's' layers (yoco) means 4096."""
+    m = ml_collections.ConfigDict()
+    m.num_layers = 8  # L: transformer layers
+    m.layout = "standard"  # layout spec (see above)
+    for name, default in model_fields().items():
+        m[name] = default
+    return m
+
+
 def default_config() -> ml_collections.ConfigDict:
     """The flat default run config (one comment per field)."""
     config = ml_collections.ConfigDict()
 
-    config.model = m = ml_collections.ConfigDict()
-    m.num_layers = 8  # L: transformer layers
-    m.layout = "standard"  # preset ('sandwich-middle:4', 'cla:2', 'yoco'...) or '0_6_6_7'
-    m.d_model = 512  # residual width
-    m.num_heads = 8  # query heads
-    m.num_kv_heads = 8  # KV heads (GQA when smaller than num_heads)
-    m.head_dim = 0  # 0 = d_model // num_heads
-    m.d_ff = 1376  # SwiGLU hidden width
-    m.max_len = 1024  # context length
-    m.forward_passes = 7  # m: iterations of a cyclic block without gradient
-    m.backward_passes = 2  # b: iterations with gradient
-    m.sliding_window = 0  # window of 's'-marked layers (yoco sets 4096 if left 0)
-    m.rope_theta = 10000.0  # RoPE base
-    m.norm_eps = 1e-5  # RMSNorm epsilon
-    m.tie_embeddings = False  # share input embedding and LM head
-    m.param_dtype = "float32"  # parameter storage dtype
-    m.dtype = "float32"  # compute dtype: float32 | bfloat16
-    m.attention_impl = "auto"  # xla | pallas | auto (pallas on GPU/TPU)
-    m.init_std = 0.02  # normal initialiser stddev
-    m.remat = False  # rematerialise layers in the backward pass
+    config.model = model_section()  # ModelConfig's fields (model.py documents each)
 
     config.data = d = ml_collections.ConfigDict()
     d.dataset = "embedded"  # 'embedded' | 'text:<folder or glob>' | TFDS name ('lm1b')
@@ -95,30 +105,11 @@ def model_config_from(
     """
     m = config.model
     layout = from_spec(str(m.layout), int(m.num_layers))
-    window = int(m.sliding_window)
-    if any(layout.sliding) and window < 1:
-        window = YOCO_DEFAULT_WINDOW
-    return ModelConfig(
-        layout=layout,
-        vocab_size=int(vocab_size or config.data.vocab_size),
-        d_model=m.d_model,
-        num_heads=m.num_heads,
-        num_kv_heads=m.num_kv_heads,
-        head_dim=m.head_dim,
-        d_ff=m.d_ff,
-        max_len=m.max_len,
-        forward_passes=m.forward_passes,
-        backward_passes=m.backward_passes,
-        sliding_window=window,
-        rope_theta=float(m.rope_theta),
-        norm_eps=float(m.norm_eps),
-        tie_embeddings=m.tie_embeddings,
-        param_dtype=m.param_dtype,
-        dtype=m.dtype,
-        attention_impl=m.attention_impl,
-        init_std=float(m.init_std),
-        remat=m.remat,
-    )
+    fields = {name: type(default)(m[name]) for name, default in model_fields().items()}
+    if any(layout.sliding) and fields["sliding_window"] < 1:
+        fields["sliding_window"] = YOCO_DEFAULT_WINDOW
+    vocab = int(vocab_size or config.data.vocab_size)
+    return ModelConfig(layout=layout, vocab_size=vocab, **fields)
 
 
 def load_config(path: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:

@@ -157,7 +157,7 @@ class KVLayout:
             out.append((i, self.num_layers - 1, False))
         return tuple(out)
 
-    def describe(self, forward_passes: int = 7, backward_passes: int = 2) -> str:
+    def describe(self, forward_passes: int, backward_passes: int) -> str:
         """Human-readable summary (first line: the mapping string)."""
         blocks = ", ".join(f"[{b.start}..{b.end}]" for b in self.cyclic_blocks) or "none"
         sliding = [i for i, s in enumerate(self.sliding) if s]

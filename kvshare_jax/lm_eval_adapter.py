@@ -115,13 +115,13 @@ class KVShareLM(TemplateLM):
     ) -> KVShareLM:
         """Loads the newest checkpoint of ``workdir`` (or a HF model dir) and a tokenizer:
         ``tokenizer`` (SentencePiece file or HF dir), else ``<workdir>/tokenizer.model``."""
-        from kvshare_jax.convert import TOKENIZER_FILE, load_init_params
+        from kvshare_jax.checkpoint import open_model, tokenizer_file
 
-        cfg, params = load_init_params(workdir)
-        tokenizer = tokenizer or os.path.join(workdir, TOKENIZER_FILE)
+        cfg, params, _, _ = open_model(workdir)
+        tokenizer = tokenizer or str(tokenizer_file(workdir))
         if not os.path.exists(tokenizer):
             raise FileNotFoundError(
-                f"{workdir} has no {TOKENIZER_FILE}: pass --tokenizer (a SentencePiece "
+                f"{workdir} has no tokenizer ({tokenizer}): pass --tokenizer (a SentencePiece "
                 ".model file or a HuggingFace tokenizer dir)"
             )
         return cls(cfg, params, load_tokenizer(tokenizer), batch_size, max_gen_toks)

@@ -47,7 +47,7 @@ class ModelConfig:
     tie_embeddings: bool = False  # share the embedding with the LM head
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype (float32 or bfloat16)
-    attention_impl: str = "xla"  # xla | pallas | auto
+    attention_impl: str = "auto"  # xla | pallas | auto (pallas when built for GPU/TPU)
     init_std: float = 0.02  # stddev of the normal initialiser
     remat: bool = False  # rematerialise layers in the backward pass
 

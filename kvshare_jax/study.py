@@ -31,7 +31,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from kvshare_jax import bench, report
-from kvshare_jax.checkpoint import load_inference
+from kvshare_jax.checkpoint import open_model
 from kvshare_jax.data import get_tokenizer
 from kvshare_jax.decode import cache_bytes
 from kvshare_jax.layout import PRESETS, STANDARD, from_spec
@@ -130,7 +130,7 @@ def benchmark(workdir: str, settings: ml_collections.ConfigDict) -> dict[str, An
     """Generation benchmark of ``workdir``'s checkpoint: the largest batch whose program
     fits ``settings.memory_budget`` (a ``study`` section) and its throughput, plus the
     fixed ``settings.bench_batch_sizes``."""
-    cfg, params, _, _ = load_inference(workdir)
+    cfg, params, _, _ = open_model(workdir)
     lengths = {"prompt_len": int(settings.prompt_len), "gen_len": int(settings.gen_len)}
     budget = bench.parse_bytes(settings.memory_budget)
     batch, memory = bench.max_batch(cfg, budget, **lengths)

@@ -25,7 +25,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kvshare_jax import checkpoint, convert, sharding
+from kvshare_jax import checkpoint, sharding
 from kvshare_jax.config import model_config_from
 from kvshare_jax.data import get_tokenizer, make_iterator, open_source
 from kvshare_jax.metrics import MetricWriter, latest_metrics
@@ -239,14 +239,14 @@ def adopt_init_source(config: ml_collections.ConfigDict, workdir: str) -> ml_col
     its model section and vocabulary become the source's; the source's ``tokenizer.model``
     (when the config names no tokenizer) is copied into ``workdir``."""
     src = config.train.init_from
-    cfg = convert.init_model_config(src)
+    cfg = checkpoint.model_config_of(src)
     config = config.copy_and_resolve_references()
     for name in INIT_SOURCE_FIELDS:
         config.model[name] = getattr(cfg, name)
     config.model.layout = str(cfg.layout)
     config.data.vocab_size = cfg.vocab_size
-    tokenizer = os.path.join(src, convert.TOKENIZER_FILE)
-    target = os.path.join(workdir, convert.TOKENIZER_FILE)
+    tokenizer = os.path.join(src, checkpoint.TOKENIZER_FILE)
+    target = os.path.join(workdir, checkpoint.TOKENIZER_FILE)
     if not config.data.tokenizer_path and os.path.exists(tokenizer) and not os.path.exists(target):
         if jax.process_index() == 0:
             os.makedirs(workdir, exist_ok=True)
@@ -318,7 +318,7 @@ class Trainer:
         t = self.config.train
         if not t.init_from:
             return init_state(self.cfg, self.tx, self.shardings, int(t.seed))
-        _, params = convert.load_init_params(t.init_from, shardings=self.shardings.params)
+        params = checkpoint.open_model(t.init_from, shardings=self.shardings.params).params
         params = jax.tree.map(lambda x, a: x.astype(a.dtype), params, self.abstract.params)
         opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
         return TrainState(params, opt_state)
@@ -457,6 +457,5 @@ def evaluate_workdir(
 ) -> dict[str, float]:
     """``step``, ``eval_loss`` and ``eval_ppl`` of the newest checkpoint in ``workdir``."""
     trainer = Trainer(config, workdir)
-    _, params, _, step = checkpoint.load_inference(workdir)
-    params = jax.device_put(params, trainer.shardings.params)
+    _, params, _, step = checkpoint.open_model(workdir, shardings=trainer.shardings.params)
     return {"step": step, **trainer.evaluate(params, num_batches)}

@@ -60,8 +60,8 @@ def test_workdir_layout():
     assert str(checkpoint.load_model_config(workdir).layout) == "0_1_2_3"
 
 
-def test_load_inference_gives_config_params_tokenizer_and_step():
-    cfg, params, tokenizer, step = checkpoint.load_inference(tu.reference_run())
+def test_open_model_gives_config_params_tokenizer_and_step():
+    cfg, params, tokenizer, step = checkpoint.open_model(tu.reference_run())
     assert step == 200
     assert cfg.vocab_size == tokenizer.vocab_size <= 512
     assert cfg.num_layers == 4 and cfg.d_model == 64
@@ -70,13 +70,13 @@ def test_load_inference_gives_config_params_tokenizer_and_step():
     assert tokenizer.decode(tokenizer.encode("def f(x): return x")) == "def f(x): return x"
 
 
-def test_load_inference_without_checkpoint_raises_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a training workdir"):
-        checkpoint.load_inference(str(tmp_path))
+def test_open_model_without_checkpoint_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a workdir nor a HuggingFace"):
+        checkpoint.open_model(str(tmp_path))
     for name in ("config.json", "model_config.json"):
         shutil.copy(os.path.join(tu.reference_run(), name), tmp_path / name)
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-        checkpoint.load_inference(str(tmp_path))
+        checkpoint.open_model(str(tmp_path))
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax reader
@@ -89,7 +89,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
         f.truncate(os.path.getsize(largest) // 2)
 
     with caplog.at_level(logging.WARNING):
-        _, _, _, step = checkpoint.load_inference(workdir)
+        _, _, _, step = checkpoint.open_model(workdir)
     assert step == 100
     assert "checkpoint step 200 is unreadable" in caplog.text
 
@@ -116,6 +116,6 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     assert "last good checkpoint: step 100" in err
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["100"]
     assert tree_digest(os.path.join(workdir, "checkpoints")) == before
-    _, params, _, step = checkpoint.load_inference(workdir)
+    _, params, _, step = checkpoint.open_model(workdir)
     assert step == 100
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from kvshare_jax import cli, convert
+from kvshare_jax import checkpoint, cli, convert
 from kvshare_jax.data.tokenizer import train_tokenizer
 from kvshare_jax.decode import generate
 from kvshare_jax.model import forward
@@ -93,7 +93,7 @@ def convert_cli(*args: str) -> int:
 @pytest.mark.hf
 def test_llama_import_logits_match_transformers(hf_llama, imported):
     model, _ = hf_llama
-    cfg, params = convert.load_init_params(imported)
+    cfg, params, _, _ = checkpoint.open_model(imported)
     assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads) == (4, 64, 4, 2)
     assert (cfg.d_ff, cfg.max_len, cfg.rope_theta, cfg.norm_eps) == (128, 128, 5000.0, 1e-5)
     toks = random_tokens()
@@ -109,7 +109,7 @@ def test_greedy_generation_matches_transformers(hf_llama, imported):
     import torch
 
     model, _ = hf_llama
-    cfg, params = convert.load_init_params(imported)
+    cfg, params, _, _ = checkpoint.open_model(imported)
     prompt = random_tokens(seed=1, batch=2, length=6)
     model.generation_config.eos_token_id = None
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_pytorch_bin_fp16_import_casts_to_fp32(hf_llama, tmp_path):
     state = {k: v.half() for k, v in model.state_dict().items()}
     torch.save(state, src / "pytorch_model.bin")
     (src / "config.json").write_text(json.dumps(model.config.to_dict()))
-    cfg, params = convert.load_init_params(str(src))
+    cfg, params, _, _ = checkpoint.open_model(str(src))
     kernel = params["params"]["layer_2"]["q_proj"]["kernel"]
     assert kernel.dtype == jnp.float32
     want = state["model.layers.2.self_attn.q_proj.weight"].float().numpy().T
@@ -158,7 +158,7 @@ def test_tied_embeddings_and_wide_heads_round_trip(tmp_path):
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(tmp_path / "tied")
     tok.save(tmp_path / "tied" / "tokenizer.model")
-    cfg, params = convert.load_init_params(str(tmp_path / "tied"))
+    cfg, params, _, _ = checkpoint.open_model(str(tmp_path / "tied"))
     assert cfg.tie_embeddings and cfg.hd == 16 and "lm_head" not in params["params"]
     toks = random_tokens(seed=4, batch=2, length=12)
     ours = np.asarray(forward(cfg, params, jnp.asarray(toks, jnp.int32)))
@@ -218,7 +218,7 @@ def test_lckv_import_layout_and_kv_placement(hf_llama, tmp_path):
     state = write_lckv(model, tmp_path / "lckv", "0_2_2s_3")
     workdir = str(tmp_path / "wd")
     assert convert_cli("--from-hf", str(tmp_path / "lckv"), "--workdir", workdir) == 0
-    cfg, params = convert.load_init_params(workdir)
+    cfg, params, _, _ = checkpoint.open_model(workdir)
     assert str(cfg.layout) == "0_2_2s_3"
     assert (cfg.forward_passes, cfg.backward_passes, cfg.sliding_window) == (3, 2, 5)
     tree = params["params"]
@@ -236,7 +236,7 @@ def test_kv_init_copy_keeps_each_kv_layers_own_weights(hf_llama, tmp_path):
     model, path = hf_llama
     workdir = str(tmp_path / "wd")
     assert convert_cli("--from-hf", path, "--workdir", workdir, "--layout", "cla:2") == 0
-    cfg, params = convert.load_init_params(workdir)
+    cfg, params, _, _ = checkpoint.open_model(workdir)
     assert cfg.layout.targets == (0, 0, 2, 2)
     tree = params["params"]
     for j in (0, 2):
@@ -253,7 +253,7 @@ def test_kv_init_average_means_reading_layers_and_trains(hf_llama, tmp_path):
     workdir = str(tmp_path / "wd")
     args = ("--from-hf", path, "--workdir", workdir, "--layout", "lckv:1", "--kv-init", "average")
     assert convert_cli(*args) == 0
-    cfg, params = convert.load_init_params(workdir)
+    cfg, params, _, _ = checkpoint.open_model(workdir)
     assert cfg.layout.targets == (0, 3, 3, 3)
     for name in ("k_proj", "v_proj"):
         hf = [hf_weight(model, f"model.layers.{i}.self_attn.{name}.weight").T for i in range(4)]
@@ -296,14 +296,14 @@ def test_kvshare_train_init_from_starts_from_the_converted_weights(tmp_path):
     hf, converted, run = (str(tmp_path / name) for name in ("hf", "converted", "run"))
     save_hf_llama(hf, vocab=512)
     tok = Tokenizer.load(tu.tokenizer_path())  # 512 pieces of the embedded corpus
-    tok.save(os.path.join(hf, convert.TOKENIZER_FILE))  # travels with the conversion
+    tok.save(os.path.join(hf, checkpoint.TOKENIZER_FILE))  # travels with the conversion
     args = ("--from-hf", hf, "--workdir", converted, "--layout", "lckv:1")
     assert convert_cli(*args, "--kv-init", "average") == 0
     overrides = (*tu.TINY, "train.num_steps=1", "train.learning_rate=0.0", "train.eval_steps=1")
     argv = ["train", "--config", tu.TINY_CONFIG, "--workdir", run, "--init-from", converted]
     assert cli.main(argv + [f"--config.{o}" for o in overrides]) == 0
-    cfg, params, tokenizer, step = checkpoint.load_inference(run)
-    src_cfg, src_params = convert.load_init_params(converted)
+    cfg, params, tokenizer, step = checkpoint.open_model(run)
+    src_cfg, src_params, _, _ = checkpoint.open_model(converted)
     assert step == 1 and cfg.layout.targets == (0, 3, 3, 3)
     assert (cfg.vocab_size, cfg.d_model, cfg.max_len) == (512, 64, 128)
     assert tokenizer.model_proto == tok.model_proto  # the source's, copied into the run
@@ -328,7 +328,7 @@ def test_sliding_layout_needs_a_window(hf_llama, tmp_path, capsys):
     assert "--sliding-window" in capsys.readouterr().err
     args = ("--from-hf", path, "--workdir", workdir, "--layout", "yoco", "--sliding-window", "8")
     assert convert_cli(*args) == 0
-    cfg, _ = convert.load_init_params(workdir)
+    cfg = checkpoint.model_config_of(workdir)
     assert str(cfg.layout) == "0s_1s_2_2" and cfg.sliding_window == 8
 
 
@@ -341,8 +341,8 @@ def test_export_standard_reimports_identically_and_loads_in_transformers(importe
     assert convert_cli("--to-hf", out, "--workdir", imported) == 0
     hf = json.loads(open(os.path.join(out, "config.json")).read())
     assert hf["model_type"] == "llama" and hf["architectures"] == ["LlamaForCausalLM"]
-    cfg, params = convert.load_init_params(imported)
-    cfg2, params2 = convert.load_init_params(out)  # the HF dir, read directly
+    cfg, params, _, _ = checkpoint.open_model(imported)
+    cfg2, params2, _, _ = checkpoint.open_model(out)  # the HF dir, read directly
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, params2, params)
 
@@ -364,8 +364,8 @@ def test_export_shared_layout_writes_lckv_without_non_kv_weights(hf_llama, tmp_p
     names = saved_names(out)
     assert "model.layers.1.self_attn.k_proj.weight" not in names
     assert "model.layers.2.self_attn.k_proj.weight" in names
-    cfg, params = convert.load_init_params(workdir)
-    cfg2, params2 = convert.load_init_params(out)
+    cfg, params, _, _ = checkpoint.open_model(workdir)
+    cfg2, params2, _, _ = checkpoint.open_model(out)
     assert cfg2.layout == cfg.layout
     jax.tree.map(np.testing.assert_array_equal, params2, params)
 

@@ -169,7 +169,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_train_and_one_process_restores(tmp_path):
     """2 processes x 4 CPU devices, mesh data=2 x fsdp=2 x tensor=2, per-process data."""
-    from kvshare_jax.checkpoint import load_inference
+    from kvshare_jax.checkpoint import open_model
 
     workdir = str(tmp_path / "run")
     port = _free_port()
@@ -192,7 +192,7 @@ def test_two_processes_train_and_one_process_restores(tmp_path):
     data_iter = os.path.join(workdir, "checkpoints", "4", "data_iter")
     for i in range(2):  # each process saved the position in its own data shard
         assert os.path.exists(os.path.join(data_iter, f"process_{i}-of-2.json"))
-    cfg, params, tokenizer, step = load_inference(workdir)
+    cfg, params, tokenizer, step = open_model(workdir)
     assert step == 4 and cfg.vocab_size == tokenizer.vocab_size
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
     assert [r["step"] for r in read_metrics(workdir) if "loss" in r] == [2, 4]

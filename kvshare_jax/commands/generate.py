@@ -78,9 +78,9 @@ class _ByteTokenizer:
 def _load_model(args, overrides: list[str]):
     """``(cfg, params or None, tokenizer or None, init seed)``; params None = random init."""
     if args.workdir:
-        from kvshare_jax.checkpoint import load_inference
+        from kvshare_jax.checkpoint import open_model
 
-        cfg, params, tokenizer, _ = load_inference(args.workdir)
+        cfg, params, tokenizer, _ = open_model(args.workdir, need_tokenizer=True)
         return cfg, params, tokenizer, None
     from kvshare_jax.config import load_config, model_config_from
 

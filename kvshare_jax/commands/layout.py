@@ -6,6 +6,7 @@ import argparse
 
 from kvshare_jax.commands import error
 from kvshare_jax.layout import from_spec
+from kvshare_jax.model import ModelConfig
 
 
 def run(argv: list[str]) -> int:
@@ -17,8 +18,11 @@ def run(argv: list[str]) -> int:
     )
     p.add_argument("--layers", type=int, help="number of layers L (implied by a mapping string)")
     p.add_argument("--kv-layers", type=int, help="number of KV layers l for the nine presets")
-    p.add_argument("--forward-passes", type=int, default=7, help="m: passes without gradient")
-    p.add_argument("--backward-passes", type=int, default=2, help="b: passes with gradient")
+    m, b = (
+        ModelConfig.__dataclass_fields__[f].default for f in ("forward_passes", "backward_passes")
+    )
+    p.add_argument("--forward-passes", type=int, default=m, help="m: passes without gradient")
+    p.add_argument("--backward-passes", type=int, default=b, help="b: passes with gradient")
     args = p.parse_args(argv)
     spec = args.spec
     if args.kv_layers is not None and ":" not in spec:
