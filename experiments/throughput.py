@@ -16,8 +16,6 @@ import json
 import os
 import sys
 
-from kvshare_jax.commands import bench as bench_cmd
-
 DEFAULTS = dict(
     batch_sizes="1,32",
     memory_budget="256MiB",
@@ -29,21 +27,22 @@ DEFAULTS = dict(
 def main(argv: list[str]) -> int:
     import jax
 
-    from kvshare_jax import bench
+    from kvshare_jax import bench, bench_report
+    from kvshare_jax.config import parse_with_overrides
 
-    p = bench_cmd.parser("experiments/throughput.py", config="configs/llama_tiny.py")
+    p = bench.arg_parser("experiments/throughput.py", config="configs/llama_tiny.py")
     p.add_argument("--baseline", help="HF baseline JSON (hf_generate_baseline.py)")
     p.set_defaults(**DEFAULTS)
-    args, overrides = bench_cmd.parse(argv, p)
-    results = bench.run_suite(bench_cmd.spec_from_args(args, overrides), progress=not args.quiet)
+    args, overrides = parse_with_overrides(argv, p)
+    results = bench.run_suite(bench.spec_from_args(args, overrides), progress=not args.quiet)
     if args.baseline and os.path.exists(args.baseline):
         with open(args.baseline, encoding="utf-8") as f:
             baseline = json.load(f)
         meta = baseline["meta"]
         name = f"HF transformers {meta['transformers']} (torch {meta['torch']}) generate"
         results["baseline"] = {"name": name, **baseline}
-    paths = bench.write_reports(results, args.out_dir, args.name)
-    print(bench.markdown(results))
+    paths = bench_report.write_reports(results, args.out_dir, args.name)
+    print(bench_report.markdown(results))
     for row in results["rows"]:
         if row["layout"] == "standard":
             for run in row["runs"]:

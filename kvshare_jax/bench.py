@@ -18,9 +18,9 @@ runs all ``gen_len`` steps (the decoder has no early exit anyway).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
-import json
 import os
 import re
 import time
@@ -29,7 +29,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kvshare_jax import aot
 from kvshare_jax.decode import cache_bytes, decode_step, init_cache, prefill
@@ -343,40 +342,50 @@ def _meta(spec: BenchSpec, **extra: Any) -> dict[str, Any]:
     }
 
 
+def measure_layout(
+    name: str, cfg: ModelConfig, params: Params, spec: BenchSpec, bandwidth: float | None = None
+) -> dict[str, Any]:
+    """Everything measured for one layout: timed runs at ``spec.batch_sizes`` (with the
+    decode roofline when ``bandwidth`` is given), and the max batch under
+    ``spec.memory_budget`` with its timed run. ``kvshare bench`` and the study both use
+    it; a new column is added here (and rendered in ``bench_report.py``)."""
+    cache_len = spec.prompt_len + spec.gen_len - 1
+    row = _row(name, cfg, params, cache_len)
+    timed = functools.partial(
+        bench_generate,
+        cfg,
+        params,
+        prompt_len=spec.prompt_len,
+        gen_len=spec.gen_len,
+        warmup=spec.warmup,
+        repeats=spec.repeats,
+    )
+    for b in spec.batch_sizes:
+        result = timed(batch=b)
+        if bandwidth:
+            roofline_s = decode_step_bytes(cfg, params, b, cache_len) / bandwidth
+            result["roofline_step_s"] = roofline_s
+            result["roofline_fraction"] = roofline_s / result["decode_step_s"]
+        row["runs"].append(result)
+    if spec.memory_budget is not None:
+        b, mem = max_batch(cfg, spec.memory_budget, spec.prompt_len, spec.gen_len)
+        row["memory_budget"] = spec.memory_budget
+        row["max_batch"], row["max_batch_memory"] = b, mem
+        row["max_batch_run"] = timed(batch=b) if b > 0 else None
+    return row
+
+
 def run_suite(spec: BenchSpec, progress: bool = True) -> dict[str, Any]:
     """Benchmarks every layout; returns the JSON-ready results."""
     from tqdm import tqdm
 
     layouts = _check_spec(spec)
     bandwidth = copy_bandwidth()
-    cache_len = spec.prompt_len + spec.gen_len - 1
     rows = []
     for name, layout in tqdm(layouts.items(), desc="layouts", disable=not progress):
         cfg = dataclasses.replace(spec.base, layout=layout)
         params = init_params(cfg, jax.random.key(spec.seed))
-        row = _row(name, cfg, params, cache_len)
-        timed = functools.partial(
-            bench_generate,
-            cfg,
-            params,
-            prompt_len=spec.prompt_len,
-            gen_len=spec.gen_len,
-            warmup=spec.warmup,
-            repeats=spec.repeats,
-        )
-        for b in spec.batch_sizes:
-            result = timed(batch=b)
-            roofline_s = decode_step_bytes(cfg, params, b, cache_len) / bandwidth
-            result["roofline_step_s"] = roofline_s
-            result["roofline_fraction"] = roofline_s / result["decode_step_s"]
-            row["runs"].append(result)
-        if spec.memory_budget is not None:
-            b, mem = max_batch(cfg, spec.memory_budget, spec.prompt_len, spec.gen_len)
-            row["max_batch"] = b
-            row["max_batch_memory"] = mem
-            if b > 0:
-                row["max_batch_run"] = timed(batch=b)
-        rows.append(row)
+        rows.append(measure_layout(name, cfg, params, spec, bandwidth))
         compile_generate.cache_clear()
         jax.clear_caches()
     meta = _meta(spec, **device_info(), copy_bandwidth_bytes_s=bandwidth)
@@ -419,186 +428,52 @@ def compile_suite(spec: BenchSpec, topology: str, progress: bool = True) -> dict
     return {"meta": meta, "rows": rows}
 
 
-# ---------------------------------------------------------------- reports
-def _model_text(meta: dict[str, Any]) -> str:
-    m = meta["model"]
-    return (
-        f"dtype {meta['dtype']}; model L={m['num_layers']} d={m['d_model']} heads "
-        f"{m['num_heads']}/{m['num_kv_heads']} d_ff={m['d_ff']} vocab {m['vocab_size']}; "
-        f"prompt {meta['prompt_len']} + {meta['gen_len']} new tokens"
+# ---------------------------------------------------------------- flags
+def arg_parser(prog: str, config: str | None = None) -> argparse.ArgumentParser:
+    """The flags of ``kvshare bench`` (``experiments/throughput.py`` reuses them with a
+    default ``config``)."""
+    p = argparse.ArgumentParser(prog=prog, description="generation benchmark per layout")
+    p.add_argument(
+        "--config",
+        required=config is None,
+        default=config,
+        help="config file (overrides: --config.a.b=v)",
     )
-
-
-def markdown_compiled(results: dict[str, Any]) -> str:
-    """The table of :func:`compile_suite`: max batch per layout on one TPU device."""
-    meta, rows = results["meta"], results["rows"]
-    chip = meta["chip"]
-    std = next((r for r in rows if r["layout"] == "standard" and r["max_batch"]), None)
-    lines = [
-        f"Compiled, not run: one {meta['device_kind']} of {meta['topology']} (TPU compiler's "
-        f"memory account, jax {meta['jax_version']}), budget "
-        f"{meta['memory_budget'] / 2**30:.2f} GiB; {_model_text(meta)}. Roofline: (params + "
-        f"cache) bytes per decode step / {chip['hbm_bandwidth'] / 1e9:.0f} GB/s.",
-        "",
-        "| layout | KV layers | cache MiB/seq | max batch | vs standard | program GiB "
-        "| e2e tok/s | roofline decode ms/step | roofline tok/s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        cells = [r["layout"], str(r["kv_layers"]), f"{r['cache_bytes_per_seq'] / MIB:.2f}"]
-        cells.append(str(r["max_batch"]))
-        cells.append(f"{r['max_batch'] / std['max_batch']:.2f}x" if std else "-")
-        if r["max_batch"]:
-            roof = r["max_batch_roofline"]
-            cells += [f"{r['max_batch_memory']['total_bytes'] / 2**30:.2f}", "not measured"]
-            cells += [f"{roof['decode_step_s'] * 1e3:.2f}", f"{roof['decode_tok_s']:.0f}"]
-        else:
-            cells += ["-", "not measured", "-", "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def markdown(results: dict[str, Any]) -> str:
-    """Tables of the results (throughput per batch size; the memory-budget search)."""
-    meta, rows = results["meta"], results["rows"]
-    if meta.get("measured") is False:
-        return markdown_compiled(results)
-    m = meta["model"]
-    lines = [
-        f"Device: {meta['device_kind']} ({meta['platform']}, {meta['cpu_count']} CPUs), "
-        f"jax {meta['jax_version']}, dtype {meta['dtype']}; model L={m['num_layers']} "
-        f"d={m['d_model']} heads {m['num_heads']}/{m['num_kv_heads']} d_ff={m['d_ff']} "
-        f"vocab {m['vocab_size']}; prompt {meta['prompt_len']} + {meta['gen_len']} new "
-        f"tokens; copy bandwidth {meta['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s; "
-        f"best of {meta['repeats']} after {meta['warmup']} warm-up.",
-        "",
-    ]
-    batches = meta["batch_sizes"]
-    head = ["layout", "mapping", "KV layers", "cache MiB/seq"]
-    for b in batches:
-        head += [f"b={b} e2e tok/s", f"b={b} decode tok/s", f"b={b} prefill ms"]
-        head += [f"b={b} roofline", f"b={b} program MiB"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["layout"], f"`{r['mapping']}`", str(r["kv_layers"])]
-        cells.append(f"{r['cache_bytes_per_seq'] / MIB:.2f}")
-        for run in r["runs"]:
-            cells += [f"{run['e2e_tok_s']:.0f}", f"{run['decode_tok_s']:.0f}"]
-            cells += [f"{run['prefill_s'] * 1e3:.1f}", f"{run['roofline_fraction']:.0%}"]
-            cells.append(f"{run['memory']['total_bytes'] / MIB:.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    if meta["memory_budget"] is not None:
-        std = next((r for r in rows if r["layout"] == "standard" and r["max_batch"]), None)
-        std_tok = std["max_batch_run"]["e2e_tok_s"] if std else None
-        lines += [
-            "",
-            f"Memory budget {meta['memory_budget'] / MIB:.0f} MiB (compiled program: params "
-            "+ cache + work space):",
-            "",
-            "| layout | KV layers | max batch | program MiB | e2e tok/s | decode tok/s "
-            "| vs standard |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            if not r["max_batch"]:
-                lines.append(f"| {r['layout']} | {r['kv_layers']} | 0 | - | - | - | - |")
-                continue
-            run, mem = r["max_batch_run"], r["max_batch_memory"]
-            ratio = f"{run['e2e_tok_s'] / std_tok:.2f}x" if std_tok else "-"
-            lines.append(
-                f"| {r['layout']} | {r['kv_layers']} | {r['max_batch']} | "
-                f"{mem['total_bytes'] / MIB:.0f} | {run['e2e_tok_s']:.0f} | "
-                f"{run['decode_tok_s']:.0f} | {ratio} |"
-            )
-    if "baseline" in results:
-        base = results["baseline"]
-        lines += [
-            "",
-            f"Against {base['name']} (same shape, prompt and batch; tokens/s include prefill):",
-            "",
-            "| batch | baseline tok/s | standard tok/s | speedup |",
-            "|---|---|---|---|",
-        ]
-        std = next(r for r in rows if r["layout"] == "standard")
-        ours = {run["batch"]: run["e2e_tok_s"] for run in std["runs"]}
-        for run in base["runs"]:
-            if run["batch"] in ours:
-                mine = ours[run["batch"]]
-                lines.append(
-                    f"| {run['batch']} | {run['e2e_tok_s']:.0f} | {mine:.0f} | "
-                    f"{mine / run['e2e_tok_s']:.2f}x |"
-                )
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: dict[str, Any], path: str) -> None:
-    """Bar charts: e2e throughput per layout for each batch size (and at max batch); for
-    compile-only results, max batch and roofline throughput."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if results["meta"].get("measured") is False:
-        return _plot_compiled(results, path, plt)
-    rows, meta = results["rows"], results["meta"]
-    names = [f"{r['layout']}\n({r['kv_layers']} KV)" for r in rows]
-    series = {f"b={run['batch']}": [] for run in rows[0]["runs"]}
-    for r in rows:
-        for run in r["runs"]:
-            series[f"b={run['batch']}"].append(run["e2e_tok_s"])
-    if meta["memory_budget"] is not None:
-        series[f"max batch @ {meta['memory_budget'] / MIB:.0f} MiB"] = [
-            r["max_batch_run"]["e2e_tok_s"] if r["max_batch"] else 0.0 for r in rows
-        ]
-    fig, axes = plt.subplots(len(series), 1, figsize=(max(8, len(rows)), 3 * len(series)))
-    for ax, (label, values) in zip(np.atleast_1d(axes), series.items(), strict=True):
-        ax.bar(range(len(rows)), values, color="tab:blue")
-        ax.set_ylabel("tokens/s")
-        ax.set_title(f"generation throughput, {label}")
-        ax.set_xticks(range(len(rows)), names, fontsize=7)
-    fig.suptitle(
-        f"{meta['device_kind']} {meta['dtype']}, prompt {meta['prompt_len']} + "
-        f"{meta['gen_len']} new tokens",
-        fontsize=9,
+    p.add_argument("--layouts", help="comma-separated layout specs (default: see above)")
+    p.add_argument("--kv-layers", type=int, help="l of the nine default presets (default L/2)")
+    p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens (default 16 CPU / 512 acc.)")
+    p.add_argument("--gen-len", type=int, help="new tokens (default 128 CPU / 1024 acc.)")
+    p.add_argument("--memory-budget", help="find the max batch under this size, e.g. 2GiB")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per program")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (best is reported)")
+    p.add_argument("--out-dir", default="experiments/results", help="where reports go")
+    p.add_argument("--name", help="report file name (default throughput_<platform>)")
+    p.add_argument(
+        "--topology",
+        help="compile only, for one device of this TPU slice (e.g. v5e:1x1): the max-batch "
+        "column from the TPU compiler's memory account (budget: the chip's HBM)",
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
 
 
-def _plot_compiled(results: dict[str, Any], path: str, plt: Any) -> None:
-    rows, meta = results["rows"], results["meta"]
-    names = [f"{r['layout']}\n({r['kv_layers']} KV)" for r in rows]
-    series = {
-        "max batch": [r["max_batch"] for r in rows],
-        "roofline tokens/s at max batch": [
-            r["max_batch_roofline"]["decode_tok_s"] if r["max_batch"] else 0 for r in rows
-        ],
-    }
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.9 * len(rows)), 6))
-    for ax, (label, values) in zip(axes, series.items(), strict=True):
-        ax.bar(range(len(rows)), values, color="tab:green")
-        ax.set_title(label, fontsize=9)
-        ax.set_xticks(range(len(rows)), names, fontsize=7, rotation=30, ha="right")
-    fig.suptitle(
-        f"{meta['device_kind']} ({meta['topology']}), {meta['memory_budget'] / 2**30:.1f} GiB, "
-        f"prompt {meta['prompt_len']} + {meta['gen_len']} (compiled, not run)",
-        fontsize=9,
+def spec_from_args(args: argparse.Namespace, overrides: tuple[str, ...]) -> BenchSpec:
+    """The :class:`BenchSpec` the flags of :func:`arg_parser` describe."""
+    from kvshare_jax.config import load_config, model_config_from
+    from kvshare_jax.layout import preset_specs
+
+    cfg = model_config_from(load_config(args.config, overrides))
+    kv_layers = args.kv_layers or max(1, cfg.num_layers // 2)
+    layouts = args.layouts.split(",") if args.layouts else preset_specs(kv_layers)
+    prompt_len, gen_len = default_lengths("tpu" if args.topology else None)
+    return BenchSpec(
+        base=cfg,
+        layouts=[s.strip() for s in layouts if s.strip()],
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",") if b.strip()],
+        prompt_len=args.prompt_len or prompt_len,
+        gen_len=args.gen_len or gen_len,
+        memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
+        warmup=args.warmup,
+        repeats=args.repeats,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_reports(results: dict[str, Any], out_dir: str, name: str) -> dict[str, str]:
-    """Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` under ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "md", "png")}
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    with open(paths["md"], "w", encoding="utf-8") as f:
-        f.write(markdown(results))
-    plot(results, paths["png"])
-    return paths

@@ -6,6 +6,7 @@ field can also be overridden on the command line (``--config.model.layout=yoco``
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import ml_collections
@@ -153,3 +154,15 @@ def apply_override(config: ml_collections.ConfigDict, key: str, value: str) -> N
         import ast
 
         node[leaf] = ast.literal_eval(value)
+
+
+def parse_with_overrides(
+    argv: list[str], parser: argparse.ArgumentParser
+) -> tuple[argparse.Namespace, tuple[str, ...]]:
+    """Flags plus ``--config.a.b=value`` overrides (returned as ``"config.a.b=value"``
+    without the dashes); raises ``ValueError`` on other unknown flags."""
+    args, rest = parser.parse_known_args(argv)
+    overrides = tuple(a.removeprefix("--") for a in rest if a.startswith("--config."))
+    if len(overrides) != len(rest):
+        raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
+    return args, overrides

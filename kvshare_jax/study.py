@@ -33,9 +33,7 @@ from jax.experimental import multihost_utils
 from kvshare_jax import bench, report
 from kvshare_jax.checkpoint import open_model
 from kvshare_jax.data import get_tokenizer
-from kvshare_jax.decode import cache_bytes
 from kvshare_jax.layout import PRESETS, STANDARD, from_spec
-from kvshare_jax.model import count_params
 from kvshare_jax.report import Cell
 from kvshare_jax.train import Trainer, train_and_evaluate
 
@@ -131,23 +129,15 @@ def benchmark(workdir: str, settings: ml_collections.ConfigDict) -> dict[str, An
     fits ``settings.memory_budget`` (a ``study`` section) and its throughput, plus the
     fixed ``settings.bench_batch_sizes``."""
     cfg, params, _, _ = open_model(workdir)
-    lengths = {"prompt_len": int(settings.prompt_len), "gen_len": int(settings.gen_len)}
-    budget = bench.parse_bytes(settings.memory_budget)
-    batch, memory = bench.max_batch(cfg, budget, **lengths)
-    runs = [
-        bench.bench_generate(cfg, params, batch=int(b), **lengths)
-        for b in settings.bench_batch_sizes
-    ]
-    at_max = bench.bench_generate(cfg, params, batch=batch, **lengths) if batch else None
-    return {
-        "params": count_params(params),
-        "cache_bytes_per_seq": cache_bytes(cfg, 1, sum(lengths.values()) - 1),
-        "memory_budget": budget,
-        "max_batch": batch,
-        "max_batch_memory": memory,
-        "max_batch_run": at_max,
-        "runs": runs,
-    }
+    spec = bench.BenchSpec(
+        base=cfg,
+        layouts=[str(cfg.layout)],
+        batch_sizes=[int(b) for b in settings.bench_batch_sizes],
+        prompt_len=int(settings.prompt_len),
+        gen_len=int(settings.gen_len),
+        memory_budget=bench.parse_bytes(settings.memory_budget),
+    )
+    return bench.measure_layout(str(cfg.layout), cfg, params, spec)
 
 
 def run_cell(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -> dict[str, Any]:

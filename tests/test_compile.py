@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="TPU compiles need libtpu (the [tpu] extra)")
 
-from kvshare_jax import aot, bench, cli
+from kvshare_jax import aot, bench, bench_report, cli
 from kvshare_jax.config import load_config, model_config_from
 from kvshare_jax.layout import from_spec
 
@@ -163,7 +163,7 @@ def test_bench_topology_max_batch():
         over = bench.program_memory(layout_cfg, 2 * row["max_batch"], 8, 64, device)
         assert over["total_bytes"] > spec.memory_budget
         assert row["max_batch_roofline"]["decode_tok_s"] > 0
-    text = bench.markdown(results)
+    text = bench_report.markdown(results)
     assert "not measured" in text and "TPU v5 lite" in text
 
 

@@ -18,7 +18,8 @@ import json
 import os
 from typing import Any
 
-from kvshare_jax.commands import error, parse_with_overrides
+from kvshare_jax.commands import error
+from kvshare_jax.config import parse_with_overrides
 
 PROG = "kvshare compile"
 PROGRAMS = ("train_step", "generate")

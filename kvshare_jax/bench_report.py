@@ -1,0 +1,199 @@
+"""Rendering of generation-benchmark results (``kvshare_jax/bench.py`` measures):
+markdown tables, bar charts and the JSON/markdown/PNG files.
+
+A new benchmark column is one edit where ``bench.py`` measures it and one here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+MIB = 2**20
+
+
+def _model_text(meta: dict[str, Any]) -> str:
+    m = meta["model"]
+    return (
+        f"dtype {meta['dtype']}; model L={m['num_layers']} d={m['d_model']} heads "
+        f"{m['num_heads']}/{m['num_kv_heads']} d_ff={m['d_ff']} vocab {m['vocab_size']}; "
+        f"prompt {meta['prompt_len']} + {meta['gen_len']} new tokens"
+    )
+
+
+def markdown_compiled(results: dict[str, Any]) -> str:
+    """The table of :func:`compile_suite`: max batch per layout on one TPU device."""
+    meta, rows = results["meta"], results["rows"]
+    chip = meta["chip"]
+    std = next((r for r in rows if r["layout"] == "standard" and r["max_batch"]), None)
+    lines = [
+        f"Compiled, not run: one {meta['device_kind']} of {meta['topology']} (TPU compiler's "
+        f"memory account, jax {meta['jax_version']}), budget "
+        f"{meta['memory_budget'] / 2**30:.2f} GiB; {_model_text(meta)}. Roofline: (params + "
+        f"cache) bytes per decode step / {chip['hbm_bandwidth'] / 1e9:.0f} GB/s.",
+        "",
+        "| layout | KV layers | cache MiB/seq | max batch | vs standard | program GiB "
+        "| e2e tok/s | roofline decode ms/step | roofline tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [r["layout"], str(r["kv_layers"]), f"{r['cache_bytes_per_seq'] / MIB:.2f}"]
+        cells.append(str(r["max_batch"]))
+        cells.append(f"{r['max_batch'] / std['max_batch']:.2f}x" if std else "-")
+        if r["max_batch"]:
+            roof = r["max_batch_roofline"]
+            cells += [f"{r['max_batch_memory']['total_bytes'] / 2**30:.2f}", "not measured"]
+            cells += [f"{roof['decode_step_s'] * 1e3:.2f}", f"{roof['decode_tok_s']:.0f}"]
+        else:
+            cells += ["-", "not measured", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """Tables of the results (throughput per batch size; the memory-budget search)."""
+    meta, rows = results["meta"], results["rows"]
+    if meta.get("measured") is False:
+        return markdown_compiled(results)
+    m = meta["model"]
+    lines = [
+        f"Device: {meta['device_kind']} ({meta['platform']}, {meta['cpu_count']} CPUs), "
+        f"jax {meta['jax_version']}, dtype {meta['dtype']}; model L={m['num_layers']} "
+        f"d={m['d_model']} heads {m['num_heads']}/{m['num_kv_heads']} d_ff={m['d_ff']} "
+        f"vocab {m['vocab_size']}; prompt {meta['prompt_len']} + {meta['gen_len']} new "
+        f"tokens; copy bandwidth {meta['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s; "
+        f"best of {meta['repeats']} after {meta['warmup']} warm-up.",
+        "",
+    ]
+    batches = meta["batch_sizes"]
+    head = ["layout", "mapping", "KV layers", "cache MiB/seq"]
+    for b in batches:
+        head += [f"b={b} e2e tok/s", f"b={b} decode tok/s", f"b={b} prefill ms"]
+        head += [f"b={b} roofline", f"b={b} program MiB"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["layout"], f"`{r['mapping']}`", str(r["kv_layers"])]
+        cells.append(f"{r['cache_bytes_per_seq'] / MIB:.2f}")
+        for run in r["runs"]:
+            cells += [f"{run['e2e_tok_s']:.0f}", f"{run['decode_tok_s']:.0f}"]
+            cells += [f"{run['prefill_s'] * 1e3:.1f}", f"{run['roofline_fraction']:.0%}"]
+            cells.append(f"{run['memory']['total_bytes'] / MIB:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if meta["memory_budget"] is not None:
+        std = next((r for r in rows if r["layout"] == "standard" and r["max_batch"]), None)
+        std_tok = std["max_batch_run"]["e2e_tok_s"] if std else None
+        lines += [
+            "",
+            f"Memory budget {meta['memory_budget'] / MIB:.0f} MiB (compiled program: params "
+            "+ cache + work space):",
+            "",
+            "| layout | KV layers | max batch | program MiB | e2e tok/s | decode tok/s "
+            "| vs standard |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            if not r["max_batch"]:
+                lines.append(f"| {r['layout']} | {r['kv_layers']} | 0 | - | - | - | - |")
+                continue
+            run, mem = r["max_batch_run"], r["max_batch_memory"]
+            ratio = f"{run['e2e_tok_s'] / std_tok:.2f}x" if std_tok else "-"
+            lines.append(
+                f"| {r['layout']} | {r['kv_layers']} | {r['max_batch']} | "
+                f"{mem['total_bytes'] / MIB:.0f} | {run['e2e_tok_s']:.0f} | "
+                f"{run['decode_tok_s']:.0f} | {ratio} |"
+            )
+    if "baseline" in results:
+        base = results["baseline"]
+        lines += [
+            "",
+            f"Against {base['name']} (same shape, prompt and batch; tokens/s include prefill):",
+            "",
+            "| batch | baseline tok/s | standard tok/s | speedup |",
+            "|---|---|---|---|",
+        ]
+        std = next(r for r in rows if r["layout"] == "standard")
+        ours = {run["batch"]: run["e2e_tok_s"] for run in std["runs"]}
+        for run in base["runs"]:
+            if run["batch"] in ours:
+                mine = ours[run["batch"]]
+                lines.append(
+                    f"| {run['batch']} | {run['e2e_tok_s']:.0f} | {mine:.0f} | "
+                    f"{mine / run['e2e_tok_s']:.2f}x |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    """Bar charts: e2e throughput per layout for each batch size (and at max batch); for
+    compile-only results, max batch and roofline throughput."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if results["meta"].get("measured") is False:
+        return _plot_compiled(results, path, plt)
+    rows, meta = results["rows"], results["meta"]
+    names = [f"{r['layout']}\n({r['kv_layers']} KV)" for r in rows]
+    series = {f"b={run['batch']}": [] for run in rows[0]["runs"]}
+    for r in rows:
+        for run in r["runs"]:
+            series[f"b={run['batch']}"].append(run["e2e_tok_s"])
+    if meta["memory_budget"] is not None:
+        series[f"max batch @ {meta['memory_budget'] / MIB:.0f} MiB"] = [
+            r["max_batch_run"]["e2e_tok_s"] if r["max_batch"] else 0.0 for r in rows
+        ]
+    fig, axes = plt.subplots(len(series), 1, figsize=(max(8, len(rows)), 3 * len(series)))
+    for ax, (label, values) in zip(np.atleast_1d(axes), series.items(), strict=True):
+        ax.bar(range(len(rows)), values, color="tab:blue")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"generation throughput, {label}")
+        ax.set_xticks(range(len(rows)), names, fontsize=7)
+    fig.suptitle(
+        f"{meta['device_kind']} {meta['dtype']}, prompt {meta['prompt_len']} + "
+        f"{meta['gen_len']} new tokens",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_compiled(results: dict[str, Any], path: str, plt: Any) -> None:
+    rows, meta = results["rows"], results["meta"]
+    names = [f"{r['layout']}\n({r['kv_layers']} KV)" for r in rows]
+    series = {
+        "max batch": [r["max_batch"] for r in rows],
+        "roofline tokens/s at max batch": [
+            r["max_batch_roofline"]["decode_tok_s"] if r["max_batch"] else 0 for r in rows
+        ],
+    }
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.9 * len(rows)), 6))
+    for ax, (label, values) in zip(axes, series.items(), strict=True):
+        ax.bar(range(len(rows)), values, color="tab:green")
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks(range(len(rows)), names, fontsize=7, rotation=30, ha="right")
+    fig.suptitle(
+        f"{meta['device_kind']} ({meta['topology']}), {meta['memory_budget'] / 2**30:.1f} GiB, "
+        f"prompt {meta['prompt_len']} + {meta['gen_len']} (compiled, not run)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(results: dict[str, Any], out_dir: str, name: str) -> dict[str, str]:
+    """Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` under ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "md", "png")}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    with open(paths["md"], "w", encoding="utf-8") as f:
+        f.write(markdown(results))
+    plot(results, paths["png"])
+    return paths
