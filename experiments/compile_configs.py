@@ -20,7 +20,7 @@ from pathlib import Path
 
 import jax
 
-from kvshare_jax.commands.compile import compile_config
+from kvshare_jax.aot import compile_config
 from kvshare_jax.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from kvshare_jax import sharding
 from kvshare_jax.config import model_config_from
 from kvshare_jax.model import ModelConfig, init_params
-from kvshare_jax.target import quiet_libtpu
+from kvshare_jax.target import compile_only_libtpu
 
 GIB = 2**30
 
@@ -84,7 +84,7 @@ def topology(name: str) -> tuple[Any, ...]:
             f"{', '.join(GENERATIONS)} (e.g. v5e:4x4, v4:2x2x1)"
         )
     dims = tuple(int(d) for d in m.group(2).split("x"))
-    quiet_libtpu()
+    compile_only_libtpu()
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=name.strip())
     except Exception as e:  # noqa: BLE001 - libtpu raises plain runtime errors
@@ -385,3 +385,65 @@ def overrides_text(overrides: dict[str, Any]) -> str:
         return str(v).lower() if isinstance(v, bool) else str(v)
 
     return " ".join(f"--config.{k}={value(v)}" for k, v in overrides.items())
+
+
+# ---------------------------------------------------------------- the plan
+PROGRAMS = ("train_step", "generate")
+
+
+def generate_lengths(config: Any, prompt_len: int | None, gen_len: int | None) -> tuple[int, int]:
+    """The generate program's lengths: the flags, else the study's, else 512 prompt tokens
+    (a quarter of the context when shorter) and the rest of the context."""
+    max_len = int(config.model.max_len)
+    study = config.get("study")
+    prompt = prompt_len or (study.prompt_len if study else min(512, max_len // 4))
+    gen = gen_len or (study.gen_len if study else max_len - prompt)
+    if prompt < 1 or gen < 1 or prompt + gen > max_len:
+        raise ValueError(
+            f"prompt {prompt} + generated {gen} tokens must be >= 1 each and fit the "
+            f"context of {max_len}"
+        )
+    return prompt, gen
+
+
+def compile_config(
+    config: Any,
+    slice_name: str,
+    programs: tuple[str, ...] = PROGRAMS,
+    *,
+    gen_batch: int = 1,
+    prompt_len: int | None = None,
+    gen_len: int | None = None,
+    search: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """What ``kvshare compile`` reports: the train step (with a fit search when it does
+    not fit and ``search``) and the generation program, compiled for the TPU slice
+    ``slice_name`` (e.g. ``"v5e:4x4"``); JSON-ready."""
+    devices = topology(slice_name)
+    out: dict[str, Any] = {
+        "topology": slice_name,
+        "device_kind": devices[0].device_kind,
+        "num_devices": len(devices),
+        "num_hosts": num_hosts(devices),
+        "chip": vars(chip_of(devices[0])),
+        "programs": {},
+    }
+    if "generate" in programs:  # validate its flags before the long train compile
+        if gen_batch < 1:
+            raise ValueError(f"--gen-batch must be >= 1, got {gen_batch}")
+        lengths = generate_lengths(config, prompt_len, gen_len)
+    if "train_step" in programs:
+        train = train_program(config, devices)
+        out["programs"]["train_step"] = train
+        if not train["fits"] and search:
+            overrides, fit = find_fit(config, devices, progress=progress)
+            out["suggestion"] = (
+                {"overrides": overrides_text(overrides), "train_step": fit}
+                if overrides
+                else {"overrides": None, "note": "no grad_accum/remat/fsdp setting fits"}
+            )
+    if "generate" in programs:
+        cfg = model_config_from(config)
+        out["programs"]["generate"] = generate_program(cfg, devices[0], gen_batch, *lengths)
+    return out

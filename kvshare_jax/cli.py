@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
-    from kvshare_jax.target import quiet_libtpu
+    from kvshare_jax.target import compile_only_libtpu
 
-    quiet_libtpu()
+    compile_only_libtpu()
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"kvshare: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)

@@ -62,13 +62,16 @@ def target_device_kind(mesh: Mesh | AbstractMesh | None = None) -> str:
     return found[1] if found else jax.devices()[0].device_kind
 
 
-def quiet_libtpu() -> None:
-    """On a host that is not a TPU VM (no ``/dev/accel*`` or ``/dev/vfio``) or that runs
-    JAX on CPU, tell libtpu (installed for compile-only TPU topologies) what its host
-    probe would look up, so that it prints no warnings. Call before JAX starts."""
+def compile_only_libtpu() -> None:
+    """Settings for libtpu on a host that is not a TPU VM (no ``/dev/accel*`` or
+    ``/dev/vfio``) or that runs JAX on CPU, where libtpu only compiles for compile-only
+    topologies: let several processes load it (it takes a host-wide lock otherwise, so
+    pytest workers would fail), and tell it what its host probe would look up, so that
+    it prints no warnings. Call before JAX starts a backend."""
     on_cpu = os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
     if not on_cpu and (glob.glob("/dev/accel*") or os.path.exists("/dev/vfio")):
         return
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")

@@ -6,6 +6,7 @@ import json
 
 import jax
 import pytest
+from tinymodel import small_config
 
 from kvshare_jax import bench
 from kvshare_jax.commands import bench as bench_cmd
@@ -17,9 +18,7 @@ PROMPT, GEN = 4, 4
 
 
 def config(spec: str) -> ModelConfig:
-    return ModelConfig.create(
-        spec, 2, vocab_size=64, d_model=32, num_heads=2, num_kv_heads=2, d_ff=64, max_len=16
-    )
+    return small_config(spec, 2, vocab_size=64, d_model=32, num_heads=2, d_ff=64, max_len=16)
 
 
 def test_parse_bytes():

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import test_model
+from tinymodel import VOCAB
+from tinymodel import small_config as tiny_config
 
 from kvshare_jax.commands import generate as generate_cmd
 from kvshare_jax.decode import (
@@ -32,7 +33,7 @@ from kvshare_jax.layout import (
 from kvshare_jax.model import ModelConfig, forward, init_params, sequential_logits
 from kvshare_jax.sampling import Sampling, sample
 
-L, VOCAB, KV = 6, test_model.VOCAB, 3
+L, KV = 6, 3
 PRESET_SPECS = [s for s in preset_specs(KV) if s != STANDARD]
 LAYOUT_SPECS = [*PRESET_SPECS, STANDARD, "yoco"]
 PROMPT_WIDTH, LENGTHS, NEW = 6, (6, 2, 4), 5
@@ -43,8 +44,8 @@ SAMPLING_SPEC = "0_2_2"  # 3 layers, one upward block: cheap programs for sampli
 
 
 def small_config(spec: str, layers: int = L, **kw) -> ModelConfig:
-    """test_model's small model with a 24-token context and a window of 3."""
-    return test_model.small_config(spec, layers, **{"max_len": 24, "sliding_window": 3, **kw})
+    """The tiny model with a 24-token context and a window of 3."""
+    return tiny_config(spec, layers, **{"max_len": 24, "sliding_window": 3, **kw})
 
 
 @functools.cache

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tinymodel import VOCAB, L, small_config
 
 from kvshare_jax.layout import from_spec
 from kvshare_jax.model import (
@@ -18,25 +19,11 @@ from kvshare_jax.model import (
     sequential_logits,
 )
 
-L, VOCAB, T = 6, 97, 12
+T = 12
 PRESET_SPECS = [
     f"{p}-{q}:3" for p in ("pizza", "sandwich", "lasagna") for q in ("bottom", "top", "middle")
 ]
 METHOD_SPECS = ["standard", "yoco", "cla:2", "lckv:1", "mlkv:2", "0_3_0_3_4_5", "2_3_2_3_5_5"]
-
-
-def small_config(spec: str, layers: int = L, **kw) -> ModelConfig:
-    """A d=64 model of ``layers`` layers (GQA 4/2, window 4); ``kw`` overrides fields."""
-    base = dict(
-        vocab_size=VOCAB,
-        d_model=64,
-        num_heads=4,
-        num_kv_heads=2,
-        d_ff=96,
-        max_len=64,
-        sliding_window=4,
-    )
-    return ModelConfig.create(spec, layers, **{**base, **kw})
 
 
 def tokens(seed: int = 1, batch: int = 2, length: int = T) -> jax.Array:

@@ -22,7 +22,6 @@ from kvshare_jax.commands import error
 from kvshare_jax.config import parse_with_overrides
 
 PROG = "kvshare compile"
-PROGRAMS = ("train_step", "generate")
 _ALIASES = {"train": "train_step", "train_step": "train_step", "generate": "generate"}
 
 
@@ -41,65 +40,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 _error = functools.partial(error, PROG)
-
-
-def generate_lengths(config: Any, prompt_len: int | None, gen_len: int | None) -> tuple[int, int]:
-    """The generate program's lengths: the flags, else the study's, else 512 prompt tokens
-    (a quarter of the context when shorter) and the rest of the context."""
-    max_len = int(config.model.max_len)
-    study = config.get("study")
-    prompt = prompt_len or (study.prompt_len if study else min(512, max_len // 4))
-    gen = gen_len or (study.gen_len if study else max_len - prompt)
-    if prompt < 1 or gen < 1 or prompt + gen > max_len:
-        raise ValueError(
-            f"prompt {prompt} + generated {gen} tokens must be >= 1 each and fit the "
-            f"context of {max_len}"
-        )
-    return prompt, gen
-
-
-def compile_config(
-    config: Any,
-    topology: str,
-    programs: tuple[str, ...] = PROGRAMS,
-    *,
-    gen_batch: int = 1,
-    prompt_len: int | None = None,
-    gen_len: int | None = None,
-    search: bool = True,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """The JSON-ready report of ``kvshare compile`` (see the module docstring)."""
-    from kvshare_jax import aot
-    from kvshare_jax.config import model_config_from
-
-    devices = aot.topology(topology)
-    out: dict[str, Any] = {
-        "topology": topology,
-        "device_kind": devices[0].device_kind,
-        "num_devices": len(devices),
-        "num_hosts": aot.num_hosts(devices),
-        "chip": vars(aot.chip_of(devices[0])),
-        "programs": {},
-    }
-    if "generate" in programs:  # validate its flags before the long train compile
-        if gen_batch < 1:
-            raise ValueError(f"--gen-batch must be >= 1, got {gen_batch}")
-        lengths = generate_lengths(config, prompt_len, gen_len)
-    if "train_step" in programs:
-        train = aot.train_program(config, devices)
-        out["programs"]["train_step"] = train
-        if not train["fits"] and search:
-            overrides, fit = aot.find_fit(config, devices, progress=progress)
-            out["suggestion"] = (
-                {"overrides": aot.overrides_text(overrides), "train_step": fit}
-                if overrides
-                else {"overrides": None, "note": "no grad_accum/remat/fsdp setting fits"}
-            )
-    if "generate" in programs:
-        cfg = model_config_from(config)
-        out["programs"]["generate"] = aot.generate_program(cfg, devices[0], gen_batch, *lengths)
-    return out
 
 
 def _gib(x: float | None) -> str:
@@ -149,6 +89,7 @@ def render(report: dict[str, Any]) -> str:
 
 
 def run(argv: list[str]) -> int:
+    from kvshare_jax import aot
     from kvshare_jax.config import load_config
 
     try:
@@ -160,7 +101,7 @@ def run(argv: list[str]) -> int:
         if args.json and os.path.isdir(args.json):
             raise ValueError(f"--json {args.json} is a directory")
         config = load_config(args.config, overrides)
-        report = compile_config(
+        report = aot.compile_config(
             config,
             args.topology,
             tuple(dict.fromkeys(_ALIASES[n] for n in names)),

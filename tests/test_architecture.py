@@ -1,0 +1,112 @@
+"""The import graph is a clean stack: no cycles, no arrow that climbs back up.
+
+Every ``import`` of a ``kvshare_jax`` module counts, wherever it is (module level,
+inside functions, under ``TYPE_CHECKING``). Floors follow docs/design.md's module map:
+a module may import its own package's modules and modules on lower floors only.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOORS = [
+    {"layout", "masks", "target", "sampling", "metrics", "data"},
+    {"kernels"},
+    {"attention"},
+    {"model"},
+    {"config", "sharding", "decode", "hf_io"},
+    {"checkpoint"},
+    {"train", "convert", "lm_eval_adapter"},
+    {"aot"},
+    {"bench"},
+    {"bench_report", "report"},
+    {"study"},
+    {"commands", "cli"},
+]
+FLOOR = {name: i for i, names in enumerate(FLOORS) for name in names}
+
+
+def _module_name(path: Path) -> str:
+    name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    return name.removesuffix(".__init__")
+
+
+def _imports(path: Path, prefix: str = "kvshare_jax") -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(prefix):
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith(prefix)}
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    """Module -> the ``kvshare_jax`` modules it imports (packages count as modules)."""
+    files = {_module_name(p): p for p in (ROOT / "kvshare_jax").rglob("*.py")}
+    return {m: {d for d in _imports(p) if d in files and d != m} for m, p in files.items()}
+
+
+def _top(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_no_cycles():
+    g, state, cycles = graph(), {}, []
+
+    def visit(u: str, stack: list[str]) -> None:
+        state[u] = "open"
+        for v in sorted(g[u]):
+            if state.get(v) == "open":
+                cycles.append(" -> ".join([*stack[stack.index(v) :], v]))
+            elif v not in state:
+                visit(v, [*stack, v])
+        state[u] = "done"
+
+    for m in sorted(g):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles
+
+
+def test_every_module_has_a_floor():
+    assert {_top(m) for m in graph()} - {""} <= set(FLOOR)
+
+
+@pytest.mark.parametrize("module", sorted(graph()))
+def test_no_upward_arrows(module):
+    src = _top(module)
+    if not src:
+        return  # the package's __init__
+    for dep in graph()[module]:
+        dst = _top(dep)
+        if not dst:
+            continue  # the package itself (``from kvshare_jax import x``)
+        assert dst == src or FLOOR[dst] < FLOOR[src], f"{module} imports {dep}"
+
+
+def test_training_does_not_import_interop():
+    assert not {"kvshare_jax.convert", "kvshare_jax.hf_io"} & graph()["kvshare_jax.train"]
+
+
+def test_experiments_import_no_cli_module():
+    for path in (ROOT / "experiments").glob("*.py"):
+        assert not any(m.startswith("kvshare_jax.commands") for m in _imports(path)), path
+
+
+def test_test_modules_do_not_import_each_other():
+    tests = {p.stem for p in (ROOT / "tests").glob("test_*.py")}
+    for path in (ROOT / "tests").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            assert not set(names) & tests, f"{path.name} imports {set(names) & tests}"
