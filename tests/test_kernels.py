@@ -1,10 +1,15 @@
-"""Pallas flash attention (interpret mode on CPU) against the XLA reference.
+"""Pallas flash attention (interpret mode on CPU) against the XLA reference, for both
+variants: the Triton/CPU kernel (``platform="cpu"``, the default here, and once with GPU
+tiles, ``platform="gpu", interpret=True``) and the TPU (Mosaic) kernels in the TPU
+interpreter (``platform="tpu", interpret=True``).
 
 Every case checks the forward output and dq, dk, dv (``jax.vjp`` with a random
 cotangent). Shapes are tiny and the batch rows carry different position patterns so one
 compilation covers many scenarios: row 0 starts at position 0 (under ``strict`` its first
 query sees nothing), row 1 has its queries at the end of the keys and padded keys
-(``INVALID_POS``), row 2 has shuffled key positions with two invalid slots.
+(``INVALID_POS``), row 2 has shuffled key positions with two invalid slots. The TPU cases
+use more than 128 keys so that several key tiles (multiples of 128) are reduced over,
+some skipped and some taken by the unmasked (wholly visible) path.
 """
 
 import functools
@@ -21,8 +26,8 @@ import pytest
 from jax.sharding import AbstractMesh
 
 from kvshare_jax.attention import INVALID_POS, attention, attention_mask, xla_attention
-from kvshare_jax.kernels import pallas_attention
-from kvshare_jax.kernels.flash_attention import block_size, padded_head_dim
+from kvshare_jax.kernels import flash_attention, flash_tpu, pallas_attention
+from kvshare_jax.kernels.flash import block_size, padded_head_dim
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,17 +77,34 @@ CASES = [
     ("window-strict-g2", True, 7, 4, 2, 24, 24, 16, jnp.float32, 16, 16),
     ("causal-g4-bf16", False, None, 4, 1, 21, 35, 32, jnp.bfloat16, 16, 8),
 ]
+# TPU tiles: query rows a multiple of 8 (16 for bfloat16), keys a multiple of 128.
+TPU_CASES = [
+    ("tpu-causal-g1", False, None, 2, 2, 37, 300, 32, jnp.float32, 8, 128),
+    ("tpu-strict-g2", True, None, 4, 2, 13, 260, 16, jnp.float32, 8, 128),
+    ("tpu-window-g4-h20", False, 5, 8, 2, 19, 300, 20, jnp.float32, 16, 128),
+    ("tpu-window-strict-g2", True, 7, 4, 2, 24, 256, 16, jnp.float32, 16, 128),
+    ("tpu-causal-g4-bf16", False, None, 4, 1, 21, 290, 32, jnp.bfloat16, 16, 128),
+    ("tpu-default-blocks-g8-h64", True, None, 8, 1, 5, 40, 64, jnp.float32, None, None),
+]
+
+
+# The Triton kernels with GPU tiles (powers of two >= 16, head dim padded to 32).
+GPU_CASES = [("gpu-window-strict-g2-h20", True, 9, 4, 2, 21, 40, 20, jnp.float32, 16, 16)]
 
 
 @pytest.mark.parametrize(
-    "strict, window, n, kh, t, s, h, dtype, block_q, block_k",
-    [c[1:] for c in CASES],
-    ids=[c[0] for c in CASES],
+    "platform, strict, window, n, kh, t, s, h, dtype, block_q, block_k",
+    [("cpu", *c[1:]) for c in CASES]
+    + [("tpu", *c[1:]) for c in TPU_CASES]
+    + [("gpu", *c[1:]) for c in GPU_CASES],
+    ids=[c[0] for c in CASES + TPU_CASES + GPU_CASES],
 )
-def test_matches_reference(strict, window, n, kh, t, s, h, dtype, block_q, block_k):
+def test_matches_reference(platform, strict, window, n, kh, t, s, h, dtype, block_q, block_k):
     q, k, v, ct = _inputs(t, s, n, kh, h, dtype)
     q_pos, kv_pos = _positions(t, s)
-    kernel = functools.partial(pallas_attention, block_q=block_q, block_k=block_k)
+    kernel = functools.partial(
+        pallas_attention, block_q=block_q, block_k=block_k, platform=platform, interpret=True
+    )
     got = _fwd_bwd(kernel, q, k, v, ct, q_pos, kv_pos, strict=strict, window=window)
     want = _fwd_bwd(xla_attention, q, k, v, ct, q_pos, kv_pos, strict=strict, window=window)
     tol = 1e-5 if dtype == jnp.float32 else 3e-2
@@ -118,23 +140,108 @@ def test_decode_shape():
     np.testing.assert_array_equal(got[2], 0.0)  # length 1: strict hides its only key
 
 
+TPU_KERNELS = (
+    "kvshare_flash_tpu_fwd",
+    "kvshare_flash_tpu_dq",
+    "kvshare_flash_tpu_dkv",
+    "kvshare_flash_tpu_decode",
+)
+
+
+def _kernel_names(fn, *args) -> set[str]:
+    """Names of the TPU Pallas kernels in the jaxpr of ``fn(*args)``."""
+    text = str(jax.make_jaxpr(fn)(*args))
+    return {name for name in TPU_KERNELS if name in text}
+
+
+@pytest.mark.parametrize(
+    "t, n, kh, h, dtype, kernel",
+    [
+        (1, 8, 2, 128, jnp.float32, "kvshare_flash_tpu_decode"),  # all heads per tile
+        (2, 8, 1, 128, jnp.bfloat16, "kvshare_flash_tpu_decode"),
+        (1, 8, 2, 64, jnp.float32, "kvshare_flash_tpu_fwd"),  # h % 128: folded kernels
+    ],
+)
+def test_tpu_decode_matches_reference(t, n, kh, h, dtype, kernel):
+    """TPU variant (interpreted) at decode shapes: a cache of 300 slots in 3 key tiles
+    with per-sequence lengths; forward through the decode kernel (or the folded one), and
+    gradients at the same shapes (always the folded kernels)."""
+    s, strict, window = 300, True, 150
+    q, k, v, ct = _inputs(t, s, n, kh, h, dtype)
+    lengths = np.array([300, 140, 1])
+    kv_pos = np.where(np.arange(s) < lengths[:, None], np.arange(s), INVALID_POS)
+    q_pos = lengths[:, None] - t + np.arange(t)
+    kv_pos, q_pos = kv_pos.astype(np.int32), np.maximum(q_pos, 0).astype(np.int32)
+    kwargs = dict(strict=strict, window=window)
+    fa = functools.partial(flash_attention, platform="tpu", interpret=True, block_k=128)
+
+    def fwd(q, k, v):
+        return fa(q, k, v, q_pos, kv_pos, **kwargs)
+
+    assert _kernel_names(fwd, q, k, v) == {kernel}
+    got = _compile_and_run(fwd, q, k, v)
+    want = xla_attention(q, k, v, q_pos, kv_pos, **kwargs)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol
+    )
+    np.testing.assert_array_equal(np.asarray(got, np.float32)[2, -1], 0.0)  # sees nothing
+
+    got = _fwd_bwd(fa, q, k, v, ct, q_pos, kv_pos, **kwargs)
+    want = _fwd_bwd(xla_attention, q, k, v, ct, q_pos, kv_pos, **kwargs)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w, np.float32), atol=tol, rtol=tol, err_msg=name
+        )
+
+
 def test_block_and_head_dim_rules():
     assert block_size(None, 5, "gpu", "q") == 16  # minimum Triton tile
     assert block_size(None, 300, "gpu", "k") == 128
     assert block_size(64, 40, "gpu", "k") == 64  # next power of two covering 40
-    assert block_size(None, 1000, "tpu", "k") == 128
-    assert block_size(None, 40, "tpu", "k") == 40  # one full-array tile
-    assert block_size(None, 8, "interpret", "q") == 8
-    assert block_size(None, 100, "interpret", "q") == 32
+    assert block_size(None, 8, "cpu", "q") == 8
+    assert block_size(None, 100, "cpu", "q") == 32
     assert [padded_head_dim(h, "gpu") for h in (8, 64, 80)] == [16, 64, 128]
-    assert [padded_head_dim(h, "tpu") for h in (64, 128, 200)] == [128, 128, 256]
-    assert padded_head_dim(20, "interpret") == 24
+    assert padded_head_dim(20, "cpu") == 24
     with pytest.raises(ValueError, match="power of two"):
         block_size(48, 100, "gpu", "q")
-    with pytest.raises(ValueError, match="multiple of 128"):
-        block_size(64, 1000, "tpu", "k")
     with pytest.raises(ValueError, match="positive int"):
-        block_size(0, 100, "interpret", "q")
+        block_size(0, 100, "cpu", "q")
+
+
+def test_tpu_block_rules():
+    bs = flash_tpu.block_sizes
+    v5e = flash_tpu.GENERATION_BLOCKS["v5e"]
+    assert bs(16384, 2048, 64, jnp.bfloat16, "TPU v5 lite") == (v5e.block_q, v5e.block_k)
+    assert bs(16384, 2048, 64, jnp.bfloat16, "TPU v6 lite")[1] == 1024
+    assert bs(16384, 2048, 64, jnp.bfloat16, "cpu") == (256, 512)  # unknown kind: defaults
+    assert bs(5, 40, 64, jnp.bfloat16, "TPU v4") == (16, 40)  # rows padded to 16 for bf16
+    assert bs(30, 1000, 64, jnp.float32, "TPU v4") == (32, 1000)  # whole rows and keys
+    # Few rows (decode): the key tile fills 1 MiB of VMEM (h lane-padded to 128).
+    assert bs(8, 32768, 64, jnp.bfloat16, "TPU v5 lite") == (16, 4096)
+    assert bs(8, 32768, 32, jnp.float32, "TPU v5 lite") == (8, 2048)
+    assert bs(1000, 5000, 64, jnp.float32, None, block_q=64, block_k=256) == (64, 256)
+    assert [flash_tpu.generation(k) for k in ("TPU v4", "TPU v5", "TPU v5e", "x")] == [
+        "v4",
+        "v5p",
+        "v5e",
+        None,
+    ]
+    db = flash_tpu.decode_block
+    assert db(300, 8, 128, jnp.bfloat16, "TPU v5 lite") == 300  # all keys fit
+    assert db(32768, 8, 128, jnp.bfloat16, "TPU v5 lite") == 512  # 1 MiB / (8 * 256 B)
+    assert db(32768, 8, 128, jnp.float32, "TPU v5 lite") == 256
+    assert db(3000, 1, 128, jnp.float32, None, block_k=1024) == 1024  # nothing divides
+    assert db(3072, 1, 128, jnp.float32, None, block_k=1024) == 1024
+    assert db(2560, 1, 128, jnp.float32, None, block_k=1024) == 640  # divides 2560
+    assert flash_tpu.use_decode_kernel(1, 32, 128) and not flash_tpu.use_decode_kernel(1, 32, 64)
+    assert not flash_tpu.use_decode_kernel(4, 32, 128)  # 128 rows > DECODE_MAX_ROWS
+    with pytest.raises(ValueError, match="multiple of 128"):
+        bs(100, 1000, 64, jnp.float32, None, block_k=64)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        bs(100, 1000, 64, jnp.bfloat16, None, block_q=8)
+    with pytest.raises(ValueError, match="positive int"):
+        bs(100, 1000, 64, jnp.float32, None, block_q=True)
 
 
 def _bad(**changes):
@@ -171,6 +278,9 @@ def _bad(**changes):
         (dict(window=0), "window must be"),
         (dict(block_k=-8), "positive int"),
         (dict(interpret=False), "pass interpret=True"),
+        (dict(platform="tpu", block_k=64), "multiple of 128"),
+        (dict(platform="tpu", block_q=12), "multiple of 8"),
+        (dict(platform="metal"), "unknown platform"),
     ],
 )
 def test_clear_errors(changes, match):
@@ -231,6 +341,15 @@ SHARDED_SCRIPT = textwrap.dedent(
     )
     out = jax.jit(nested).lower(q, k, v, pos).compile(fast)(q, k, v, pos)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want[0]), atol=1e-6, rtol=1e-6)
+
+    # The TPU (Mosaic) kernels per shard, in the TPU interpreter: same numbers.
+    tpu = functools.partial(pallas_attention, platform="tpu", interpret=True)
+    tpu = jax.jit(functools.partial(fwd_bwd, tpu))
+    with jax.set_mesh(mesh):
+        assert "kvshare_flash_tpu_dkv" in str(jax.make_jaxpr(tpu)(qs, ks_, vs))
+        got = tpu.lower(qs, ks_, vs).compile(fast)(qs, ks_, vs)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=1e-6)
     print("SHARDED_OK")
     """
 )

@@ -1,6 +1,11 @@
-"""Pallas kernels: flash attention with the KV-sharing position masks."""
+"""Pallas kernels: flash attention with the KV-sharing position masks.
 
-from kvshare_jax.kernels.flash_attention import flash_attention
+Shapes: b batch, t query length, s key length, n query heads, kh KV heads, h head dim.
+:func:`flash_attention` (single device; Mosaic on TPU, Triton on GPU, interpret mode on
+CPU) and :func:`pallas_attention` (per shard under a ('data', 'fsdp', 'tensor') mesh).
+"""
+
+from kvshare_jax.kernels.flash import flash_attention
 from kvshare_jax.kernels.sharded import pallas_attention
 
 __all__ = ["flash_attention", "pallas_attention"]

@@ -4,6 +4,10 @@ Shapes: b batch, t query length, s key length, n query heads, kh KV heads, h hea
 Batch is split over ('data', 'fsdp') and both query and KV heads over 'tensor' (a
 contiguous split keeps each query head with its KV head). Pallas calls cannot be
 partitioned by XLA, so the kernel runs inside ``jax.shard_map`` (``check_vma=False``).
+
+The kernel is built for the mesh's platform (:func:`kvshare_jax.target.target_platform`):
+under ``jax.set_mesh`` over TPU devices, even of a compile-only topology on a CPU host,
+the Mosaic kernels are built, with the blocks of the devices' generation.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import jax
 from jax.sharding import AbstractMesh, AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
-from kvshare_jax.kernels.flash_attention import flash_attention
+from kvshare_jax.kernels.flash import flash_attention
+from kvshare_jax.target import target_device_kind, target_platform
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
@@ -29,7 +34,9 @@ def pallas_attention(
     window: int | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
+    platform: str | None = None,
     interpret: bool | None = None,
+    device_kind: str | None = None,
     mesh: Mesh | AbstractMesh | None = None,
 ) -> jax.Array:
     """Flash attention ``q [b,t,n,h]``, ``k, v [b,s,kh,h]`` -> ``[b,t,n,h]``, same
@@ -38,13 +45,24 @@ def pallas_attention(
     ``mesh=None`` uses the ambient mesh (``jax.set_mesh``); with no mesh, or a mesh
     without any non-manual 'data'/'fsdp'/'tensor' axis (e.g. already inside a
     ``shard_map`` over them), the kernel is called directly. Axes missing from the
-    mesh are simply not used. Raises ``ValueError`` if the batch is not divisible by the
-    product of the batch axes or the query/KV heads by the 'tensor' size.
+    mesh are simply not used. ``platform=None`` targets the mesh's devices (else the
+    default backend), ``device_kind=None`` their kind. Raises ``ValueError`` if the batch
+    is not divisible by the product of the batch axes or the query/KV heads by the
+    'tensor' size.
     """
-    kwargs = dict(
-        strict=strict, window=window, block_q=block_q, block_k=block_k, interpret=interpret
-    )
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    platform = target_platform(platform, mesh)
+    if device_kind is None and platform == "tpu":
+        device_kind = target_device_kind(mesh)
+    kwargs = dict(
+        strict=strict,
+        window=window,
+        block_q=block_q,
+        block_k=block_k,
+        platform=platform,
+        interpret=interpret,
+        device_kind=device_kind,
+    )
     free = {
         a
         for a, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)

@@ -1,4 +1,5 @@
-"""Pallas flash attention with position-based KV-sharing masks (forward and backward).
+"""Pallas flash attention with position-based KV-sharing masks (forward and backward):
+the entry point, and the Triton (GPU) / CPU-interpret kernel.
 
 Shapes: b batch, t query length, s key length, n query heads, kh KV heads
 (``n % kh == 0``, GQA group ``g = n // kh``), h head dim.
@@ -9,7 +10,19 @@ Semantics are those of :func:`kvshare_jax.attention.xla_attention`: a key at pos
 key outputs exactly 0 and gets zero gradients. Softmax statistics and all accumulation
 are fp32; the output has the dtype of ``q``.
 
-Layout inside the kernels (built by the wrapper, differentiated by JAX):
+Which kernel runs is decided by the *target* platform, not the host
+(:func:`kvshare_jax.target.target_platform`: an explicit ``platform``, else the devices
+of the ambient mesh, else the default backend):
+
+- ``"tpu"``: the Mosaic kernels of :mod:`kvshare_jax.kernels.flash_tpu` (key axis on the
+  grid, VMEM scratch accumulators, per-generation blocks by ``device_kind``).
+- ``"gpu"``: the Triton kernels below.
+- ``"cpu"``: the kernels below in Pallas interpret mode.
+
+``interpret=True`` runs the chosen variant in interpret mode on any host (the TPU one in
+the TPU interpreter); ``interpret=False`` on a CPU target is an error.
+
+Layout inside the Triton kernels (built by the wrapper, differentiated by JAX):
 
 - GQA is folded into the query rows: for KV head ``j`` the kernel sees the ``g`` query
   heads of its group as one head of ``t * g`` rows (row ``r`` is token ``r // g``,
@@ -39,14 +52,10 @@ folded ``t * g`` rows rounded up to the backend minimum (8 rows; 16 on GPU), and
 runs over all key tiles, skipping the ones that are invalid or outside the window. There
 is no split-KV (flash-decoding) parallelism.
 
-Backends. Verified here only in interpret mode on CPU (``interpret=True``), which is what
-the tests run. The kernels are written for the Pallas Triton backend (power-of-two tiles
->= 16, ``pl.program_id``, ref indexing with ``pl.ds``, ``lax.fori_loop``/``lax.cond``,
-2-D ``dot_general``) and use only constructs Mosaic (TPU) also lowers, but neither
-lowering has been compiled or run. On TPU the full-length operands of the loops (K/V for
-forward and dQ, Q/dO/row statistics for dK/dV) are whole VMEM blocks, so long sequences
-may exceed VMEM there; a TPU-specific variant with the key axis on the grid and VMEM
-scratch accumulators would lift that.
+Verification: the Triton kernels run in interpret mode on CPU in the tests and are
+lowered for CUDA (``lowering_platforms=("cuda",)``) on a CPU host; they have not been
+compiled by Triton or run on a GPU here. Each program loops over the whole other
+sequence, which is fine for Triton (pointer-based loads of one tile at a time).
 """
 
 from __future__ import annotations
@@ -60,12 +69,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kvshare_jax.attention import INVALID_POS
+from kvshare_jax.kernels.flash_tpu import flash_attention_tpu
+from kvshare_jax.masks import INVALID_POS, visible
+from kvshare_jax.target import target_device_kind, target_platform
 
 _MASKED = -1e30  # finite "minus infinity": keeps exp/max free of inf - inf
 _INT32_MIN = -(2**31)
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
-_DEFAULT_BLOCK = {"gpu": 128, "tpu": 128, "interpret": 32}
+_DEFAULT_BLOCK = {"gpu": 128, "cpu": 32}
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
@@ -80,7 +91,8 @@ class _Config:
     window: int | None
     block_q: int
     block_k: int
-    platform: str  # "gpu", "tpu" or "interpret"
+    platform: str  # "gpu" (Triton tiles) or "cpu" (interpret-mode tiles)
+    interpret: bool
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -95,33 +107,30 @@ def _next_pow2(x: int) -> int:
 
 
 def padded_head_dim(h: int, platform: str) -> int:
-    """Head dim after zero padding: next power of two >= 16 on GPU (Triton tensors),
-    a multiple of 128 on TPU (lanes), a multiple of 8 in interpret mode."""
+    """Head dim after zero padding in the Triton/interpret kernels: next power of two
+    >= 16 on GPU (Triton tensors), a multiple of 8 on CPU (interpret mode). (The TPU
+    kernels never pad it.)"""
     if platform == "gpu":
         return max(16, _next_pow2(h))
-    return _round_up(h, 128 if platform == "tpu" else 8)
+    return _round_up(h, 8)
 
 
 def block_size(requested: int | None, length: int, platform: str, axis: str) -> int:
-    """Tile size along ``axis`` ("q" rows or "k" keys) for a sequence of ``length``.
+    """Tile size of the Triton/interpret kernels along ``axis`` ("q" rows or "k" keys)
+    for a sequence of ``length`` on ``platform`` ("gpu" or "cpu").
 
-    Defaults: 128 on GPU/TPU, 32 in interpret mode. The tile is shrunk to the (aligned)
-    length for short sequences. Raises ``ValueError`` for sizes the backend cannot use:
-    GPU needs powers of two >= 16; TPU needs multiples of 8 (q) / 128 (k).
+    Defaults: 128 on GPU, 32 on CPU. The tile is shrunk to the (aligned) length for short
+    sequences. Raises ``ValueError`` for sizes the backend cannot use: GPU needs powers
+    of two >= 16. (TPU tiles: :func:`kvshare_jax.kernels.flash_tpu.block_sizes`.)
     """
     block = _DEFAULT_BLOCK[platform] if requested is None else requested
-    if not isinstance(block, numbers.Integral) or block < 1:
+    if not isinstance(block, numbers.Integral) or isinstance(block, bool) or block < 1:
         raise ValueError(f"block_{axis} must be a positive int, got {block!r}")
     block = int(block)
     if platform == "gpu":
         if block < 16 or block & (block - 1):
             raise ValueError(f"block_{axis}={block}: GPU (Triton) needs a power of two >= 16")
         return min(block, max(16, _next_pow2(length)))
-    if platform == "tpu":
-        align = 128 if axis == "k" else 8
-        if block % align:
-            raise ValueError(f"block_{axis}={block}: TPU needs a multiple of {align}")
-    # A tile covering the whole (8-aligned) length is a full-array block: always legal.
     return min(block, _round_up(length, 8))
 
 
@@ -131,10 +140,7 @@ def _dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
 
 def _visible(qp: jax.Array, kp: jax.Array, cfg: _Config) -> jax.Array:
     """Tile mask ``[bq, bk]`` from ``qp [bq, 1]`` and ``kp [1, bk]``."""
-    vis = kp < qp if cfg.strict else kp <= qp
-    if cfg.window is not None:
-        vis &= kp > qp - cfg.window
-    return vis & (kp != INVALID_POS)
+    return visible(qp, kp, strict=cfg.strict, window=cfg.window)
 
 
 def _kv_range(kp: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -276,10 +282,6 @@ def _compiler_params(cfg: _Config, head_dim: int):
         from jax.experimental.pallas import triton as plgpu
 
         return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
-    if cfg.platform == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
-        return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
     return None
 
 
@@ -291,7 +293,7 @@ def _call(kernel, name: str, cfg: _Config, grid, in_specs, out_specs, out_shape,
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=_compiler_params(cfg, args[0].shape[-1]),
-        interpret=cfg.platform == "interpret",
+        interpret=cfg.interpret,
         name=name,
     )(*args)
 
@@ -430,23 +432,47 @@ def flash_attention(
     window: int | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
+    platform: str | None = None,
     interpret: bool | None = None,
+    device_kind: str | None = None,
 ) -> jax.Array:
     """Single-device flash attention: ``q [b,t,n,h]``, ``k, v [b,s,kh,h]``,
     ``q_pos [b,t]``, ``kv_pos [b,s]`` (int) -> ``[b,t,n,h]`` in ``q.dtype``.
 
-    Same result as ``xla_attention``; differentiable in ``q, k, v``. ``block_q`` counts
-    group-folded query rows (``t * n // kh`` in all), ``block_k`` keys (see
-    :func:`block_size`). ``interpret=None`` means interpret mode on CPU.
+    Same result as ``xla_attention``; differentiable in ``q, k, v``. ``platform``
+    ("cpu", "gpu"/"cuda"/"rocm", "tpu") is the target; None means
+    :func:`~kvshare_jax.target.target_platform` (ambient mesh, else default backend).
+    ``interpret=True`` forces interpret mode of the target's kernel; None means interpret
+    mode only on CPU, where ``False`` raises ``ValueError``. ``block_q`` counts
+    group-folded query rows (``t * n // kh`` in all), ``block_k`` keys (rules:
+    :func:`block_size`; on TPU :func:`kvshare_jax.kernels.flash_tpu.block_sizes`).
+    ``device_kind`` (e.g. "TPU v5 lite") picks the TPU generation's blocks; None means
+    :func:`~kvshare_jax.target.target_device_kind`.
     """
     _check_inputs(q, k, v, q_pos, kv_pos, window)
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    platform = "interpret" if interpret else jax.default_backend()
-    if platform not in _DEFAULT_BLOCK:
-        raise ValueError(
-            f"compiled Pallas kernels are not available on {platform!r}: pass interpret=True"
+    target = target_platform(platform)
+    q_pos, kv_pos = q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32)
+    if target == "tpu":
+        return flash_attention_tpu(
+            q,
+            k,
+            v,
+            q_pos,
+            kv_pos,
+            strict=strict,
+            window=window,
+            block_q=block_q,
+            block_k=block_k,
+            interpret=bool(interpret),
+            device_kind=target_device_kind() if device_kind is None else device_kind,
         )
+    if target == "cpu":
+        if interpret is False:
+            raise ValueError(
+                "compiled Pallas kernels are not available on 'cpu': pass interpret=True "
+                "(or a gpu/tpu platform)"
+            )
+        interpret = True
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
@@ -454,11 +480,12 @@ def flash_attention(
         scale=h**-0.5,
         strict=bool(strict),
         window=None if window is None else int(window),
-        block_q=block_size(block_q, t * g, platform, "q"),
-        block_k=block_size(block_k, s, platform, "k"),
-        platform=platform,
+        block_q=block_size(block_q, t * g, target, "q"),
+        block_k=block_size(block_k, s, target, "k"),
+        platform=target,
+        interpret=bool(interpret),
     )
-    return _flash_folded(q, k, v, q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32), cfg)
+    return _flash_folded(q, k, v, q_pos, kv_pos, cfg)
 
 
 @functools.partial(jax.jit, static_argnums=(5,))

@@ -1,0 +1,806 @@
+"""TPU (Mosaic) flash attention with the KV-sharing position masks: forward, backward and a
+decode kernel.
+
+Shapes: b batch, t query length, s key length, n query heads, kh KV heads
+(``n % kh == 0``, GQA group ``g = n // kh``), h head dim; ``R = t * g`` folded query rows
+per KV head (padded to ``Rp``), ``Sp`` keys after padding.
+
+Semantics are those of :func:`kvshare_jax.kernels.flash.flash_attention` (and of the XLA
+reference): a key at ``kp`` is visible to a query at ``qp`` iff ``kp <= qp``
+(``kp < qp`` when ``strict``), ``kp > qp - window`` with a window, and
+``kp != INVALID_POS``; a row that sees no key outputs 0 with zero gradients; softmax
+statistics and accumulation are fp32; the output has ``q``'s dtype.
+
+Unlike the Triton kernel, whose programs loop over the whole other sequence (so whole
+K/V, or whole Q/dO, would be VMEM blocks), every operand here is a tile and the
+reduction runs over the last grid axis, with fp32 accumulators in ``pltpu.VMEM`` scratch
+initialised at the first reduction step and written out at the last:
+
+- forward and dQ: grid ``(b, kh, Rp // bq, Sp // bk)``, semantics
+  ``("parallel", "parallel", "parallel", "arbitrary")``; scratch ``m, l [bq, 1]`` and
+  ``acc [bq, h]`` (resp. ``dq [bq, h]``).
+- dK/dV: grid ``(b, kh, Sp // bk, Rp // bq)``, same semantics; scratch
+  ``dk, dv [bk, h]``. GQA is folded into the rows, so dK/dV of a KV head sum over its
+  whole query group inside the kernel. Scores are computed transposed (``[bk, bq]``),
+  so the lane-dense row statistics broadcast as they are and no matmul needs a
+  transposed left operand.
+- decode (inference with ``t * n <= DECODE_MAX_ROWS``, e.g. ``t = 1``, and
+  ``h % 128 == 0``, see :func:`use_decode_kernel`; never under differentiation): grid
+  ``(b, Sp // bk)``, ``("parallel", "arbitrary")``. All heads of a batch row are one
+  tile: ``q`` is read as ``[b, t * n, h]`` and K/V as ``[b, s * kh, h]`` (reshapes of
+  ``[b, t, n, h]`` and ``[b, s, kh, h]`` that keep the TPU tiled layout when ``h`` is a
+  multiple of 128, so the KV cache is not transposed or copied), scores are
+  ``[t * n, bk * kh]`` and pairs of different KV heads are masked out (key positions
+  arrive as ``[1, bk]`` and are repeated ``kh`` times in the kernel). That spends ``kh``
+  times the minimum MXU/VPU work, which is cheap while decode is bound by reading the
+  cache. Other decode shapes use the training kernels (folded rows, one query tile, long
+  key tiles; the wrapper transposes K/V to ``[b, kh, s, h]``).
+
+Layout of the training kernels (built by the wrapper): GQA folded into query rows as in
+the Triton kernel (``q [b, kh, Rp, h]``, row ``r`` is token ``r // g``, group member
+``r % g``); ``k, v [b, kh, Sp, h]``. Per-row vectors live in HBM as lane-dense rows,
+since a ``[rows, 1]`` array is padded to 128 lanes by the TPU tiled layout (which cost
+128 x the bytes: 1 GiB for lse + delta at t = 32k, n = 32, kh = 4): positions
+``q_pos [b, 1, Rp]``, ``kv_pos [b, 1, Sp]``, statistics ``lse, delta [b, kh, 1, Rp]``
+fp32; kernels transpose a tile's row to a column where they need one. Rows are padded
+by repeating the last position, keys with ``INVALID_POS``. The head dim is never
+padded: a block spanning the whole head dim is legal for Mosaic at any size (compiles
+for h = 32, 64, 128).
+
+Tile skipping: the wrapper computes per query tile the ``[min, max]`` position, per key
+tile the ``[min, max]`` over valid keys and whether all its keys are valid; these reach
+SMEM by scalar prefetch. A grid step computes only if the two ranges can overlap the mask
+(``pl.when``), and a pair that is wholly visible (all keys valid, inside the causal and
+window band for every row) skips the mask arithmetic. The index maps clamp the reduction
+tile into the ``[first, last]`` tiles that can overlap the current one, so a skipped step
+maps to a block already in VMEM (or the next one needed) and issues no DMA. The test is
+exact for any positions; it saves work when positions are sorted within tiles (training
+``arange``, decode caches with ``INVALID_POS`` in unwritten slots). Positions are
+expected to be non-negative (``qp - window`` must not overflow int32).
+
+Block sizes come from :data:`GENERATION_BLOCKS` by ``device_kind`` (see
+:func:`block_sizes`, :func:`decode_block`).
+
+Verification: the kernels run in the TPU interpreter (``interpret=True``) against the
+XLA reference in the tests, and compile with Mosaic for v4, v5e, v5p and v6e topologies
+on a CPU host (``tests/test_kernels_compile.py``); they have not run on a TPU here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kvshare_jax.masks import INVALID_POS, visible
+
+_MASKED = -1e30  # finite "minus infinity": keeps exp/max free of inf - inf
+_INT32_MIN = -(2**31)
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_LANES = 128  # key tiles are multiples of 128 lanes unless they span all keys
+DECODE_MAX_ROWS = 64  # t * n up to which inference uses the all-heads decode kernel
+_SHORT_ROWS = 32  # folded rows up to which the training kernels take long key tiles
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Default tiles of one TPU generation: ``block_q`` folded query rows and ``block_k``
+    keys for the training kernels; ``decode_tile_bytes``, the VMEM size of one K (or V)
+    tile when the query rows are few (decode), sets the key tile there."""
+
+    block_q: int
+    block_k: int
+    decode_tile_bytes: int
+
+
+# Chosen so that each kernel's VMEM (double-buffered tiles, the fp32 [bq, bk] score,
+# probability and gradient temporaries, scratch) stays well under the default scoped
+# VMEM limit (16 MiB on v4/v5e/v5p, 32 MiB on v6e) for h up to 128 in fp32; v5p and v6e
+# (256-wide MXU on v6e) get longer key tiles, v6e longer decode tiles. Checked by
+# compiling, not tuned on hardware.
+GENERATION_BLOCKS: dict[str, BlockSizes] = {
+    "v4": BlockSizes(block_q=512, block_k=512, decode_tile_bytes=1 << 20),
+    "v5e": BlockSizes(block_q=512, block_k=512, decode_tile_bytes=1 << 20),
+    "v5p": BlockSizes(block_q=512, block_k=1024, decode_tile_bytes=1 << 20),
+    "v6e": BlockSizes(block_q=512, block_k=1024, decode_tile_bytes=2 << 20),
+}
+DEFAULT_BLOCKS = BlockSizes(block_q=256, block_k=512, decode_tile_bytes=512 << 10)
+
+_KINDS = {  # device_kind, lower case -> generation
+    "tpu v4": "v4",
+    "tpu v5 lite": "v5e",
+    "tpu v5e": "v5e",
+    "tpu v5": "v5p",
+    "tpu v5p": "v5p",
+    "tpu v6 lite": "v6e",
+    "tpu v6e": "v6e",
+}
+
+
+def generation(device_kind: str | None) -> str | None:
+    """``"TPU v5 lite"`` -> ``"v5e"`` (also v4, v5p = ``"TPU v5"``, v6e =
+    ``"TPU v6 lite"``); None for an unknown or missing kind."""
+    return _KINDS.get((device_kind or "").strip().lower())
+
+
+def _defaults(device_kind: str | None) -> BlockSizes:
+    return GENERATION_BLOCKS.get(generation(device_kind), DEFAULT_BLOCKS)
+
+
+def _row_bytes(h: int, dtype) -> int:
+    """VMEM bytes of one K/V row: the head dim is padded to whole 128-lane vregs."""
+    return _round_up(h, _LANES) * jnp.dtype(dtype).itemsize
+
+
+def row_align(dtype) -> int:
+    """Sublane alignment of a query-row tile: 8 rows (16 for 2-byte dtypes)."""
+    return 16 if jnp.dtype(dtype).itemsize == 2 else 8
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _check_block(block, axis: str, align: int) -> int:
+    if not isinstance(block, numbers.Integral) or isinstance(block, bool) or block < 1:
+        raise ValueError(f"block_{axis} must be a positive int, got {block!r}")
+    if block % align:
+        raise ValueError(f"block_{axis}={block}: TPU needs a multiple of {align}")
+    return int(block)
+
+
+def _key_budget(tile_bytes: int, row_bytes: int) -> int:
+    """Keys (a multiple of 128) whose rows fill ``tile_bytes``."""
+    return max(_LANES, tile_bytes // row_bytes // _LANES * _LANES)
+
+
+def block_sizes(
+    rows: int,
+    keys: int,
+    h: int,
+    dtype,
+    device_kind: str | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+) -> tuple[int, int]:
+    """``(bq, bk)`` of the training kernels for ``rows`` folded query rows, ``keys`` keys
+    and head dim ``h``.
+
+    Defaults come from :data:`GENERATION_BLOCKS` by ``device_kind`` (e.g.
+    ``"TPU v5 lite"``; :data:`DEFAULT_BLOCKS` when unknown). A query tile longer than the
+    rows shrinks to them rounded up to the sublane alignment (:func:`row_align`); a key
+    tile longer than the keys becomes all keys (a whole-array block). With at most 32
+    rows in all (decode), the default key tile fills ``decode_tile_bytes``. Raises
+    ``ValueError`` unless ``block_q`` is a multiple of 8 (16 for bfloat16) and
+    ``block_k`` of 128.
+    """
+    d = _defaults(device_kind)
+    align = row_align(dtype)
+    bq = _check_block(d.block_q if block_q is None else block_q, "q", align)
+    bq = min(bq, _round_up(rows, align))
+    if block_k is None:
+        block_k = d.block_k
+        if bq <= _SHORT_ROWS:  # a few rows (decode via this path): fewer, longer steps
+            block_k = max(block_k, _key_budget(d.decode_tile_bytes, _row_bytes(h, dtype)))
+    bk = _check_block(block_k, "k", _LANES)
+    return bq, min(bk, keys)
+
+
+def use_decode_kernel(t: int, n: int, h: int) -> bool:
+    """Whether inference uses the all-heads decode kernel: ``t * n <= DECODE_MAX_ROWS``
+    and a lane-dense head dim (``h % 128 == 0``). For smaller head dims the reshape of
+    ``[b, s, kh, h]`` to ``[b, s * kh, h]`` is a relayout copy on TPU (tiled layouts),
+    and XLA's cost analysis then favours the folded kernels."""
+    return t * n <= DECODE_MAX_ROWS and h % _LANES == 0
+
+
+def decode_block(
+    keys: int,
+    kv_heads: int,
+    h: int,
+    dtype,
+    device_kind: str | None = None,
+    block_k: int | None = None,
+) -> int:
+    """Keys per tile of the decode kernel (its K/V tile has ``bk * kv_heads`` rows).
+
+    The budget is the keys whose K rows fill ``decode_tile_bytes`` (a multiple of 128:
+    lanes of the key-position row), or ``block_k`` (a multiple of 128). All keys if they
+    fit; else the largest multiple of 128 within the budget that divides ``keys`` (so
+    the cache needs no padding copy), if one is at least a quarter of the budget; else
+    the budget (keys padded).
+    """
+    if block_k is None:
+        row_bytes = kv_heads * _row_bytes(h, dtype)
+        budget = _key_budget(_defaults(device_kind).decode_tile_bytes, row_bytes)
+    else:
+        budget = _check_block(block_k, "k", _LANES)
+    if keys <= budget:
+        return keys
+    for bk in range(budget, max(_LANES, budget // 4) - 1, -_LANES):
+        if keys % bk == 0:
+            return bk
+    return budget
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static kernel parameters (hashable: a jit/custom_vjp static argument)."""
+
+    scale: float
+    strict: bool
+    window: int | None
+    block_q: int  # folded query rows per tile (training kernels)
+    block_k: int  # keys per tile (training kernels)
+    decode_block_k: int | None  # keys per decode tile; None: no decode kernel
+    interpret: bool
+
+
+def _dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+    """fp32-accumulated product. 16-bit operands get an explicit default precision: Mosaic
+    rejects a global ``jax_default_matmul_precision="highest"`` for them ("Bad lhs
+    type"); fp32 operands follow the global setting, like the XLA reference."""
+    precision = lax.Precision.DEFAULT if a.dtype.itemsize < 4 else None
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _overlap(q_lo, q_hi, kv_lo, kv_hi, cfg: _Config):
+    """False only if no (query, key) pair of two tiles with these ranges is visible."""
+    hit = kv_lo < q_hi if cfg.strict else kv_lo <= q_hi
+    if cfg.window is not None:
+        hit = jnp.logical_and(hit, kv_hi > q_lo - cfg.window)
+    return hit
+
+
+def _full(q_lo, q_hi, kv_lo, kv_hi, kv_all, cfg: _Config):
+    """True only if every (query, key) pair of the two tiles is visible."""
+    full = kv_hi < q_lo if cfg.strict else kv_hi <= q_lo
+    full = jnp.logical_and(full, kv_all != 0)
+    if cfg.window is not None:
+        full = jnp.logical_and(full, kv_lo > q_hi - cfg.window)
+    return full
+
+
+def _tile_ranges(qp: jax.Array, kp: jax.Array, bq: int, bk: int, cfg: _Config):
+    """Scalar-prefetch arrays (int32, flat) from ``qp [b, Rp]`` and ``kp [b, Sp]``:
+    ``(q_lo, q_hi, kv_lo, kv_hi, kv_all)`` per tile, and per query tile resp. per key
+    tile the ``(first, last)`` tile of the other axis that can overlap it (0, 0 if
+    none)."""
+    b = qp.shape[0]
+    qt = qp.reshape(b, -1, bq)
+    kt = kp.reshape(b, -1, bk)
+    valid = kt != INVALID_POS
+    q_lo, q_hi = qt.min(-1), qt.max(-1)
+    kv_lo = kt.min(-1)  # INVALID_POS is the int32 max: it never wins the min
+    kv_hi = jnp.where(valid, kt, _INT32_MIN).max(-1)
+    kv_all = valid.all(-1)
+    hit = _overlap(q_lo[:, :, None], q_hi[:, :, None], kv_lo[:, None, :], kv_hi[:, None, :], cfg)
+
+    def first_last(hit):  # over the last axis
+        n = hit.shape[-1]
+        first = jnp.argmax(hit, -1)
+        last = n - 1 - jnp.argmax(hit[..., ::-1], -1)
+        any_ = hit.any(-1)
+        return tuple(jnp.where(any_, x, 0).astype(jnp.int32).reshape(-1) for x in (first, last))
+
+    ranges = tuple(x.astype(jnp.int32).reshape(-1) for x in (q_lo, q_hi, kv_lo, kv_hi, kv_all))
+    return ranges, first_last(hit), first_last(hit.transpose(0, 2, 1))
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+class _Tiles:
+    """The scalar-prefetch refs (SMEM) of one kernel: ranges, then ``first, last``."""
+
+    def __init__(self, refs, nq: int, nk: int):
+        self.q_lo, self.q_hi, self.kv_lo, self.kv_hi, self.kv_all = refs[:5]
+        self.nq, self.nk = nq, nk
+
+    def hit_full(self, b, i, j, cfg: _Config):
+        """(may overlap, wholly visible) for query tile ``i``, key tile ``j`` of row ``b``."""
+        qt, kt = b * self.nq + i, b * self.nk + j
+        q_lo, q_hi = self.q_lo[qt], self.q_hi[qt]
+        kv_lo, kv_hi = self.kv_lo[kt], self.kv_hi[kt]
+        full = _full(q_lo, q_hi, kv_lo, kv_hi, self.kv_all[kt], cfg)
+        return _overlap(q_lo, q_hi, kv_lo, kv_hi, cfg), full
+
+
+def _run(tiles: _Tiles, b, i, j, cfg: _Config, step) -> None:
+    """``step(masked)`` for the tile pair ``(i, j)`` if it can overlap the mask; the
+    unmasked variant when every pair is visible."""
+    hit, full = tiles.hit_full(b, i, j, cfg)
+
+    @pl.when(jnp.logical_and(hit, full))
+    def _():
+        step(False)
+
+    @pl.when(jnp.logical_and(hit, jnp.logical_not(full)))
+    def _():
+        step(True)
+
+
+def _scores(q, k, vis, cfg: _Config):
+    """Scaled fp32 scores ``[rows, keys]``, masked where ``vis`` (if any) is False."""
+    s = _dot(q, k, _NT) * cfg.scale
+    return s if vis is None else jnp.where(vis, s, _MASKED)
+
+
+def _softmax_step(q, k, v, vis, m_scr, l_scr, acc_scr, cfg: _Config) -> None:
+    """One online-softmax update of the fp32 scratch with a K/V tile."""
+    s = _scores(q, k, vis, cfg)
+    m_prev = m_scr[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    p = jnp.exp(s - m_new)
+    if vis is not None:
+        p = jnp.where(vis, p, 0.0)
+    alpha = jnp.exp(m_prev - m_new)
+    l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
+    acc_scr[...] = alpha * acc_scr[...] + _dot(p.astype(v.dtype), v, _NN)
+    m_scr[...] = m_new
+
+
+def _softmax_init(m_scr, l_scr, acc_scr) -> None:
+    m_scr[...] = jnp.full(m_scr.shape, _MASKED, jnp.float32)
+    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+
+def _softmax_finish(o_ref, lse_ref, m_scr, l_scr, acc_scr) -> None:
+    """Normalised output (0 for rows that saw no key) and, if wanted, the row lse."""
+    denom = l_scr[...]
+    seen = denom > 0  # >= 1 as soon as one key is visible
+    denom = jnp.where(seen, denom, 1.0)
+    o_ref[...] = jnp.where(seen, acc_scr[...] / denom, 0.0).astype(o_ref.dtype)
+    if lse_ref is not None:  # a lane-dense row [1, bq]
+        lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(denom), 0.0).T
+
+
+def _fwd_kernel(*refs, cfg: _Config, nq: int, nk: int, save_lse: bool):
+    tiles = _Tiles(refs[:7], nq, nk)
+    q_ref, k_ref, v_ref, qp_ref, kp_ref, o_ref = refs[7:13]
+    lse_ref = refs[13] if save_lse else None
+    scratch = refs[-3:]
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _():
+        _softmax_init(*scratch)
+
+    def step(masked: bool):
+        vis = None
+        if masked:  # query positions arrive as a row [1, bq]
+            vis = visible(qp_ref[...].T, kp_ref[...], strict=cfg.strict, window=cfg.window)
+        _softmax_step(q_ref[...], k_ref[...], v_ref[...], vis, *scratch, cfg)
+
+    _run(tiles, b, i, j, cfg, step)
+
+    @pl.when(j == nk - 1)
+    def _():
+        _softmax_finish(o_ref, lse_ref, *scratch)
+
+
+def _probs(q, k, qp, kp, lse, masked: bool, cfg: _Config):
+    """Normalised probabilities recomputed from the log-sum-exp: ``[bq, bk]`` from
+    ``q [bq, h]``, ``k [bk, h]``, column ``qp, lse [bq, 1]``, row ``kp [1, bk]``, or the
+    transpose ``[bk, bq]`` from swapped operands (column keys, row queries)."""
+    vis = visible(qp, kp, strict=cfg.strict, window=cfg.window) if masked else None
+    p = jnp.exp(_scores(q, k, vis, cfg) - lse)
+    return p if vis is None else jnp.where(vis, p, 0.0)
+
+
+def _dq_kernel(*refs, cfg: _Config, nq: int, nk: int):
+    tiles = _Tiles(refs[:7], nq, nk)
+    q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr = refs[7:]
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _():
+        dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+
+    def step(masked: bool):  # row vectors [1, bq] -> columns [bq, 1]
+        k = k_ref[...]
+        p = _probs(q_ref[...], k, qp_ref[...].T, kp_ref[...], lse_ref[...].T, masked, cfg)
+        ds = p * (_dot(do_ref[...], v_ref[...], _NT) - delta_ref[...].T)
+        dq_scr[...] += _dot(ds.astype(k.dtype), k, _NN)
+
+    _run(tiles, b, i, j, cfg, step)
+
+    @pl.when(j == nk - 1)
+    def _():
+        dq_ref[...] = (dq_scr[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, cfg: _Config, nq: int, nk: int):
+    tiles = _Tiles(refs[:7], nq, nk)
+    q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, delta_ref = refs[7:15]
+    dk_ref, dv_ref, dk_scr, dv_scr = refs[15:]
+    b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(i == 0)
+    def _():
+        dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+        dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+    def step(masked: bool):
+        # Transposed scores [bk, bq]: the row statistics broadcast along sublanes and
+        # both updates are plain (untransposed-LHS) matmuls.
+        q, do = q_ref[...], do_ref[...]
+        pt = _probs(k_ref[...], q, qp_ref[...], kp_ref[...].T, lse_ref[...], masked, cfg)
+        dv_scr[...] += _dot(pt.astype(do.dtype), do, _NN)
+        dst = pt * (_dot(v_ref[...], do, _NT) - delta_ref[...])
+        dk_scr[...] += _dot(dst.astype(q.dtype), q, _NN)
+
+    _run(tiles, b, i, j, cfg, step)
+
+    @pl.when(i == nq - 1)
+    def _():
+        dk_ref[...] = (dk_scr[...] * cfg.scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def _decode_kernel(*refs, cfg: _Config, nk: int, kh: int):
+    tiles = _Tiles(refs[:7], 1, nk)
+    q_ref, k_ref, v_ref, qp_ref, qh_ref, kp_ref, kh_ref, o_ref = refs[7:15]
+    scratch = refs[15:]
+    b, j = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _():
+        _softmax_init(*scratch)
+
+    hit, _ = tiles.hit_full(b, 0, j, cfg)
+
+    @pl.when(hit)
+    def _():
+        kp = jnp.repeat(kp_ref[...], kh, axis=1)  # [1, bk] -> [1, bk * kh], one per K/V row
+        vis = visible(qp_ref[...], kp, strict=cfg.strict, window=cfg.window)
+        vis &= qh_ref[...] == kh_ref[...]  # same KV head
+        _softmax_step(q_ref[...], k_ref[...], v_ref[...], vis, *scratch, cfg)
+
+    @pl.when(j == nk - 1)
+    def _():
+        _softmax_finish(o_ref, None, *scratch)
+
+
+# ----------------------------------------------------------------------------- calls
+
+
+def _clamp(i, lo, hi):
+    return jnp.minimum(jnp.maximum(i, lo), hi)
+
+
+def _specs(cfg: _Config, h: int, nq: int, nk: int, kv_major: bool):
+    """BlockSpecs ``(q-like, kv-like, q_pos, kv_pos, row stats)`` of a training kernel
+    (positions and statistics are lane-dense rows ``[1, tile]``)
+    over the grid ``(b, kh, i, j)`` (``kv_major=False``: i query tile, j key tile,
+    j reduced) or ``(b, kh, j, i)`` (``kv_major=True``, i reduced). The reduced index is
+    clamped into the ``[first, last]`` tiles that can overlap the current tile, so a
+    skipped step maps to a block already in VMEM (or the next one needed): no DMA."""
+    bq, bk = cfg.block_q, cfg.block_k
+
+    def tiles(b, x, y, refs):  # (query tile, key tile) to load
+        first, last = refs[5], refs[6]
+        if kv_major:
+            t = b * nk + x
+            return _clamp(y, first[t], last[t]), x
+        t = b * nq + x
+        return x, _clamp(y, first[t], last[t])
+
+    def q_map(b, hd, x, y, *refs):
+        return b, hd, tiles(b, x, y, refs)[0], 0
+
+    def kv_map(b, hd, x, y, *refs):
+        return b, hd, tiles(b, x, y, refs)[1], 0
+
+    def qpos_map(b, hd, x, y, *refs):
+        return b, 0, tiles(b, x, y, refs)[0]
+
+    def stat_map(b, hd, x, y, *refs):
+        return b, hd, 0, tiles(b, x, y, refs)[0]
+
+    def kvpos_map(b, hd, x, y, *refs):
+        return b, 0, tiles(b, x, y, refs)[1]
+
+    return (
+        pl.BlockSpec((None, None, bq, h), q_map),
+        pl.BlockSpec((None, None, bk, h), kv_map),
+        pl.BlockSpec((None, 1, bq), qpos_map),
+        pl.BlockSpec((None, 1, bk), kvpos_map),
+        pl.BlockSpec((None, None, 1, bq), stat_map),
+    )
+
+
+def _call(kernel, name: str, cfg: _Config, grid, prefetch, in_specs, out_specs, out_shape,
+          scratch, cost: pl.CostEstimate, *args):  # fmt: skip
+    semantics = ("parallel",) * (len(grid) - 1) + ("arbitrary",)
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(prefetch),
+            grid=grid,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            scratch_shapes=scratch,
+        ),
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+        interpret=pltpu.InterpretParams() if cfg.interpret else False,
+        cost_estimate=cost,
+        name=name,
+    )(*prefetch, *args)
+
+
+def _cost(pairs: int, h: int, matmuls: int, *operands) -> pl.CostEstimate:
+    """Work without skipping: ``pairs`` (row, key) scores, ``matmuls`` products of
+    ``pairs x h`` each, one exp per pair; bytes of ``operands`` read or written once."""
+    nbytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in operands)
+    return pl.CostEstimate(
+        flops=2 * matmuls * pairs * h, transcendentals=pairs, bytes_accessed=int(nbytes)
+    )
+
+
+def _forward(q, k, v, qp, kp, cfg: _Config, save_lse: bool):
+    """Folded layout in; ``o [b, kh, Rp, h]`` and ``lse [b, kh, 1, Rp]`` fp32 (or None)."""
+    b, kh, rows, h = q.shape
+    keys = k.shape[2]
+    nq, nk = rows // cfg.block_q, keys // cfg.block_k
+    ranges, k_range, _ = _tile_ranges(qp[:, 0], kp[:, 0], cfg.block_q, cfg.block_k, cfg)
+    q_spec, kv_spec, qpos_spec, kvpos_spec, stat_spec = _specs(cfg, h, nq, nk, kv_major=False)
+    out_specs = [q_spec]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if save_lse:
+        out_specs.append(stat_spec)
+        out_shape.append(jax.ShapeDtypeStruct((b, kh, 1, rows), jnp.float32))
+    out = _call(
+        functools.partial(_fwd_kernel, cfg=cfg, nq=nq, nk=nk, save_lse=save_lse),
+        "kvshare_flash_tpu_fwd",
+        cfg,
+        (b, kh, nq, nk),
+        (*ranges, *k_range),
+        [q_spec, kv_spec, kv_spec, qpos_spec, kvpos_spec],
+        out_specs,
+        out_shape,
+        [
+            pltpu.VMEM((cfg.block_q, 1), jnp.float32),
+            pltpu.VMEM((cfg.block_q, 1), jnp.float32),
+            pltpu.VMEM((cfg.block_q, h), jnp.float32),
+        ],
+        _cost(b * kh * rows * keys, h, 2, q, k, v, q),
+        q,
+        k,
+        v,
+        qp,
+        kp,
+    )
+    return out[0], (out[1] if save_lse else None)
+
+
+def _backward(q, k, v, qp, kp, o, lse, do, cfg: _Config):
+    """Folded layout in; ``(dq, dk, dv)`` in the folded layout."""
+    b, kh, rows, h = q.shape
+    keys = k.shape[2]
+    nq, nk = rows // cfg.block_q, keys // cfg.block_k
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None, :]
+    args = (q, k, v, qp, kp, do, lse, delta)
+    ranges, k_range, q_range = _tile_ranges(qp[:, 0], kp[:, 0], cfg.block_q, cfg.block_k, cfg)
+    pairs = b * kh * rows * keys
+
+    q_spec, kv_spec, qpos_spec, kvpos_spec, stat_spec = _specs(cfg, h, nq, nk, kv_major=False)
+    dq = _call(
+        functools.partial(_dq_kernel, cfg=cfg, nq=nq, nk=nk),
+        "kvshare_flash_tpu_dq",
+        cfg,
+        (b, kh, nq, nk),
+        (*ranges, *k_range),
+        [q_spec, kv_spec, kv_spec, qpos_spec, kvpos_spec, q_spec, stat_spec, stat_spec],
+        q_spec,
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        [pltpu.VMEM((cfg.block_q, h), jnp.float32)],
+        _cost(pairs, h, 3, q, k, v, do, lse, delta, q),
+        *args,
+    )
+
+    q_spec, kv_spec, qpos_spec, kvpos_spec, stat_spec = _specs(cfg, h, nq, nk, kv_major=True)
+    dk, dv = _call(
+        functools.partial(_dkv_kernel, cfg=cfg, nq=nq, nk=nk),
+        "kvshare_flash_tpu_dkv",
+        cfg,
+        (b, kh, nk, nq),
+        (*ranges, *q_range),
+        [q_spec, kv_spec, kv_spec, qpos_spec, kvpos_spec, q_spec, stat_spec, stat_spec],
+        [kv_spec, kv_spec],
+        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        [pltpu.VMEM((cfg.block_k, h), jnp.float32), pltpu.VMEM((cfg.block_k, h), jnp.float32)],
+        _cost(pairs, h, 4, q, k, v, do, lse, delta, k, v),
+        *args,
+    )
+    return dq, dk, dv
+
+
+def _decode(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
+    """All heads of a batch row per tile (see the module docstring); original layout in
+    and out."""
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    rows = t * n
+    rp = _round_up(rows, row_align(q.dtype))
+    bk = cfg.decode_block_k
+    sp = _round_up(s, bk)
+    nk = sp // bk
+
+    # Row r = token r // n, head r % n; K/V row c = key c // kh, KV head c % kh.
+    qd = jnp.pad(q.reshape(b, rows, h), ((0, 0), (0, rp - rows), (0, 0)))
+    kd, vd = (
+        jnp.pad(x, ((0, 0), (0, sp - s), (0, 0), (0, 0))).reshape(b, sp * kh, h) for x in (k, v)
+    )
+    qp = jnp.pad(jnp.repeat(q_pos, n, axis=1), ((0, 0), (0, rp - rows)), mode="edge")
+    kp = jnp.pad(kv_pos, ((0, 0), (0, sp - s)), constant_values=INVALID_POS)
+    q_head = jnp.where(jnp.arange(rp) < rows, jnp.arange(rp) % n // g, -1).astype(jnp.int32)
+    k_head = (jnp.arange(bk * kh) % kh).astype(jnp.int32)
+    ranges, k_range, _ = _tile_ranges(qp, kp, rp, bk, cfg)
+
+    def at_kv(b, j, *refs):  # clamped key tile: skipped tiles are not fetched
+        return _clamp(j, refs[5][b], refs[6][b])
+
+    out = _call(
+        functools.partial(_decode_kernel, cfg=cfg, nk=nk, kh=kh),
+        "kvshare_flash_tpu_decode",
+        cfg,
+        (b, nk),
+        (*ranges, *k_range),
+        [
+            pl.BlockSpec((None, rp, h), lambda b, j, *r: (b, 0, 0)),
+            pl.BlockSpec((None, bk * kh, h), lambda b, j, *r: (b, at_kv(b, j, *r), 0)),
+            pl.BlockSpec((None, bk * kh, h), lambda b, j, *r: (b, at_kv(b, j, *r), 0)),
+            pl.BlockSpec((None, rp, 1), lambda b, j, *r: (b, 0, 0)),
+            pl.BlockSpec((rp, 1), lambda b, j, *r: (0, 0)),
+            pl.BlockSpec((None, 1, bk), lambda b, j, *r: (b, 0, at_kv(b, j, *r))),
+            pl.BlockSpec((1, bk * kh), lambda b, j, *r: (0, 0)),
+        ],
+        pl.BlockSpec((None, rp, h), lambda b, j, *r: (b, 0, 0)),
+        jax.ShapeDtypeStruct((b, rp, h), q.dtype),
+        [
+            pltpu.VMEM((rp, 1), jnp.float32),
+            pltpu.VMEM((rp, 1), jnp.float32),
+            pltpu.VMEM((rp, h), jnp.float32),
+        ],
+        _cost(b * rp * sp * kh, h, 2, qd, kd, vd, qd),
+        qd,
+        kd,
+        vd,
+        qp[:, :, None],
+        q_head[:, None],
+        kp[:, None, :],
+        k_head[None, :],
+    )
+    return out[:, :rows].reshape(b, t, n, h)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _fold(q, k, v, q_pos, kv_pos, cfg: _Config):
+    """Original layout -> folded, padded ``(q [b,kh,Rp,h], k, v [b,kh,Sp,h],
+    qp [b,1,Rp], kp [b,1,Sp])``."""
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    rows = t * g
+    pad_rows = _round_up(rows, cfg.block_q) - rows
+    pad_keys = _round_up(s, cfg.block_k) - s
+    qf = _fold_rows(q, kh, pad_rows)
+    kf, vf = (
+        jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad_keys), (0, 0))) for x in (k, v)
+    )
+    qp = jnp.pad(jnp.repeat(q_pos, g, axis=1), ((0, 0), (0, pad_rows)), mode="edge")
+    kp = jnp.pad(kv_pos, ((0, 0), (0, pad_keys)), constant_values=INVALID_POS)
+    return qf, kf, vf, qp[:, None, :], kp[:, None, :]
+
+
+def _fold_rows(x, kh: int, pad_rows: int):
+    """``[b, t, n, h]`` -> ``[b, kh, t * g + pad_rows, h]`` (zero padding)."""
+    b, t, n, h = x.shape
+    g = n // kh
+    x = x.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, pad_rows), (0, 0)))
+
+
+def _unfold_rows(x, t: int, n: int):
+    """``[b, kh, Rp, h]`` -> ``[b, t, n, h]`` (padding dropped)."""
+    b, kh, _, h = x.shape
+    x = x[:, :, : t * (n // kh)].reshape(b, kh, t, n // kh, h).transpose(0, 2, 1, 3, 4)
+    return x.reshape(b, t, n, h)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attend(q, k, v, q_pos, kv_pos, cfg: _Config):
+    if cfg.decode_block_k is not None:
+        return _decode(q, k, v, q_pos, kv_pos, cfg)
+    o, _ = _forward(*_fold(q, k, v, q_pos, kv_pos, cfg), cfg, save_lse=False)
+    return _unfold_rows(o, q.shape[1], q.shape[2])
+
+
+def _attend_fwd(q, k, v, q_pos, kv_pos, cfg: _Config):
+    o, lse = _forward(*_fold(q, k, v, q_pos, kv_pos, cfg), cfg, save_lse=True)
+    # Residuals keep the caller's q, k, v (alive anyway), not the folded copies.
+    return _unfold_rows(o, q.shape[1], q.shape[2]), (q, k, v, q_pos, kv_pos, o, lse)
+
+
+def _attend_bwd(cfg: _Config, res, do):
+    q, k, v, q_pos, kv_pos, o, lse = res
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    qf, kf, vf, qp, kp = _fold(q, k, v, q_pos, kv_pos, cfg)
+    dof = _fold_rows(do, kh, qf.shape[2] - t * (n // kh))
+    dq, dk, dv = _backward(qf, kf, vf, qp, kp, o, lse, dof, cfg)
+    dk, dv = (x[:, :, :s].transpose(0, 2, 1, 3) for x in (dk, dv))
+    return _unfold_rows(dq, t, n), dk, dv, None, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def flash_attention_tpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    kv_pos: jax.Array,
+    *,
+    strict: bool = False,
+    window: int | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    interpret: bool = False,
+    device_kind: str | None = None,
+) -> jax.Array:
+    """Mosaic flash attention: ``q [b,t,n,h]``, ``k, v [b,s,kh,h]``, ``q_pos [b,t]``,
+    ``kv_pos [b,s]`` (int) -> ``[b,t,n,h]`` in ``q.dtype``; differentiable in q, k, v.
+
+    Inputs are validated by :func:`kvshare_jax.kernels.flash_attention`, the public
+    entry point. ``block_q`` counts folded query rows (``t * n // kh`` in all),
+    ``block_k`` keys; defaults by ``device_kind`` (:func:`block_sizes`,
+    :func:`decode_block`). Inference with ``t * n <= DECODE_MAX_ROWS`` uses the decode
+    kernel. ``interpret=True`` runs the kernels in the TPU interpreter
+    (``pltpu.InterpretParams``) on any backend.
+    """
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    bq, bk = block_sizes(t * (n // kh), s, h, q.dtype, device_kind, block_q, block_k)
+    decode_bk = None
+    if use_decode_kernel(t, n, h):
+        decode_bk = decode_block(s, kh, h, q.dtype, device_kind, block_k)
+    cfg = _Config(
+        scale=h**-0.5,
+        strict=bool(strict),
+        window=None if window is None else int(window),
+        block_q=bq,
+        block_k=bk,
+        decode_block_k=decode_bk,
+        interpret=bool(interpret),
+    )
+    return _jit_attend(q, k, v, q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32), cfg)
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _jit_attend(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
+    return _attend(q, k, v, q_pos, kv_pos, cfg)
