@@ -20,6 +20,7 @@ def get_config():
     config.data.vocab_size = 32000  # tokenizer vocabulary
     config.train.seq_len = 1024  # tokens per sequence
     config.train.batch_size = 128  # global batch
+    config.train.grad_accum = 4  # micro-batches of 32: fits a v5e chip with xla attention too
     config.train.num_steps = 20000  # steps
     config.train.learning_rate = 3e-4  # peak LR
     config.train.warmup_steps = 2000  # warm-up

@@ -21,6 +21,7 @@ def get_config():
     config.data.vocab_size = 32000  # tokenizer vocabulary
     config.train.seq_len = 2048  # tokens per sequence
     config.train.batch_size = 256  # global batch
+    config.train.grad_accum = 8  # micro-batches of 32: every study layout fits 15.75 GiB/chip
     config.train.num_steps = 50000  # steps
     config.train.learning_rate = 4e-4  # peak LR
     config.train.warmup_steps = 2000  # warm-up

@@ -60,7 +60,10 @@ CHIPS = {
 }
 GENERATIONS = {chip.name: kind for kind, chip in CHIPS.items()}
 _TOPOLOGY = re.compile(r"(v[0-9][a-z]?):([1-9][0-9]*(?:x[1-9][0-9]*){1,2})")
-_HBM_OOM = re.compile(r"memory required for (.+?) \(([0-9.]+)([KMGT]?)\) exceeds available HBM")
+_HBM_OOM = (  # the TPU compiler's two wordings of "does not fit in HBM"
+    re.compile(r"memory required for .+? \(([0-9.]+)([KMGT]?)\) exceeds available HBM"),
+    re.compile(r"memory space hbm\. Used ([0-9.]+)([KMGT]?) of"),
+)
 
 
 def chip_of(device: Any) -> Chip:
@@ -107,11 +110,13 @@ def num_hosts(devices: Any) -> int:
 
 # ---------------------------------------------------------------- program reports
 def _parse_oom(message: str) -> int | None:
-    m = _HBM_OOM.search(message)
-    if m is None:
-        return None
-    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(3)]
-    return int(float(m.group(2)) * scale)
+    """Bytes the program needs, from the TPU compiler's HBM out-of-memory message."""
+    for pattern in _HBM_OOM:
+        m = pattern.search(message)
+        if m:
+            scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)]
+            return int(float(m.group(1)) * scale)
+    return None
 
 
 def is_hbm_oom(error: BaseException) -> bool:

@@ -110,6 +110,10 @@ def test_hbm_oom_message_is_parsed():
     )
     out = aot.report(None, aot.CHIPS["TPU v5 lite"], error=msg)
     assert not out["fits"] and out["bytes_per_device"]["temporaries"] == int(27.28 * 2**30)
+    other = "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 15.76G of 15.75G hbm."
+    assert aot.is_hbm_oom(RuntimeError(other))
+    vmem = "RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom: scoped vmem 20M of 16M"
+    assert not aot.is_hbm_oom(RuntimeError(vmem))  # a kernel bug, not a fit question
 
 
 def test_compile_command_json(tmp_path, capsys):
