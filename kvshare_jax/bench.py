@@ -322,14 +322,13 @@ def _meta(spec: BenchSpec, **extra: Any) -> dict[str, Any]:
     return {
         "dtype": base.dtype,
         "param_dtype": base.param_dtype,
-        "model": {
+        "model": {  # every model field but the layout (each row has its own)
             "num_layers": base.num_layers,
-            "d_model": base.d_model,
-            "num_heads": base.num_heads,
-            "num_kv_heads": base.num_kv_heads,
-            "d_ff": base.d_ff,
-            "vocab_size": base.vocab_size,
-            "attention_impl": base.attention_impl,
+            **{
+                f.name: getattr(base, f.name)
+                for f in dataclasses.fields(base)
+                if f.name != "layout"
+            },
         },
         "prompt_len": spec.prompt_len,
         "gen_len": spec.gen_len,

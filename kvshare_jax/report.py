@@ -98,19 +98,7 @@ def _meta(config: ml_collections.ConfigDict, results: dict[str, dict[str, Any]])
     return {
         **device_info(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "model": {
-            k: m[k]
-            for k in (
-                "num_layers",
-                "d_model",
-                "num_heads",
-                "num_kv_heads",
-                "d_ff",
-                "dtype",
-                "forward_passes",
-                "backward_passes",
-            )
-        },
+        "model": m.to_dict(),  # every model field
         "vocab_size": config.data.vocab_size,
         "dataset": config.data.dataset,
         "train": {k: t[k] for k in ("seq_len", "batch_size", "num_steps", "eval_steps")},
