@@ -157,8 +157,11 @@ class KVLayout:
             out.append((i, self.num_layers - 1, False))
         return tuple(out)
 
-    def describe(self, forward_passes: int, backward_passes: int) -> str:
-        """Human-readable summary (first line: the mapping string)."""
+    def describe(
+        self, forward_passes: int | None = None, backward_passes: int | None = None
+    ) -> str:
+        """Human-readable summary (first line: the mapping string); the iteration plan
+        names m and b when given."""
         blocks = ", ".join(f"[{b.start}..{b.end}]" for b in self.cyclic_blocks) or "none"
         sliding = [i for i, s in enumerate(self.sliding) if s]
         lines = [
@@ -167,8 +170,12 @@ class KVLayout:
             f"kv layers ({self.num_kv_layers}): {' '.join(map(str, self.kv_layers))}",
             f"upward layers: {' '.join(map(str, self.upward_layers)) or 'none'}",
             f"cyclic blocks: {blocks}",
-            f"iteration plan: {forward_passes} passes without gradient + "
-            f"{backward_passes} with gradient per cyclic block"
+            (
+                f"iteration plan: {forward_passes} passes without gradient + "
+                f"{backward_passes} with gradient per cyclic block"
+                if forward_passes is not None
+                else "iteration plan: m passes without gradient + b with gradient per block"
+            )
             if self.cyclic_blocks
             else "iteration plan: single pass (no cyclic blocks)",
             f"sliding-window layers: {' '.join(map(str, sliding)) or 'none'}",

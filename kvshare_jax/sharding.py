@@ -169,5 +169,8 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, rules: Rules, what: str =
 
 
 def process_count(mesh: Mesh) -> int:
-    """How many processes (hosts) own the mesh's devices."""
+    """How many processes (hosts) own the mesh's devices (this job's count for an
+    abstract mesh, which names no devices)."""
+    if not isinstance(mesh, Mesh):
+        return jax.process_count()
     return len({d.process_index for d in mesh.devices.flat})
