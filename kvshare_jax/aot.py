@@ -123,6 +123,21 @@ def is_hbm_oom(error: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in str(error) and _parse_oom(str(error)) is not None
 
 
+def memory_of(compiled: Any) -> dict[str, int]:
+    """A compiled program's memory: arguments + outputs - donated aliases + temporaries."""
+    mem = compiled.memory_analysis()
+    out = {
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "alias_bytes": int(mem.alias_size_in_bytes),
+        "temp_bytes": int(mem.temp_size_in_bytes),
+    }
+    out["total_bytes"] = (
+        out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+    )
+    return out
+
+
 def report(
     compiled: Any | None,
     chip: Chip,
@@ -146,13 +161,8 @@ def report(
             "error": " ".join(error.split())[:300],
         }
         return out
-    mem = compiled.memory_analysis()
-    total = (
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        - mem.alias_size_in_bytes
-        + mem.temp_size_in_bytes
-    )
+    mem = memory_of(compiled)
+    total = mem["total_bytes"]
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0))
@@ -162,11 +172,11 @@ def report(
     out |= {
         "fits": total <= chip.hbm_bytes,
         "bytes_per_device": {
-            "arguments": int(mem.argument_size_in_bytes),
-            "outputs": int(mem.output_size_in_bytes),
-            "aliases": int(mem.alias_size_in_bytes),
-            "temporaries": int(mem.temp_size_in_bytes),
-            "total": int(total),
+            "arguments": mem["argument_bytes"],
+            "outputs": mem["output_bytes"],
+            "aliases": mem["alias_bytes"],
+            "temporaries": mem["temp_bytes"],
+            "total": total,
         },
         "flops_per_device": flops,
         "executed_flops_per_device": executed_flops,

@@ -123,28 +123,13 @@ def compile_generate(
     return aot.lower_generate(cfg, batch, prompt_len, gen_len, device).compile()
 
 
-def memory_of(compiled: Any) -> dict[str, int]:
-    """A compiled program's memory: arguments + outputs - donated aliases + temporaries."""
-    mem = compiled.memory_analysis()
-    out = {
-        "argument_bytes": int(mem.argument_size_in_bytes),
-        "output_bytes": int(mem.output_size_in_bytes),
-        "alias_bytes": int(mem.alias_size_in_bytes),
-        "temp_bytes": int(mem.temp_size_in_bytes),
-    }
-    out["total_bytes"] = (
-        out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
-    )
-    return out
-
-
 def program_memory(
     cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, device: Any = None
 ) -> dict[str, int] | None:
     """Memory of the compiled generation program at ``batch`` (compiled, not run); None
     when the compiler refuses it for lack of device memory."""
     try:
-        return memory_of(compile_generate(cfg, batch, prompt_len, gen_len, device))
+        return aot.memory_of(compile_generate(cfg, batch, prompt_len, gen_len, device))
     except Exception as e:  # noqa: BLE001 - the TPU compiler's RESOURCE_EXHAUSTED
         if aot.is_hbm_oom(e):
             return None
@@ -270,7 +255,7 @@ def bench_generate(
         "e2e_tok_s": batch * gen_len / t_gen,
         "decode_tok_s": batch * steps / t_decode,
         "decode_step_s": t_decode / steps,
-        "memory": memory_of(gen),
+        "memory": aot.memory_of(gen),
     }
 
 

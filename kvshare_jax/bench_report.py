@@ -146,20 +146,12 @@ def plot(results: dict[str, Any], path: str) -> None:
         series[f"max batch @ {meta['memory_budget'] / MIB:.0f} MiB"] = [
             r["max_batch_run"]["e2e_tok_s"] if r["max_batch"] else 0.0 for r in rows
         ]
-    fig, axes = plt.subplots(len(series), 1, figsize=(max(8, len(rows)), 3 * len(series)))
-    for ax, (label, values) in zip(np.atleast_1d(axes), series.items(), strict=True):
-        ax.bar(range(len(rows)), values, color="tab:blue")
-        ax.set_ylabel("tokens/s")
-        ax.set_title(f"generation throughput, {label}")
-        ax.set_xticks(range(len(rows)), names, fontsize=7)
-    fig.suptitle(
+    series = {f"generation throughput, {k}": v for k, v in series.items()}
+    title = (
         f"{meta['device_kind']} {meta['dtype']}, prompt {meta['prompt_len']} + "
-        f"{meta['gen_len']} new tokens",
-        fontsize=9,
+        f"{meta['gen_len']} new tokens"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _bars(plt, names, series, title, path, width=max(8, len(rows)), ylabel="tokens/s")
 
 
 def _plot_compiled(results: dict[str, Any], path: str, plt: Any) -> None:
@@ -171,16 +163,32 @@ def _plot_compiled(results: dict[str, Any], path: str, plt: Any) -> None:
             r["max_batch_roofline"]["decode_tok_s"] if r["max_batch"] else 0 for r in rows
         ],
     }
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.9 * len(rows)), 6))
-    for ax, (label, values) in zip(axes, series.items(), strict=True):
-        ax.bar(range(len(rows)), values, color="tab:green")
-        ax.set_title(label, fontsize=9)
-        ax.set_xticks(range(len(rows)), names, fontsize=7, rotation=30, ha="right")
-    fig.suptitle(
+    title = (
         f"{meta['device_kind']} ({meta['topology']}), {meta['memory_budget'] / 2**30:.1f} GiB, "
-        f"prompt {meta['prompt_len']} + {meta['gen_len']} (compiled, not run)",
-        fontsize=9,
+        f"prompt {meta['prompt_len']} + {meta['gen_len']} (compiled, not run)"
     )
+    _bars(plt, names, series, title, path, width=max(8, 0.9 * len(rows)), color="tab:green")
+
+
+def _bars(
+    plt: Any,
+    names: list[str],
+    series: dict[str, list[float]],
+    title: str,
+    path: str,
+    *,
+    width: float,
+    color: str = "tab:blue",
+    ylabel: str = "",
+) -> None:
+    """One bar panel per series (one bar per layout), saved to ``path``."""
+    fig, axes = plt.subplots(len(series), 1, figsize=(width, 3 * len(series)))
+    for ax, (label, values) in zip(np.atleast_1d(axes), series.items(), strict=True):
+        ax.bar(range(len(names)), values, color=color)
+        ax.set_ylabel(ylabel)
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks(range(len(names)), names, fontsize=7, rotation=30, ha="right")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
