@@ -416,7 +416,9 @@ def compile_suite(spec: BenchSpec, topology: str, progress: bool = True) -> dict
 def arg_parser(prog: str, config: str | None = None) -> argparse.ArgumentParser:
     """The flags of ``kvshare bench`` (``experiments/throughput.py`` reuses them with a
     default ``config``)."""
-    p = argparse.ArgumentParser(prog=prog, description="generation benchmark per layout")
+    from kvshare_jax.config import ArgParser
+
+    p = ArgParser(prog=prog, description="generation benchmark per layout")
     p.add_argument(
         "--config",
         required=config is None,
@@ -447,6 +449,14 @@ def spec_from_args(args: argparse.Namespace, overrides: tuple[str, ...]) -> Benc
     from kvshare_jax.config import load_config, model_config_from
     from kvshare_jax.layout import preset_specs
 
+    for flag in ("kv_layers", "prompt_len", "gen_len", "repeats"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    batch_sizes = [b.strip() for b in args.batch_sizes.split(",") if b.strip()]
+    if not batch_sizes or not all(b.isdigit() and int(b) >= 1 for b in batch_sizes):
+        raise ValueError(f"--batch-sizes needs positive integers, got {args.batch_sizes!r}")
     cfg = model_config_from(load_config(args.config, overrides))
     kv_layers = args.kv_layers or max(1, cfg.num_layers // 2)
     layouts = args.layouts.split(",") if args.layouts else preset_specs(kv_layers)
@@ -454,7 +464,7 @@ def spec_from_args(args: argparse.Namespace, overrides: tuple[str, ...]) -> Benc
     return BenchSpec(
         base=cfg,
         layouts=[s.strip() for s in layouts if s.strip()],
-        batch_sizes=[int(b) for b in args.batch_sizes.split(",") if b.strip()],
+        batch_sizes=[int(b) for b in batch_sizes],
         prompt_len=args.prompt_len or prompt_len,
         gen_len=args.gen_len or gen_len,
         memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None,

@@ -1,8 +1,7 @@
 """``kvshare`` entry point: dispatches ``kvshare <command> ...`` to a command module.
 
 Each command lives in ``kvshare_jax/commands/<name>.py`` and exposes
-``run(argv: list[str]) -> int``; only the chosen module is imported, so each may define
-its own absl flags.
+``run(argv: list[str]) -> int``; only the chosen module is imported.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    from kvshare_jax.commands import UsageError, error
     from kvshare_jax.target import compile_only_libtpu
 
     compile_only_libtpu()
@@ -48,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kvshare: command {name!r} is not available in this install", file=sys.stderr)
         return 2
-    return module.run(rest)
+    try:
+        return module.run(rest)
+    except UsageError as e:  # bad flags of a command that parses outside its try block
+        return error(f"kvshare {name}", e)
+    except SystemExit as e:  # --help (status 0) from a command's parser
+        return e.code if isinstance(e.code, int) else 0
 
 
 if __name__ == "__main__":

@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+from typing import Any, NoReturn
 
 import ml_collections
+from etils import epath
 
 from kvshare_jax.layout import from_spec
 from kvshare_jax.model import ModelConfig
@@ -114,19 +121,17 @@ def model_config_from(
 
 
 def load_config(path: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-    """Loads a config file's ``get_config()`` and applies ``key=value`` overrides.
+    """Loads a run config and applies ``key=value`` overrides.
 
-    Used where absl flags are not (tests, the study runner); values are parsed like
-    command-line overrides (``"model.layout=yoco"``, ``"train.num_steps=10"``).
+    ``path`` is a config file whose ``get_config()`` returns the config, or a run's saved
+    ``config.json`` (``kvshare train --config WORKDIR/config.json`` reproduces the run).
+    Overrides are parsed like command-line ones (``"model.layout=yoco"``). Every problem
+    (missing file, syntax error, a raising ``get_config``, unknown field, bad value) is a
+    one-line ``ValueError``/``FileNotFoundError``.
     """
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_kvshare_config", path)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"config file not found: {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    if not epath.Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    config = _load_json(path) if path.endswith(".json") else _load_py(path)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -135,25 +140,231 @@ def load_config(path: str, overrides: tuple[str, ...] = ()) -> ml_collections.Co
     return config
 
 
+def _load_py(path: str) -> ml_collections.ConfigDict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_kvshare_config", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"config file {path} is not a Python file (or a config.json)")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ValueError(f"config file {path}: syntax error at line {e.lineno}: {e.msg}") from e
+    except Exception as e:  # noqa: BLE001 - a config file may raise anything
+        raise ValueError(f"config file {path} raised {type(e).__name__}: {e}") from e
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config file {path} defines no get_config()")
+    try:
+        config = module.get_config()
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"config file {path}: get_config() raised {type(e).__name__}: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"config file {path}: get_config() returned {type(config).__name__}")
+    return config
+
+
+def _load_json(path: str) -> ml_collections.ConfigDict:
+    """A saved ``config.json`` laid over the defaults (field types kept, lists of tuple
+    fields back to tuples); unknown fields of the default sections are errors."""
+    try:
+        saved = json.loads(epath.Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {path} is not valid JSON: {e}") from e
+    if not isinstance(saved, dict):
+        raise ValueError(f"config file {path} holds no JSON object")
+    config = default_config()
+    config.unlock()
+    for section, fields in saved.items():
+        if section not in config:  # a section a config file added (e.g. study)
+            config[section] = ml_collections.ConfigDict(_tuples(fields))
+            continue
+        if not isinstance(fields, dict):
+            raise ValueError(f"{path}: section {section!r} is not an object")
+        for name, value in fields.items():
+            key = f"{section}.{name}"
+            if name not in config[section]:
+                raise ValueError(f"{path}: unknown config field {key!r}")
+            config[section][name] = _typed(key, config[section][name], _tuples(value))
+    config.lock()
+    return config
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def _typed(key: str, old: Any, value: Any) -> Any:
+    """``value`` as the type of the field's current value ``old``."""
+    if isinstance(old, bool) or isinstance(value, bool):
+        if not isinstance(value, bool) or not isinstance(old, bool):
+            raise ValueError(f"{key} expects {type(old).__name__}, got {value!r}")
+        return value
+    if isinstance(old, float) and isinstance(value, (int, float)):
+        return float(value)
+    if old is not None and not isinstance(value, type(old)):
+        raise ValueError(f"{key} expects {type(old).__name__}, got {value!r}")
+    return value
+
+
 def apply_override(config: ml_collections.ConfigDict, key: str, value: str) -> None:
     """Sets ``config.<key>`` from a string, converted to the field's existing type."""
     *parents, leaf = key.split(".")
     node = config
-    for p in parents:
+    for i, p in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+            _unknown(".".join(parents[: i + 1]), node)
         node = node[p]
-    if leaf not in node:
-        raise KeyError(f"unknown config field {key!r}")
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        _unknown(key, node)
     old = node[leaf]
     if isinstance(old, bool):
         if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{key} expects a boolean, got {value!r}")
-        node[leaf] = value.lower() in ("true", "1")
-    elif isinstance(old, (int, float, str)):
-        node[leaf] = type(old)(value)
+            raise ValueError(f"{key} expects a boolean (true/false), got {value!r}")
+        new: Any = value.lower() in ("true", "1")
+    elif isinstance(old, (int, float)):
+        try:
+            new = type(old)(value)
+        except ValueError:
+            what = "an integer" if isinstance(old, int) else "a number"
+            raise ValueError(f"{key} expects {what}, got {value!r}") from None
+    elif isinstance(old, str):
+        new = value
     else:
         import ast
 
-        node[leaf] = ast.literal_eval(value)
+        try:
+            new = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{key} expects a literal like {old!r}, got {value!r}") from None
+        new = _typed(key, old, new)
+    try:
+        node[leaf] = new
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
+def _unknown(key: str, node: Any) -> None:
+    """Raises the one-line error for an unknown field, with the closest known names."""
+    known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    parent, _, leaf = key.rpartition(".")
+    close = [f"{parent}.{c}" if parent else c for c in difflib.get_close_matches(leaf, known, n=2)]
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise ValueError(f"unknown config field {key!r}{hint}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises a ``ValueError`` naming the field for a config that cannot run; checks
+    everything that needs no devices, data or workdir (``train.validate`` adds the mesh)."""
+    model_config_from(config)  # the layout and every model field (ModelConfig checks them)
+    t, d, m = config.train, config.data, config.mesh
+    positive = ("seq_len", "batch_size", "num_steps", "log_every", "checkpoint_every",
+                "eval_steps", "grad_accum", "max_to_keep")  # fmt: skip
+    for name in positive:
+        _check(t, f"train.{name}", t[name] >= 1, ">= 1")
+    for name in ("warmup_steps", "eval_every", "seed"):
+        _check(t, f"train.{name}", t[name] >= 0, ">= 0")
+    _check(t, "train.learning_rate", 0 < t.learning_rate < math.inf, "> 0 and finite")
+    _check(t, "train.min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "in [0, 1]")
+    _check(t, "train.weight_decay", 0 <= t.weight_decay < math.inf, ">= 0")
+    _check(t, "train.grad_clip", 0 <= t.grad_clip < math.inf, ">= 0 (0 = off)")
+    for name in ("b1", "b2"):
+        _check(t, f"train.{name}", 0 <= t[name] < 1, "in [0, 1)")
+    if t.seq_len > config.model.max_len:
+        raise ValueError(
+            f"train.seq_len ({t.seq_len}) exceeds model.max_len ({config.model.max_len})"
+        )
+    if t.batch_size % t.grad_accum:
+        raise ValueError(
+            f"train.batch_size ({t.batch_size}) is not divisible by train.grad_accum "
+            f"({t.grad_accum})"
+        )
+    _check(d, "data.vocab_size", d.vocab_size >= 1, ">= 1")
+    _check(d, "data.tokenizer_train_docs", d.tokenizer_train_docs >= 1, ">= 1")
+    for name in ("dataset", "train_split", "eval_split", "text_key"):
+        _check(d, f"data.{name}", bool(d[name].strip()), "non-empty")
+    if d.tokenizer_path and not epath.Path(d.tokenizer_path).exists():
+        raise ValueError(
+            f"data.tokenizer_path {d.tokenizer_path} does not exist (leave it empty to train "
+            "a tokenizer into the workdir)"
+        )
+    sizes = {name: m[name] for name in ("data", "fsdp", "tensor")}
+    if list(sizes.values()).count(-1) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+        described = ", ".join(f"mesh.{k}={v}" for k, v in sizes.items())
+        raise ValueError(f"mesh sizes must be >= 1 with at most one -1 (fill), got {described}")
+
+
+def _check(section: ml_collections.ConfigDict, key: str, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{key} must be {rule}, got {section[key.split('.')[-1]]!r}")
+
+
+def diff_from_defaults(config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+    """``{"section.field": (default, value)}`` of the fields that differ from
+    :func:`default_config` (fields of sections the defaults lack are left out)."""
+    return diff(default_config(), config)
+
+
+def diff(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> dict[str, tuple]:
+    """``{"section.field": (a's value, b's value)}`` where ``a`` and ``b`` differ, over the
+    fields both have (JSON values compared, so a tuple equals its saved list)."""
+    fa, fb = _flat(json.loads(a.to_json())), _flat(json.loads(b.to_json()))
+    return {k: (fa[k], fb[k]) for k in sorted(fa.keys() & fb.keys()) if fa[k] != fb[k]}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_output_dir(path: str, what: str) -> None:
+    """``ValueError`` naming ``what`` (e.g. ``"workdir"``) for an output directory that is
+    a file, lies under a file or cannot be created or written; writes nothing."""
+    target = epath.Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{what} {path} is a file")
+    if "://" in path:
+        return  # object stores: permissions show at the first write
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{what} {path} is under a file ({existing})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path} is not writable ({existing} is read-only)")
+
+
+class UsageError(ValueError):
+    """Bad command-line arguments (printed as one line, exit status 2)."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """``argparse`` with one-line usage errors raised as :class:`UsageError`, and flags
+    spelled with underscores (``--max_new_tokens``) read as their dashed form; the
+    parser of every ``kvshare`` command."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001 - argparse's API
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([_dashed(a) for a in args], namespace)
+
+
+def _dashed(arg: str) -> str:
+    if not arg.startswith("--") or arg.startswith("--config."):
+        return arg
+    name, sep, value = arg.partition("=")
+    return name.replace("_", "-") + sep + value
 
 
 def parse_with_overrides(

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvshare_jax.model import ModelConfig, Params, Runner, forward_hidden
+from kvshare_jax.model import ModelConfig, Params, Runner, check_passes, forward_hidden
 from kvshare_jax.sampling import GREEDY, Sampling, sample
 
 
@@ -279,15 +279,15 @@ def generate(
     for tok in (*stop_tokens, pad_id):
         if not 0 <= tok < cfg.vocab_size:
             raise ValueError(f"token id {tok} is out of the vocabulary [0, {cfg.vocab_size})")
-    if prefill_passes is not None and (prefill_passes[0] < 0 or prefill_passes[1] < 1):
-        raise ValueError(f"prefill_passes (m, b) needs m >= 0 and b >= 1, got {prefill_passes}")
+    if prefill_passes is not None:
+        prefill_passes = check_passes(prefill_passes, "prefill_passes")
     fn = generate_fn(
         cfg,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         stop_tokens=tuple(int(s) for s in stop_tokens),
         pad_id=pad_id,
-        prefill_passes=None if prefill_passes is None else tuple(prefill_passes),
+        prefill_passes=prefill_passes,
         return_logits=return_logits,
     )
     cache = init_cache(cfg, prompts.shape[0], prompts.shape[1] + max_new_tokens - 1)

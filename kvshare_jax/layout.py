@@ -17,7 +17,6 @@ POSITIONS = ("bottom", "top", "middle")
 STANDARD = "standard"
 PRESETS = tuple(f"{p}-{q}" for p in PARTS for q in POSITIONS)  # the nine, without ':l'
 METHODS = ("cla:K", "lckv:W", "yoco", "mlkv:K")  # named methods of the paper (from_spec)
-_MAPPING = re.compile(r"\d+s?(_\d+s?)*")
 
 
 def preset_specs(num_kv_layers: int) -> list[str]:
@@ -30,7 +29,13 @@ def mapping_length(spec: str) -> int | None:
     """Layers spelled by a mapping string (``"0_1_1"`` -> 3); None for a named layout,
     whose layer count must be given."""
     spec = spec.strip()
-    return len(spec.split("_")) if _MAPPING.fullmatch(spec) else None
+    return len(spec.split("_")) if _looks_like_mapping(spec) else None
+
+
+def _looks_like_mapping(spec: str) -> bool:
+    """Digits (any script), ``-``, ``s`` and ``_`` only: meant as a mapping string, so
+    :meth:`KVLayout.parse` names the layer it cannot read."""
+    return re.fullmatch(r"[-\ds_]+", spec) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +84,7 @@ class KVLayout:
         parts = text.strip().split("_")
         targets, sliding = [], []
         for i, p in enumerate(parts):
-            m = re.fullmatch(r"(\d+)(s?)", p)
+            m = re.fullmatch(r"([0-9]+)(s?)", p)
             if m is None:
                 raise ValueError(f"layer {i}: cannot parse {p!r} in layout {text!r}")
             targets.append(int(m.group(1)))
@@ -233,14 +238,14 @@ def from_spec(spec: str, num_layers: int) -> KVLayout:
     ``"yoco"`` and ``"mlkv:K"`` (lasagna-bottom with K KV layers).
     """
     spec = spec.strip()
-    if _MAPPING.fullmatch(spec):
+    if _looks_like_mapping(spec):
         return KVLayout.parse(spec, num_layers)
     name, _, arg = spec.partition(":")
     if num_layers < 1:
         raise ValueError(f"num_layers must be positive, got {num_layers}")
 
     def int_arg() -> int:
-        if not re.fullmatch(r"\d+", arg):
+        if not re.fullmatch(r"[0-9]+", arg):
             raise ValueError(f"layout {spec!r} needs an integer argument, e.g. {name}:2")
         return int(arg)
 

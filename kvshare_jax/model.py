@@ -13,6 +13,7 @@ layers lives in the drivers (`forward` here, `sequential_logits`, `decode.py`).
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,19 @@ from kvshare_jax.layout import KVLayout, from_spec, mapping_length
 
 Params = Any
 KV = tuple[jax.Array, jax.Array]  # k, v: [b, s, k, h]
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_passes(passes: object, what: str = "passes") -> tuple[int, int]:
+    """``passes`` as ``(m, b)``; ``ValueError`` unless two integers with m >= 0, b >= 1
+    (b = 0 would skip the cyclic blocks' layers altogether)."""
+    try:
+        m, b = (operator.index(p) for p in passes)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        m, b = -1, -1
+    if m < 0 or b < 1:
+        raise ValueError(f"{what} (m, b) needs two integers m >= 0 and b >= 1, got {passes!r}")
+    return m, b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,16 +68,35 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.layout, str):
             raise TypeError("layout must be a KVLayout; use ModelConfig.create(layout=str)")
+        for name in ("vocab_size", "d_model", "num_heads", "num_kv_heads", "d_ff", "max_len"):
+            if isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("head_dim", "sliding_window"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("rope_theta", "norm_eps"):
+            if not getattr(self, name) > 0:  # also catches NaN
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.init_std >= 0:
+            raise ValueError(f"init_std must be >= 0, got {self.init_std}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in FLOAT_DTYPES:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(FLOAT_DTYPES)}, got {getattr(self, name)!r}"
+                )
+        if not self.head_dim and self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads}) "
+                "unless head_dim is set"
+            )
+        if self.hd % 2:
+            raise ValueError(f"the head dim must be even for RoPE, got {self.hd}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of "
                 f"num_kv_heads ({self.num_kv_heads})"
             )
-        if self.forward_passes < 0 or self.backward_passes < 1:
-            raise ValueError(
-                "forward_passes must be >= 0 and backward_passes >= 1, got "
-                f"{self.forward_passes} and {self.backward_passes}"
-            )
+        check_passes((self.forward_passes, self.backward_passes), "forward_passes, backward_passes")
         if any(self.layout.sliding) and self.sliding_window < 1:
             raise ValueError("layout has sliding-window layers but sliding_window is not set")
         if self.attention_impl not in ("xla", "pallas", "auto"):
@@ -402,7 +435,9 @@ def forward_hidden(
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     kv_pos = positions if valid is None else jnp.where(valid, positions, INVALID_POS)
-    passes = passes or (cfg.forward_passes, cfg.backward_passes)
+    if passes is None:
+        passes = (cfg.forward_passes, cfg.backward_passes)
+    passes = check_passes(passes)
     run = Runner(cfg, params)
     x = run.embed(tokens)
     done: dict[int, KV] = {}

@@ -152,6 +152,8 @@ def summary(results: dict[str, Any]) -> list[str]:
     for kv in results["meta"]["study"]["kv_layers"]:
         rows = rows_at(results, kv)
         shared = rows[1:]
+        if not shared:  # a partial report: no cell at this l finished yet
+            continue
         best_ppl = min(shared, key=lambda r: r["eval_ppl"])
         fastest = max(shared, key=lambda r: r["tok_s"])
         cheapest = min(shared, key=lambda r: r["train_step_ms"])
@@ -179,6 +181,8 @@ def summary(results: dict[str, Any]) -> list[str]:
             f"throughput at that batch is {_span(shared, 'tok_s', std['tok_s'])} standard's.",
         ]
     kvs = sorted(best_ppl_at, reverse=True)
+    if not kvs:
+        return lines
     if len(kvs) > 1:
         fronts = [set(results["pareto"][str(kv)]) for kv in kvs]
         everywhere = sorted(set.intersection(*fronts) - {STANDARD})
@@ -205,9 +209,15 @@ def markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     m, t, s = meta["model"], meta["train"], meta["study"]
     budget = s["memory_budget"]
+    done, total = meta.get("cells_done"), meta.get("cells_total")
     lines = [
         "# Cross-layer KV sharing study",
         "",
+        *(
+            [f"**Partial report: {done} of {total} cells finished** (rebuilt after each cell).", ""]
+            if done is not None and done < total
+            else []
+        ),
         f"Model L={m['num_layers']} d={m['d_model']} heads {m['num_heads']}/"
         f"{m['num_kv_heads']} d_ff={m['d_ff']} vocab {meta['vocab_size']} ({m['dtype']}; "
         f"cyclic blocks iterate {m['forward_passes']}+{m['backward_passes']} times), trained "

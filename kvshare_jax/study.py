@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 
 from kvshare_jax import bench, report
 from kvshare_jax.checkpoint import open_model
+from kvshare_jax.config import validate_config
 from kvshare_jax.data import get_tokenizer
 from kvshare_jax.layout import PRESETS, STANDARD, from_spec
 from kvshare_jax.report import Cell
@@ -84,6 +85,12 @@ def plan_cells(config: ml_collections.ConfigDict) -> list[Cell]:
             f"and fit model.max_len ({config.model.max_len})"
         )
     bench.parse_bytes(s.memory_budget)
+    if not s.bench_batch_sizes or min(s.bench_batch_sizes) < 1:
+        raise ValueError(f"study.bench_batch_sizes must be >= 1, got {s.bench_batch_sizes}")
+    if s.train_step_timing_steps < 1:
+        raise ValueError(
+            f"study.train_step_timing_steps must be >= 1, got {s.train_step_timing_steps}"
+        )
     points = [(STANDARD, num_layers)]
     points += [(x, int(kv)) for kv in s.kv_layers for x in s.layouts if x != STANDARD]
     cells, first_of = [], {}
@@ -93,6 +100,8 @@ def plan_cells(config: ml_collections.ConfigDict) -> list[Cell]:
         cell = Cell(layout, kv, mapping)
         cells.append(dataclasses.replace(cell, same_as=first_of.get(mapping)))
         first_of.setdefault(mapping, cell.name)
+    for cell in cells:
+        validate_config(cell_config(config, cell))  # every field, with each cell's layout
     return cells
 
 
@@ -234,9 +243,24 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             f"({result['wall_s']:.0f} s)"
         )
         jax.clear_caches()
-    out = report.build_results(config, cells, results)
-    write_json(os.path.join(workdir, "results.json"), out)
-    if jax.process_index() == 0:
-        paths = report.write_report(out, workdir)
-        _say(f"wrote {workdir}/results.json, " + ", ".join(paths))
+        if i < len(to_train):
+            write_results(config, cells, results, workdir)  # the report so far
+    out, paths = write_results(config, cells, results, workdir)
+    _say(f"wrote {workdir}/results.json, " + ", ".join(paths))
     return out
+
+
+def write_results(
+    config: ml_collections.ConfigDict,
+    cells: list[Cell],
+    results: dict[str, dict[str, Any]],
+    workdir: str,
+) -> tuple[dict[str, Any], list[str]]:
+    """Writes ``results.json``, ``report.md`` and the figures of the cells finished so far
+    (a partial report says how many are missing); returns the results and the paths."""
+    done = [c for c in cells if c.trained in results]
+    out = report.build_results(config, done, results)
+    out["meta"]["cells_total"], out["meta"]["cells_done"] = len(cells), len(done)
+    write_json(os.path.join(workdir, "results.json"), out)
+    paths = report.write_report(out, workdir) if jax.process_index() == 0 else []
+    return out, paths

@@ -22,11 +22,19 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kvshare_jax import checkpoint, sharding
-from kvshare_jax.config import model_config_from
+from kvshare_jax.config import (
+    check_output_dir,
+    diff,
+    diff_from_defaults,
+    load_config,
+    model_config_from,
+    validate_config,
+)
 from kvshare_jax.data import get_tokenizer, make_iterator, open_source
 from kvshare_jax.metrics import MetricWriter, latest_metrics
 from kvshare_jax.model import ModelConfig, Params, forward, init_params
@@ -195,21 +203,9 @@ def compile_train_step(
 
 # ------------------------------------------------------------------ setup
 def validate(config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules) -> None:
-    """Raises ``ValueError`` naming the field for settings that cannot train."""
+    """Raises ``ValueError`` naming the field for settings that cannot train here."""
+    validate_config(config)
     t = config.train
-    model_config_from(config)  # layout and model fields
-    if t.seq_len > config.model.max_len:
-        raise ValueError(
-            f"train.seq_len ({t.seq_len}) exceeds model.max_len ({config.model.max_len})"
-        )
-    for name in ("num_steps", "log_every", "checkpoint_every", "eval_steps", "grad_accum"):
-        if t[name] < 1:
-            raise ValueError(f"train.{name} must be >= 1, got {t[name]}")
-    if t.batch_size % t.grad_accum:
-        raise ValueError(
-            f"train.batch_size ({t.batch_size}) is not divisible by train.grad_accum "
-            f"({t.grad_accum})"
-        )
     sharding.check_batch_divisible(t.batch_size, mesh, rules, "train.batch_size")
     if t.grad_accum > 1:
         micro = t.batch_size // t.grad_accum
@@ -277,6 +273,45 @@ def _check_same_params(workdir: str, cfg: ModelConfig) -> None:
         )
 
 
+# Fields a resumed run may change: how long and how often, how the work is laid out on
+# devices (mesh, micro-batches, remat, attention kernel), where prepared TFDS data lives.
+# Any other difference (model, data, tokenizer, optimizer, seed) makes it another run.
+RESUMABLE_FIELDS = (
+    "train.num_steps", "train.log_every", "train.eval_every", "train.eval_steps",
+    "train.checkpoint_every", "train.max_to_keep", "train.grad_accum",
+    "model.attention_impl", "model.remat", "data.tfds_data_dir",
+)  # fmt: skip
+RESUMABLE_SECTIONS = ("mesh.",)
+
+
+def check_resume(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses (``ValueError`` listing the fields) to continue the run saved in
+    ``workdir`` with a config that differs in anything but :data:`RESUMABLE_FIELDS`."""
+    path = epath.Path(workdir) / checkpoint.RUN_CONFIG_FILE
+    if not path.exists():
+        return
+    try:
+        saved = load_config(str(path))
+    except ValueError as e:
+        raise ValueError(f"cannot resume {workdir}: {e}") from None
+    changed = {
+        k: v
+        for k, v in diff(saved, config).items()
+        if k not in RESUMABLE_FIELDS and not k.startswith(RESUMABLE_SECTIONS)
+    }
+    if changed:
+        fields = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(
+            f"{workdir} holds another run: {fields}; resume with the saved config "
+            f"(--config {path}) or use a new --workdir"
+        )
+
+
+def check_workdir(workdir: str) -> None:
+    """``ValueError`` for a workdir that is a file or that cannot be written."""
+    check_output_dir(workdir, "workdir")
+
+
 class Trainer:
     """What a run needs, built from a config: mesh, model config, optimizer, jitted steps
     (traced under the mesh and logical-axis rules) and data iterators."""
@@ -312,6 +347,18 @@ class Trainer:
         )
         self.all_finite = jax.jit(all_finite, out_shardings=replicated)
         self.local_batch = t.batch_size // jax.process_count()
+
+    def describe(self) -> str:
+        """Devices, mesh, parameter count and the config fields set away from defaults."""
+        devices = jax.devices()
+        mesh = " ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
+        count = sum(x.size for x in jax.tree.leaves(self.abstract.params))
+        changed = ", ".join(f"{k}={v!r}" for k, (_, v) in diff_from_defaults(self.config).items())
+        return (
+            f"devices: {len(devices)} x {devices[0].device_kind} ({jax.process_count()} "
+            f"process(es)); mesh: {mesh}; parameters: {count / 1e6:.2f}M\n"
+            f"config (fields not at their defaults): {changed or 'none'}"
+        )
 
     def init_state(self) -> TrainState:
         """Fresh random params, or ``train.init_from``'s weights, and a new optimizer."""
@@ -379,12 +426,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains (resuming from ``workdir`` if it holds a checkpoint) and returns the final
     metrics: ``step``, ``loss``, ``grad_norm``, ``lr``, ``tokens_per_sec``, ``eval_loss``,
     ``eval_ppl`` (those of the latest log/eval when the run had already finished)."""
+    check_workdir(workdir)
+    validate_config(config)
     if config.train.init_from:
         config = adopt_init_source(config, workdir)
+    check_resume(workdir, config)  # before a tokenizer is trained or a file is written
     trainer = Trainer(config, workdir)
+    _say(trainer.describe())
     t = config.train
     _check_same_params(workdir, trainer.cfg)
-    checkpoint.save_configs(workdir, config, trainer.cfg)
     ckpt = checkpoint.Checkpointer(workdir, int(t.max_to_keep))
     train_iter = trainer.iterator(config.data.train_split)
     restored = ckpt.restore(trainer.abstract.params, trainer.abstract.opt_state, train_iter)
@@ -393,6 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
         start, params, opt_state = restored
         last_saved, state = start, TrainState(params, opt_state)
+    checkpoint.save_configs(workdir, config, trainer.cfg)  # only once all checks passed
     if start >= t.num_steps:
         ckpt.close()
         _say(f"{workdir} is already trained to step {start} (train.num_steps={t.num_steps})")

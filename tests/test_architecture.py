@@ -23,7 +23,8 @@ FLOORS = [
     {"bench"},
     {"bench_report", "report"},
     {"study"},
-    {"commands", "cli"},
+    {"commands"},
+    {"cli"},
 ]
 FLOOR = {name: i for i, names in enumerate(FLOORS) for name in names}
 

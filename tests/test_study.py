@@ -129,6 +129,35 @@ def test_summary_is_derived_from_the_numbers(winner):
     assert f"l = 3: {winner}." in text
 
 
+def test_report_is_rebuilt_after_every_cell(tmp_path, monkeypatch):
+    """report.md and results.json exist, marked partial, before the last cell starts."""
+    config = load_config(
+        CPU_STUDY,
+        (
+            "study.layouts=('standard','pizza-bottom','lasagna-top')",
+            f"data.tokenizer_path={tu.tokenizer_path()}",
+        ),
+    )
+    workdir = tmp_path / "study"
+    seen = []
+
+    def fake_cell(cell_config, cell, cell_dir):
+        report_md = workdir / "report.md"
+        seen.append(report_md.read_text() if report_md.exists() else None)
+        os.makedirs(cell_dir)  # as training the cell does
+        return _fake_result(cell, 20.0 - len(seen), 100.0 + len(seen))
+
+    monkeypatch.setattr(study, "run_cell", fake_cell)
+    out = study.run_study(config, str(workdir))
+    assert seen[0] is None  # nothing to report before the first cell
+    assert "Partial report: 1 of 3 cells finished" in seen[1]
+    assert "Partial report: 2 of 3 cells finished" in seen[2]
+    assert "| pizza-bottom |" in seen[2] and "| lasagna-top |" not in seen[2]
+    final = (workdir / "report.md").read_text()
+    assert "Partial report" not in final and "| lasagna-top |" in final
+    assert out["meta"]["cells_done"] == out["meta"]["cells_total"] == 3
+
+
 # ------------------------------------------------------------------- the run
 def test_micro_study_runs_reports_and_skips_finished_cells(tmp_path, capsys, monkeypatch):
     workdir = str(tmp_path / "study")

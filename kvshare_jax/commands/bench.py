@@ -10,10 +10,9 @@ tables. Method: ``kvshare_jax/bench.py``.
 from __future__ import annotations
 
 import functools
-import os
 
 from kvshare_jax.commands import error
-from kvshare_jax.config import parse_with_overrides
+from kvshare_jax.config import check_output_dir, parse_with_overrides
 
 PROG = "kvshare bench"
 
@@ -28,8 +27,7 @@ def run(argv: list[str]) -> int:
 
     try:
         args, overrides = parse_with_overrides(argv, bench.arg_parser(PROG))
-        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-            raise ValueError(f"--out-dir {args.out_dir} is a file")
+        check_output_dir(args.out_dir, "--out-dir")  # before the benchmark runs
         spec = bench.spec_from_args(args, overrides)
         if args.topology:
             results = bench.compile_suite(spec, args.topology, progress=not args.quiet)

@@ -12,21 +12,20 @@ input. Method: ``kvshare_jax/aot.py``.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
 from typing import Any
 
 from kvshare_jax.commands import error
-from kvshare_jax.config import parse_with_overrides
+from kvshare_jax.config import ArgParser, check_output_dir, parse_with_overrides
 
 PROG = "kvshare compile"
 _ALIASES = {"train": "train_step", "train_step": "train_step", "generate": "generate"}
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+def parser() -> ArgParser:
+    p = ArgParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="config file (overrides: --config.a.b=v)")
     p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:4x4, v4:2x2x1")
     p.add_argument("--programs", default="train,generate", help="train and/or generate")
@@ -100,6 +99,8 @@ def run(argv: list[str]) -> int:
             raise ValueError(f"--programs takes train and/or generate, got {args.programs!r}")
         if args.json and os.path.isdir(args.json):
             raise ValueError(f"--json {args.json} is a directory")
+        if args.json:
+            check_output_dir(os.path.dirname(os.path.abspath(args.json)), "--json's folder")
         config = load_config(args.config, overrides)
         report = aot.compile_config(
             config,

@@ -12,10 +12,9 @@ another KV layout for uptraining. Export writes ``llama`` for the standard layou
 
 from __future__ import annotations
 
-import argparse
 import functools
 
-from kvshare_jax.commands import error
+from kvshare_jax.commands import ArgParser, error
 
 PROG = "kvshare convert"
 
@@ -23,8 +22,8 @@ PROG = "kvshare convert"
 _error = functools.partial(error, PROG)  # one-line message, exit status 2 by default
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+def _parser() -> ArgParser:
+    p = ArgParser(prog=PROG, description=__doc__.split("\n\n")[0])
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-hf", metavar="DIR", help="HuggingFace model dir to import")
     direction.add_argument("--to-hf", metavar="OUTDIR", help="HuggingFace dir to export to")

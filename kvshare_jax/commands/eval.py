@@ -9,58 +9,51 @@ from __future__ import annotations
 import functools
 import json
 
-from absl import flags
-
-from kvshare_jax.commands import error
+from kvshare_jax.commands import ArgParser, error
 
 PROG = "kvshare eval"
 
 
-def _define_flags() -> flags.FlagValues:
-    fv = flags.FlagValues()
-    flags.DEFINE_string("workdir", None, "run directory written by kvshare train", flag_values=fv)
-    flags.DEFINE_integer(
-        "eval_steps", 0, "eval batches (0 = train.eval_steps of the run)", flag_values=fv
-    )
-    flags.DEFINE_string("split", "", "split to evaluate ('' = data.eval_split)", flag_values=fv)
-    flags.DEFINE_list(
-        "mesh", ["-1", "1", "1"], "data,fsdp,tensor mesh sizes for evaluation", flag_values=fv
-    )
-    flags.DEFINE_bool("json", False, "print one JSON object instead of text", flag_values=fv)
-    flags.mark_flag_as_required("workdir", flag_values=fv)
-    return fv
+def parser() -> ArgParser:
+    p = ArgParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="run directory written by kvshare train")
+    p.add_argument("--eval-steps", type=int, help="eval batches (default: train.eval_steps)")
+    p.add_argument("--split", default="", help="split to evaluate (default: data.eval_split)")
+    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor mesh sizes")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
 
 
 _error = functools.partial(error, PROG)  # one-line message, exit status 2 by default
 
 
-def _mesh_sizes(values: list[str]) -> dict[str, int]:
-    if len(values) != 3 or not all(v.lstrip("-").isdigit() for v in values):
-        raise ValueError(f"--mesh needs 3 integers data,fsdp,tensor, got {','.join(values)}")
+def _mesh_sizes(text: str) -> dict[str, int]:
+    values = text.split(",")
+    if len(values) != 3 or not all(v.strip().lstrip("-").isdigit() for v in values):
+        raise ValueError(f"--mesh needs 3 integers data,fsdp,tensor, got {text}")
     return dict(zip(("data", "fsdp", "tensor"), map(int, values), strict=True))
 
 
 def run(argv: list[str]) -> int:
-    fv = _define_flags()
     try:
-        fv([PROG, *argv])
-    except flags.Error as e:
-        return _error(e)
-    from kvshare_jax import checkpoint, train
+        args = parser().parse_args(argv)
+        if args.eval_steps is not None and args.eval_steps < 1:
+            raise ValueError(f"--eval-steps must be >= 1, got {args.eval_steps}")
+        mesh = _mesh_sizes(args.mesh)
+        from kvshare_jax import checkpoint, train
 
-    try:
-        config = checkpoint.load_run_config(fv.workdir)
-        if fv.split:
-            config.data.eval_split = fv.split
-        config.mesh.update(_mesh_sizes(fv.mesh))
-        result = train.evaluate_workdir(config, fv.workdir, fv.eval_steps or None)
-    except (ValueError, FileNotFoundError) as e:
+        config = checkpoint.load_run_config(args.workdir)
+        if args.split:
+            config.data.eval_split = args.split
+        config.mesh.update(mesh)
+        result = train.evaluate_workdir(config, args.workdir, args.eval_steps)
+    except (ValueError, OSError) as e:
         return _error(e)
-    if fv.json:
+    if args.json:
         print(json.dumps(result))
     else:
         print(
-            f"{fv.workdir} step {result['step']} ({config.data.eval_split}): "
+            f"{args.workdir} step {result['step']} ({config.data.eval_split}): "
             f"eval_loss {result['eval_loss']:.4f}, eval_ppl {result['eval_ppl']:.2f}"
         )
     return 0

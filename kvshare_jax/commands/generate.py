@@ -14,17 +14,16 @@ prints the new ids comma-separated.
 
 from __future__ import annotations
 
-import argparse
 import functools
 
-from kvshare_jax.commands import error
+from kvshare_jax.commands import ArgParser, error
 
 PROG = "kvshare generate"
 BYTE_VOCAB = 256
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+def _parser() -> ArgParser:
+    p = ArgParser(prog=PROG, description=__doc__.split("\n\n")[0])
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--workdir", help="training workdir: newest checkpoint + its tokenizer")
     model.add_argument("--config", help="config file; random init (overrides: --config.a.b=v)")

@@ -14,13 +14,12 @@ HuggingFace tokenizer dir. Needs the ``[eval]`` extra (lm-eval).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
 from typing import Any
 
-from kvshare_jax.commands import error
+from kvshare_jax.commands import ArgParser, error
 
 PROG = "kvshare harness"
 RESULTS_FILE = "harness_results.json"
@@ -29,8 +28,8 @@ RESULTS_FILE = "harness_results.json"
 _error = functools.partial(error, PROG)  # one-line message, exit status 2 by default
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+def _parser() -> ArgParser:
+    p = ArgParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="workdir (or HuggingFace model dir)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--include-path", default="", help="folder of local task YAMLs")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-
-from kvshare_jax.commands import error
+from kvshare_jax.commands import ArgParser, error
 from kvshare_jax.layout import from_spec
 from kvshare_jax.model import ModelConfig
 
 
 def run(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="kvshare layout", description=__doc__)
+    p = ArgParser(prog="kvshare layout", description=__doc__)
     p.add_argument(
         "spec",
         help="mapping string ('0_6_6_7'), preset ('sandwich-middle') "

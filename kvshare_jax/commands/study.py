@@ -12,10 +12,8 @@ from __future__ import annotations
 import functools
 import os
 
-from absl import flags
-
 from kvshare_jax.commands import error
-from kvshare_jax.commands.train import define_flags, run_job
+from kvshare_jax.commands.train import load, parser, run_job
 
 PROG = "kvshare study"
 
@@ -24,22 +22,17 @@ _error = functools.partial(error, PROG)  # one-line message, exit status 2 by de
 
 
 def run(argv: list[str]) -> int:
-    argv = [PROG, *argv]
-    fv = define_flags(argv)
     try:
-        fv(argv)
-        config = fv.config
-        config.train  # noqa: B018 - a config file that failed to load raises here
-    except (flags.Error, OSError) as e:  # bad flags, unreadable config file
+        args, config = load(argv, parser(PROG, __doc__))
+        from kvshare_jax import study
+        from kvshare_jax.train import check_workdir
+
+        study.plan_cells(config)  # config errors before joining a job or training
+        check_workdir(args.workdir)
+    except (ValueError, OSError) as e:
         return _error(e)
     import jax
 
-    from kvshare_jax import study
-
     if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(fv.workdir, "jax_cache"))
-    try:
-        study.plan_cells(config)  # config errors before joining a job or training
-    except ValueError as e:
-        return _error(e)
-    return run_job(PROG, fv, lambda: study.run_study(config, fv.workdir))
+        jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
+    return run_job(PROG, args, lambda: study.run_study(config, args.workdir))

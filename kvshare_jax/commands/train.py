@@ -13,67 +13,74 @@ holds a checkpoint resumes from it instead.
 
 from __future__ import annotations
 
+import argparse
 import functools
 from collections.abc import Callable
 
-from absl import flags
-from ml_collections import config_flags
+import ml_collections
 
-from kvshare_jax.commands import error
+from kvshare_jax.commands import ArgParser, error
 
 PROG = "kvshare train"
 
 
-def define_flags(argv: list[str]) -> flags.FlagValues:
+def parser(prog: str = PROG, doc: str | None = None) -> ArgParser:
     """The flags shared by ``kvshare train`` and ``kvshare study``."""
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "run config file, e.g. configs/tiny.py",
-        flag_values=fv,
-        sys_argv=argv,  # where the --config.a.b=value overrides are looked up
+    p = ArgParser(prog=prog, description=(doc or __doc__).split("\n\n")[0])
+    p.add_argument(
+        "--config",
+        required=True,
+        help="config file (.py with get_config(), or a run's config.json); "
+        "overrides: --config.section.field=value",
     )
-    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)", flag_values=fv)
-    flags.DEFINE_string(
-        "coordinator_address", "", "host:port of process 0 in a multi-process job", flag_values=fv
+    p.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics)")
+    job = p.add_argument_group("multi-process jobs")
+    job.add_argument("--coordinator-address", default="", help="host:port of process 0")
+    job.add_argument("--num-processes", type=int, default=0, help="processes in the job")
+    job.add_argument("--process-id", type=int, default=-1, help="this process's index")
+    job.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() with cluster auto-detection",
     )
-    flags.DEFINE_integer("num_processes", 0, "processes in a multi-process job", flag_values=fv)
-    flags.DEFINE_integer("process_id", -1, "this process's index in the job", flag_values=fv)
-    flags.DEFINE_bool(
-        "distributed",
-        False,
-        "call jax.distributed.initialize() with cluster auto-detection",
-        flag_values=fv,
-    )
-    flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
-    return fv
+    return p
+
+
+def load(
+    argv: list[str], p: argparse.ArgumentParser
+) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
+    """Parses ``argv`` and loads the config with its overrides; raises ``ValueError`` /
+    ``FileNotFoundError`` (one line) for any bad argument, file or field value."""
+    from kvshare_jax.config import load_config, parse_with_overrides
+
+    args, overrides = parse_with_overrides(argv, p)
+    return args, load_config(args.config, overrides)
 
 
 _error = functools.partial(error, PROG)  # one-line message, exit status 2 by default
 
 
 def run(argv: list[str]) -> int:
-    argv = [PROG, *("--init_from" + a[11:] if a.startswith("--init-from") else a for a in argv)]
-    fv = define_flags(argv)
-    flags.DEFINE_string(
-        "init_from", "", "workdir or HF dir to start from (sets train.init_from)", flag_values=fv
-    )
+    p = parser()
+    p.add_argument("--init-from", default="", help="workdir or HF dir to start from")
     try:
-        fv(argv)
-        config = fv.config
-        config.train  # noqa: B018 - a config file that failed to load raises here
-        if fv.init_from:
-            config.train.init_from = fv.init_from
-    except (flags.Error, OSError) as e:  # bad flags, unreadable config file
+        args, config = load(argv, p)
+        if args.init_from:
+            config.train.init_from = args.init_from
+        from kvshare_jax.config import validate_config
+        from kvshare_jax.train import check_workdir
+
+        validate_config(config)  # before joining a job, training a tokenizer or writing
+        check_workdir(args.workdir)
+    except (ValueError, OSError) as e:
         return _error(e)
     from kvshare_jax import train
 
-    return run_job(PROG, fv, lambda: train.train_and_evaluate(config, fv.workdir))
+    return run_job(PROG, args, lambda: train.train_and_evaluate(config, args.workdir))
 
 
-def run_job(prog: str, fv: flags.FlagValues, job: Callable[[], object]) -> int:
-    """Joins the multi-process job the flags of `define_flags` name, then runs ``job``;
+def run_job(prog: str, fv: argparse.Namespace, job: Callable[[], object]) -> int:
+    """Joins the multi-process job the flags of `parser` name, then runs ``job``;
     bad input is a one-line error with exit status 2, a non-finite loss status 1."""
     from kvshare_jax import sharding, train
 
