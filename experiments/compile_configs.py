@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import time
+from importlib.metadata import version as _version
 from pathlib import Path
 
 import jax
@@ -55,7 +56,8 @@ def _gib(x: float | None) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        f"TPU compiler (libtpu) on a CPU host, jax {jax.__version__}; per device; roofline = "
+        f"TPU compiler (libtpu {_version('libtpu')}) on a CPU host, jax {jax.__version__}; "
+        "per device; roofline = "
         "max(executed FLOPs / peak, bytes / HBM bandwidth); MFU ceiling = model FLOPs / "
         "(roofline x peak).",
         "",
@@ -85,13 +87,21 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _key(row: dict) -> tuple[str, str, str]:
+    return row["config"], row["layout"], row["impl"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--impls", default="auto,xla", help="attention implementations")
-    p.add_argument("--only", help="only configs whose path contains this")
+    p.add_argument("--only", help="only configs whose path contains this (other rows kept)")
     p.add_argument("--name", default="compile_configs", help="result file name")
     args = p.parse_args()
-    rows = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{args.name}.json"
+    # Rows are merged into the existing file by (config, layout, impl) and written after
+    # every compile, so ``--only`` refreshes some rows and an interrupted run keeps the rest.
+    rows = {_key(r): r for r in json.loads(out.read_text())} if out.exists() else {}
     for path, layout in cases(args.only):
         for impl in args.impls.split(","):
             overrides = [f"model.attention_impl={impl}"]
@@ -108,12 +118,12 @@ def main() -> None:
                 "compile_s": time.perf_counter() - start,
                 "report": report,
             }
-            rows.append(row)
+            rows[_key(row)] = row
             print(markdown([row]).splitlines()[-1], flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(rows))
-    print(f"wrote {RESULTS / args.name}.json and .md")
+            ordered = [rows[k] for k in sorted(rows)]
+            out.write_text(json.dumps(ordered, indent=2) + "\n")
+            out.with_suffix(".md").write_text(markdown(ordered))
+    print(f"wrote {out} and .md")
 
 
 if __name__ == "__main__":
