@@ -17,6 +17,7 @@ import ml_collections
 
 from kvshare_jax.bench import device_info
 from kvshare_jax.layout import STANDARD
+from kvshare_jax.stats import mean_ci, paired
 
 FIGURES = {"tradeoff": "throughput_vs_ppl.png", "kv_layers": "kv_layers.png"}
 _COLORS = {"pizza": "tab:orange", "sandwich": "tab:green", "lasagna": "tab:blue"}
@@ -32,10 +33,16 @@ class Cell:
     kv_layers: int  # l (L for standard)
     mapping: str  # layer -> target string ('0_1_5_5_5_5')
     same_as: str | None = None  # name of the cell trained for this mapping, if another
+    seed: int = 0  # offset added to train.seed (init and data order)
 
     @property
     def name(self) -> str:
-        return f"{self.layout}-l{self.kv_layers}"
+        return f"{self.layout}-l{self.kv_layers}" + (f"-s{self.seed}" if self.seed else "")
+
+    @property
+    def point(self) -> tuple[str, int]:
+        """The (layout, l) point of the study this cell is one seed of."""
+        return self.layout, self.kv_layers
 
     @property
     def spec(self) -> str:
@@ -49,30 +56,59 @@ class Cell:
 
 
 # ---------------------------------------------------------------- the rows
-def _row(cell: Cell, result: dict[str, Any], std: dict[str, Any]) -> dict[str, Any]:
-    """One table row of ``cell`` (whose measurements are ``result``)."""
+def _measures(result: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a row reports, of one trained cell."""
     b = result["bench"]
-    tok_s = b["max_batch_run"]["e2e_tok_s"] if b["max_batch"] else 0.0
-    std_tok_s = std["bench"]["max_batch_run"]["e2e_tok_s"] if std["bench"]["max_batch"] else 0.0
     prefill = b["runs"][0] if b["runs"] else b["max_batch_run"] or {}
-    step_s = result["train_step"]["min_s"]
     return {
-        "layout": cell.layout,
-        "kv_layers": cell.kv_layers,
-        "cell": cell.trained,
-        "same_as": cell.same_as,
-        "mapping": cell.mapping,
-        "cache_fraction": result["cache_fraction"],
         "eval_loss": result["train"]["eval_loss"],
         "eval_ppl": result["train"]["eval_ppl"],
         "max_batch": b["max_batch"],
-        "tok_s": tok_s,
-        "tok_s_ratio": tok_s / std_tok_s if std_tok_s else None,
+        "tok_s": b["max_batch_run"]["e2e_tok_s"] if b["max_batch"] else 0.0,
         "prefill_ms": prefill["prefill_s"] * 1e3 if prefill else None,
         "prefill_batch": prefill.get("batch", b["max_batch"]) if prefill else None,
-        "train_step_ms": step_s * 1e3,
-        "train_step_ratio": step_s / std["train_step"]["min_s"],
+        "train_step_ms": result["train_step"]["min_s"] * 1e3,
     }
+
+
+def _row(
+    cells: Sequence[Cell],
+    results: dict[str, dict[str, Any]],
+    standard: dict[int, dict[str, Any]],
+) -> dict[str, Any]:
+    """One table row: the seeds ``cells`` of one (layout, l) point, as means with 95%
+    intervals; ratios and paired tests against ``standard`` (measures by seed) over the
+    seeds both have."""
+    first = cells[0]
+    seeds = [c.seed for c in cells]
+    per = [_measures(results[c.trained]) for c in cells]
+    row: dict[str, Any] = {
+        "layout": first.layout,
+        "kv_layers": first.kv_layers,
+        "cell": first.trained,
+        "same_as": first.same_as,
+        "mapping": first.mapping,
+        "cache_fraction": results[first.trained]["cache_fraction"],
+        "seeds": len(cells),
+        "max_batch": per[0]["max_batch"],  # a memory fit: the same for every seed
+        "prefill_batch": per[0]["prefill_batch"],
+    }
+    for key in ("eval_loss", "eval_ppl", "tok_s", "train_step_ms", "prefill_ms"):
+        values = [m[key] for m in per if m[key] is not None]
+        row[key], row[f"{key}_ci"] = mean_ci(values) if values else (None, None)
+    pairs = [(m, standard[s]) for m, s in zip(per, seeds, strict=True) if s in standard]
+    ratios = {
+        "tok_s_ratio": [m["tok_s"] / b["tok_s"] for m, b in pairs if b["tok_s"]],
+        "train_step_ratio": [m["train_step_ms"] / b["train_step_ms"] for m, b in pairs],
+    }
+    for key, values in ratios.items():
+        row[key], row[f"{key}_ci"] = mean_ci(values) if values else (None, None)
+    row["vs_standard"] = {
+        key: paired([m[key] for m, _ in pairs], [b[key] for _, b in pairs])
+        for key in ("eval_ppl", "tok_s")
+    }
+    row["per_seed"] = {"seed": seeds, **{k: [m[k] for m in per] for k in ("eval_ppl", "tok_s")}}
+    return row
 
 
 def pareto_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -111,12 +147,17 @@ def build_results(
     config: ml_collections.ConfigDict, cells: Sequence[Cell], results: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
     """``{"meta", "rows", "pareto", "cells"}`` from the cells and their measurements
-    (``results``, keyed by trained cell name, kept as ``cells``); ``rows[0]`` is standard,
-    ``pareto[str(l)]`` the front's layouts."""
-    std = results[cells[0].trained]
+    (``results``, keyed by trained cell name, kept as ``cells``): one row per (layout, l)
+    over its seeds, ``rows[0]`` standard; ``pareto[str(l)]`` the front's layouts (of the
+    means)."""
+    points: dict[tuple[str, int], list[Cell]] = {}
+    for c in cells:
+        points.setdefault(c.point, []).append(c)
+    std_cells = points[cells[0].point]
+    standard = {c.seed: _measures(results[c.trained]) for c in std_cells}
     out = {
         "meta": _meta(config, results),
-        "rows": [_row(c, results[c.trained], std) for c in cells],
+        "rows": [_row(group, results, standard) for group in points.values()],
     }
     out["pareto"] = {
         str(kv): [r["layout"] for r in pareto_front(rows_at(out, int(kv)))]
@@ -145,10 +186,45 @@ def _span(rows: Sequence[dict[str, Any]], key: str, base: float) -> str:
     return f"{min(ratios):.2f}-{max(ratios):.2f}x"
 
 
+def _between(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, Any]:
+    """Paired test of rows ``a`` and ``b`` on ``key`` over the seeds both have."""
+    xs = dict(zip(a["per_seed"]["seed"], a["per_seed"][key], strict=True))
+    ys = dict(zip(b["per_seed"]["seed"], b["per_seed"][key], strict=True))
+    common = sorted(xs.keys() & ys.keys())
+    return paired([xs[s] for s in common], [ys[s] for s in common])
+
+
+def _ci(value: float | None, ci: float | None, spec: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:{spec}}" + (f" ± {ci:{spec}}" if ci is not None else "")
+
+
+def _verdict(test: dict[str, Any]) -> str:
+    if test["p"] is None:
+        return "not tested: one seed"
+    word = "significant" if test["significant"] else "not significant"
+    return f"{word}, p = {test['p']:.3f}"
+
+
+def _same(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+    """``row``'s layout and those sharing its mapping (one trained cell): 'a = b'."""
+    return _names([r for r in rows if r["mapping"] == row["mapping"]])
+
+
+def _tied(best: dict[str, Any], rows: Sequence[dict[str, Any]], key: str) -> list[dict]:
+    """``best`` and the rows whose difference from it on ``key`` is not significant (all
+    rows when nothing can be tested)."""
+    return [r for r in rows if r is best or not _between(r, best, key)["significant"]]
+
+
 def summary(results: dict[str, Any]) -> list[str]:
-    """Markdown bullet lines answering "which layout should I use?" from the numbers."""
+    """Markdown bullet lines answering "which layout should I use?" from the numbers.
+    A layout is called better than another only when the paired test over the seeds
+    says the difference is significant; with one seed no difference is claimed."""
     std, lines = results["rows"][0], []
-    best_ppl_at = {}
+    seeds = std["seeds"]
+    best_at: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     for kv in results["meta"]["study"]["kv_layers"]:
         rows = rows_at(results, kv)
         shared = rows[1:]
@@ -157,43 +233,67 @@ def summary(results: dict[str, Any]) -> list[str]:
         best_ppl = min(shared, key=lambda r: r["eval_ppl"])
         fastest = max(shared, key=lambda r: r["tok_s"])
         cheapest = min(shared, key=lambda r: r["train_step_ms"])
-        best_ppl_at[kv] = best_ppl
-
-        def tied(key: str, best: dict[str, Any], shared=shared) -> str:
-            return _names([r for r in shared if r[key] == best[key]])
-
+        tied_ppl = _tied(best_ppl, shared, "eval_ppl")
+        best_at[kv] = (best_ppl, tied_ppl)
         points = "; ".join(
             f"{r['layout']} (ppl {r['eval_ppl']:.2f}, {r['tok_s_ratio'] or 0:.2f}x)"
             for r in pareto_front(rows)
         )
+        vs_std = best_ppl["vs_standard"]["eval_ppl"]
+        ties = [r["layout"] for r in tied_ppl if r["mapping"] != best_ppl["mapping"]]
+        tie_text = (
+            f" Not significantly different from it: {', '.join(ties)}."
+            if ties and seeds > 1
+            else ""
+        )
         lines += [
             f"- **l = {kv}** (cache {shared[0]['cache_fraction']:.0%} of standard). "
-            f"Pareto front, fastest first: {points}.",
-            f"  Lowest perplexity: {tied('eval_ppl', best_ppl)} (ppl "
-            f"{best_ppl['eval_ppl']:.2f}, {_pct(best_ppl['eval_ppl'], std['eval_ppl'])} vs "
-            f"standard) at {best_ppl['tok_s_ratio'] or 0:.2f}x standard's throughput. "
-            f"Highest throughput: {tied('tok_s', fastest)} "
-            f"({fastest['tok_s_ratio'] or 0:.2f}x, max batch {fastest['max_batch']} vs "
-            f"{std['max_batch']}). Cheapest to train: {tied('train_step_ms', cheapest)} "
-            f"({cheapest['train_step_ratio']:.2f}x standard's step time).",
+            f"Pareto front of the means, fastest first: {points}.",
+            f"  Lowest mean perplexity: {_same(best_ppl, shared)} (ppl "
+            f"{_ci(best_ppl['eval_ppl'], best_ppl['eval_ppl_ci'], '.2f')}, "
+            f"{_pct(best_ppl['eval_ppl'], std['eval_ppl'])} vs standard: {_verdict(vs_std)})."
+            f"{tie_text} Highest throughput: {_same(fastest, shared)} "
+            f"({_ci(fastest['tok_s_ratio'] or 0, fastest['tok_s_ratio_ci'], '.2f')}x, max "
+            f"batch {fastest['max_batch']} vs {std['max_batch']}). Cheapest to train: "
+            f"{_same(cheapest, shared)} ({cheapest['train_step_ratio']:.2f}x standard's "
+            "step time).",
             f"  The {shared[0]['cache_fraction']:.0%} cache fits "
             f"{_span(shared, 'max_batch', std['max_batch'])} standard's max batch; "
             f"throughput at that batch is {_span(shared, 'tok_s', std['tok_s'])} standard's.",
         ]
-    kvs = sorted(best_ppl_at, reverse=True)
+    kvs = sorted(best_at, reverse=True)
     if not kvs:
         return lines
     if len(kvs) > 1:
         fronts = [set(results["pareto"][str(kv)]) for kv in kvs]
         everywhere = sorted(set.intersection(*fronts) - {STANDARD})
         lines.append(
-            f"- On the Pareto front at every l: {', '.join(everywhere)}."
+            f"- On the Pareto front of the means at every l: {', '.join(everywhere)}."
             if everywhere
-            else "- No KV-sharing layout is on the Pareto front at every l."
+            else "- No KV-sharing layout is on the Pareto front of the means at every l."
+        )
+    if seeds < 2:
+        lines.append(
+            "- Quality first at a given cache size, lowest measured perplexity: "
+            + "; ".join(f"l = {kv}: {best_at[kv][0]['layout']}" for kv in kvs)
+            + ". One seed: no difference between layouts is claimed (run with "
+            "`--config.study.seeds=3` to test them)."
+        )
+        return lines
+    picks = []
+    for kv in kvs:
+        best, tied = best_at[kv]
+        picks.append(
+            f"l = {kv}: {best['layout']}"
+            + (
+                f" (tied within noise with {', '.join(r['layout'] for r in tied if r is not best)})"
+                if len(tied) > 1
+                else " (significantly better than every other layout)"
+            )
         )
     lines.append(
-        "- Quality first at a given cache size: "
-        + "; ".join(f"l = {kv}: {best_ppl_at[kv]['layout']}" for kv in kvs)
+        f"- Quality first at a given cache size ({seeds} seeds, paired t-test at 95%): "
+        + "; ".join(picks)
         + ". To trade quality for speed, move along that l's Pareto front."
     )
     return lines
@@ -210,6 +310,7 @@ def markdown(results: dict[str, Any]) -> str:
     m, t, s = meta["model"], meta["train"], meta["study"]
     budget = s["memory_budget"]
     done, total = meta.get("cells_done"), meta.get("cells_total")
+    seeds = results["rows"][0]["seeds"]
     lines = [
         "# Cross-layer KV sharing study",
         "",
@@ -240,24 +341,41 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     head = (
-        "| layout | mapping | KV layers | cache fraction | val ppl | max batch "
-        "| tok/s @ max batch | vs standard | prefill ms | train step ms | train step vs standard |"
+        "| layout | mapping | KV layers | cache fraction | val ppl | ppl vs standard "
+        "| max batch | tok/s @ max batch | vs standard | prefill ms | train step ms "
+        "| train step vs standard |"
     )
     for kv in s["kv_layers"]:
-        lines += [f"## l = {kv} KV layers", "", head, "|" + "---|" * 11]
+        lines += [f"## l = {kv} KV layers", "", head, "|" + "---|" * 12]
         for r in rows_at(results, kv):
             name = r["layout"] + (f" (= {r['same_as']})" if r["same_as"] else "")
             prefill = _fmt(r["prefill_ms"], ".1f", f" (b={r['prefill_batch']})")
+            test = r["vs_standard"]["eval_ppl"]
+            vs = (
+                "-"
+                if r is results["rows"][0]
+                else _pct(r["eval_ppl"], results["rows"][0]["eval_ppl"])
+            )
+            if test["p"] is not None:
+                vs += f" (p = {test['p']:.3f}{', significant' if test['significant'] else ''})"
+            ratio = _ci(r["tok_s_ratio"], r["tok_s_ratio_ci"], ".2f")
             lines.append(
                 f"| {name} | `{r['mapping']}` | {r['kv_layers']} | {r['cache_fraction']:.3f} "
-                f"| {r['eval_ppl']:.2f} | {r['max_batch']} | {r['tok_s']:.0f} "
-                f"| {_fmt(r['tok_s_ratio'], '.2f', 'x')} | {prefill} | {r['train_step_ms']:.0f} "
-                f"| {r['train_step_ratio']:.2f}x |"
+                f"| {_ci(r['eval_ppl'], r['eval_ppl_ci'], '.2f')} | {vs} | {r['max_batch']} "
+                f"| {_ci(r['tok_s'], r['tok_s_ci'], '.0f')} | {ratio}{'x' if ratio != '-' else ''} "
+                f"| {prefill} | {r['train_step_ms']:.0f} | {r['train_step_ratio']:.2f}x |"
             )
         lines.append("")
     lines += ["## Which layout should I use?", "", *summary(results), ""]
     lines += [
-        "Derived from this run's numbers (one seed; CPU timings vary with machine load).",
+        (
+            f"Derived from this run's numbers: means over {seeds} seeds with 95% t intervals "
+            "(±); 'significant' = paired t-test against standard over the same seeds and "
+            "data order, p < 0.05. CPU timings vary with machine load."
+            if seeds > 1
+            else "Derived from this run's numbers (one seed, so no interval or test; set "
+            "`study.seeds` >= 2 for them; CPU timings vary with machine load)."
+        ),
         "",
         f"![throughput vs perplexity]({FIGURES['tradeoff']})",
         "",
@@ -290,6 +408,17 @@ def plot_tradeoff(results: dict[str, Any], path: str) -> None:
             label = r["layout"] + (f" (= {r['same_as']})" if r["same_as"] else "")
             style = _style(r["layout"])
             ax.plot(r["tok_s"], r["eval_ppl"], linestyle="none", label=label, **style)
+            if r["eval_ppl_ci"] is not None:  # 95% intervals over the seeds
+                ax.errorbar(
+                    r["tok_s"],
+                    r["eval_ppl"],
+                    xerr=r["tok_s_ci"],
+                    yerr=r["eval_ppl_ci"],
+                    fmt="none",
+                    ecolor=style["color"],
+                    lw=0.8,
+                    capsize=2,
+                )
         front = pareto_front(rows)
         ax.plot([r["tok_s"] for r in front], [r["eval_ppl"] for r in front], "k--", lw=0.8)
         ax.set_title(f"l = {kv} KV layers (cache {rows[-1]['cache_fraction']:.0%})")
@@ -317,10 +446,15 @@ def plot_vs_kv_layers(results: dict[str, Any], path: str) -> None:
         (axes[1], "eval_ppl", "validation perplexity"),
     ):
         for layout in dict.fromkeys(r["layout"] for r in rows[1:]):
-            line = [(r["kv_layers"], r[key]) for r in rows[1:] if r["layout"] == layout]
-            line = sorted([*line, (std["kv_layers"], std[key])])
+            points = sorted(
+                (r["kv_layers"], r[key], r[f"{key}_ci"] or 0.0)
+                for r in [*(r for r in rows[1:] if r["layout"] == layout), std]
+            )
+            xs, ys, errs = zip(*points, strict=True)
             style = _style(layout)
-            ax.plot(*zip(*line, strict=True), label=layout, lw=1, **style)
+            ax.plot(xs, ys, label=layout, lw=1, **style)
+            if any(errs):  # 95% intervals over the seeds
+                ax.errorbar(xs, ys, yerr=errs, fmt="none", ecolor=style["color"], capsize=2)
         ax.plot(std["kv_layers"], std[key], linestyle="none", label=STANDARD, **_style(STANDARD))
         ax.axhline(std[key], color="black", lw=0.6, ls=":")
         ax.set_xlabel("KV layers l")

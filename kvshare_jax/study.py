@@ -5,7 +5,8 @@ A study config is a run config with a ``study`` section (:func:`study_section`, 
 is trained once and is the baseline of every ratio. Workdir::
 
     tokenizer.model           shared by all cells (unless data.tokenizer_path is set)
-    cells/<layout>-l<l>/      a training workdir (``kvshare_jax/checkpoint.py``) + result.json
+    cells/<layout>-l<l>[-s<k>]/  a training workdir (``kvshare_jax/checkpoint.py``) +
+                              result.json; ``-s<k>``: the k-th extra seed (study.seeds)
     results.json, report.md, *.png      written by ``kvshare_jax/report.py``
 
 A cell is finished when its ``result.json`` exists (written atomically last) and is
@@ -51,12 +52,14 @@ def study_section() -> ml_collections.ConfigDict:
     s.prompt_len = 16  # prompt tokens of the benchmark
     s.gen_len = 128  # generated tokens of the benchmark
     s.train_step_timing_steps = 10  # timed train steps (after one warm-up) per cell
+    s.seeds = 1  # seeds per (layout, l): train.seed + 0..seeds-1 (init and data order)
     return s
 
 
 # ------------------------------------------------------------------ the cells
 def plan_cells(config: ml_collections.ConfigDict) -> list[Cell]:
-    """All cells of a study config, standard first, then every l in config order.
+    """All cells of a study config, standard first, then every l in config order, for
+    seed 0, then the same for each further seed (``study.seeds``).
 
     Raises ``ValueError`` naming the field for an unknown layout, a missing ``standard``,
     an ``l`` outside ``[1, L]`` or a benchmark longer than the model context.
@@ -91,24 +94,29 @@ def plan_cells(config: ml_collections.ConfigDict) -> list[Cell]:
         raise ValueError(
             f"study.train_step_timing_steps must be >= 1, got {s.train_step_timing_steps}"
         )
+    seeds = int(s.get("seeds", 1))
+    if seeds < 1:
+        raise ValueError(f"study.seeds must be >= 1, got {seeds}")
     points = [(STANDARD, num_layers)]
     points += [(x, int(kv)) for kv in s.kv_layers for x in s.layouts if x != STANDARD]
     cells, first_of = [], {}
-    for layout, kv in points:
-        spec = STANDARD if layout == STANDARD else f"{layout}:{kv}"
-        mapping = str(from_spec(spec, num_layers))
-        cell = Cell(layout, kv, mapping)
-        cells.append(dataclasses.replace(cell, same_as=first_of.get(mapping)))
-        first_of.setdefault(mapping, cell.name)
+    for seed in range(seeds):  # seed-major: every layout at one seed before the next seed
+        for layout, kv in points:
+            spec = STANDARD if layout == STANDARD else f"{layout}:{kv}"
+            mapping = str(from_spec(spec, num_layers))
+            cell = Cell(layout, kv, mapping, seed=seed)
+            cells.append(dataclasses.replace(cell, same_as=first_of.get((mapping, seed))))
+            first_of.setdefault((mapping, seed), cell.name)
     for cell in cells:
         validate_config(cell_config(config, cell))  # every field, with each cell's layout
     return cells
 
 
 def cell_config(config: ml_collections.ConfigDict, cell: Cell) -> ml_collections.ConfigDict:
-    """The run config of ``cell``: the study config with its layout."""
+    """The run config of ``cell``: the study config with its layout and seed."""
     out = copy.deepcopy(config)
     out.model.layout = cell.spec
+    out.train.seed = int(config.train.seed) + cell.seed
     return out
 
 
@@ -166,6 +174,7 @@ def run_cell(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -> dic
     layout = from_spec(cell.spec, int(config.model.num_layers))
     return {
         "name": cell.name,
+        "seed": int(config.train.seed),
         "layout": cell.layout,
         "kv_layers": cell.kv_layers,
         "spec": cell.spec,

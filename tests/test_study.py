@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 
 import pytest
 import trainutil as tu
@@ -124,9 +126,59 @@ def test_summary_is_derived_from_the_numbers(winner):
     out = report.build_results(config, cells, results)
     assert out["pareto"]["3"] == [winner]
     text = "\n".join(report.summary(out))
-    assert f"Pareto front, fastest first: {winner} (ppl 19.00, 1.50x)." in text
-    assert f"Lowest perplexity: {winner} (ppl 19.00, -5.0% vs standard)" in text
-    assert f"l = 3: {winner}." in text
+    assert f"Pareto front of the means, fastest first: {winner} (ppl 19.00, 1.50x)." in text
+    assert f"Lowest mean perplexity: {winner} (ppl 19.00, -5.0% vs standard: not tested" in text
+    assert f"l = 3: {winner}. One seed: no difference between layouts is claimed" in text
+
+
+def _seeded(config_overrides, ppl_of, seeds=3):
+    """Study results over ``seeds`` seeds: ``ppl_of(layout, seed)`` per cell."""
+    config = load_config(CPU_STUDY, (*config_overrides, f"study.seeds={seeds}"))
+    cells = study.plan_cells(config)
+    results = {c.trained: _fake_result(c, ppl_of(c.layout, c.seed), 100.0 + c.seed) for c in cells}
+    return report.build_results(config, cells, results)
+
+
+def test_seeded_study_reports_intervals_and_claims_only_significant_differences():
+    layouts = "study.layouts=('standard','pizza-bottom','lasagna-bottom','sandwich-top')"
+    noise = [0.0, 0.3, -0.3]
+    ppl = {
+        "standard": lambda k: 20.0 + noise[k],
+        "pizza-bottom": lambda k: 18.0 + noise[k] + 0.01 * k,  # better on every seed
+        "lasagna-bottom": lambda k: 20.0 + [0.2, -0.2, 0.05][k],  # within noise of standard
+        "sandwich-top": lambda k: 18.2 + noise[k] + [0.6, -0.6, 0.0][k],  # tied with pizza
+    }
+    out = _seeded((layouts,), lambda layout, k: ppl[layout](k))
+    rows = {r["layout"]: r for r in out["rows"]}
+    assert [r["seeds"] for r in out["rows"]] == [3] * 4
+    # mean and t interval of the three seeds (t_0.975,2 = 4.303)
+    values = [ppl["lasagna-bottom"](k) for k in range(3)]
+    half = 4.302652729911275 * statistics.stdev(values) / math.sqrt(3)
+    assert rows["lasagna-bottom"]["eval_ppl"] == pytest.approx(statistics.fmean(values))
+    assert rows["lasagna-bottom"]["eval_ppl_ci"] == pytest.approx(half)
+    assert rows["pizza-bottom"]["vs_standard"]["eval_ppl"]["significant"]
+    assert not rows["lasagna-bottom"]["vs_standard"]["eval_ppl"]["significant"]
+    text = "\n".join(report.summary(out))
+    assert "Lowest mean perplexity: pizza-bottom" in text
+    assert "significant, p = " in text
+    assert "Not significantly different from it: sandwich-top." in text
+    assert "l = 3: pizza-bottom (tied within noise with sandwich-top)" in text
+    md = report.markdown(out)
+    assert "± " in md and "paired t-test" in md
+
+
+def test_seeds_get_their_own_cells_seed_and_data_order():
+    config = load_config(CPU_STUDY, ("study.layouts=('standard','pizza-bottom')", "study.seeds=2"))
+    cells = study.plan_cells(config)
+    assert [c.name for c in cells] == [
+        "standard-l6", "pizza-bottom-l3", "standard-l6-s1", "pizza-bottom-l3-s1"
+    ]  # fmt: skip
+    seeds = [study.cell_config(config, c).train.seed for c in cells]
+    assert seeds == [config.train.seed, config.train.seed, config.train.seed + 1] * 1 + [
+        config.train.seed + 1
+    ]
+    with pytest.raises(ValueError, match="study.seeds must be >= 1"):
+        study.plan_cells(load_config(CPU_STUDY, ("study.seeds=0",)))
 
 
 def test_report_is_rebuilt_after_every_cell(tmp_path, monkeypatch):
