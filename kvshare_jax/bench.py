@@ -327,12 +327,19 @@ def _meta(spec: BenchSpec, **extra: Any) -> dict[str, Any]:
 
 
 def measure_layout(
-    name: str, cfg: ModelConfig, params: Params, spec: BenchSpec, bandwidth: float | None = None
+    name: str,
+    cfg: ModelConfig,
+    params: Params,
+    spec: BenchSpec,
+    bandwidth: float | None = None,
+    known_max_batch: tuple[int, dict[str, int] | None] | None = None,
 ) -> dict[str, Any]:
     """Everything measured for one layout: timed runs at ``spec.batch_sizes`` (with the
     decode roofline when ``bandwidth`` is given), and the max batch under
-    ``spec.memory_budget`` with its timed run. ``kvshare bench`` and the study both use
-    it; a new column is added here (and rendered in ``bench_report.py``)."""
+    ``spec.memory_budget`` with its timed run. ``known_max_batch`` (batch, memory) skips
+    the search, e.g. for another seed of a layout: the fit depends on shapes only.
+    ``kvshare bench`` and the study both use it; a new column is added here (and
+    rendered in ``bench_report.py``)."""
     cache_len = spec.prompt_len + spec.gen_len - 1
     row = _row(name, cfg, params, cache_len)
     timed = functools.partial(
@@ -352,7 +359,9 @@ def measure_layout(
             result["roofline_fraction"] = roofline_s / result["decode_step_s"]
         row["runs"].append(result)
     if spec.memory_budget is not None:
-        b, mem = max_batch(cfg, spec.memory_budget, spec.prompt_len, spec.gen_len)
+        b, mem = known_max_batch or max_batch(
+            cfg, spec.memory_budget, spec.prompt_len, spec.gen_len
+        )
         row["memory_budget"] = spec.memory_budget
         row["max_batch"], row["max_batch_memory"] = b, mem
         row["max_batch_run"] = timed(batch=b) if b > 0 else None

@@ -141,10 +141,13 @@ def time_train_step(
     return {"median_s": statistics.median(times), "min_s": min(times), "steps": steps}
 
 
-def benchmark(workdir: str, settings: ml_collections.ConfigDict) -> dict[str, Any]:
+def benchmark(
+    workdir: str, settings: ml_collections.ConfigDict, known_max_batch: Any = None
+) -> dict[str, Any]:
     """Generation benchmark of ``workdir``'s checkpoint: the largest batch whose program
-    fits ``settings.memory_budget`` (a ``study`` section) and its throughput, plus the
-    fixed ``settings.bench_batch_sizes``."""
+    fits ``settings.memory_budget`` (a ``study`` section; ``known_max_batch`` =
+    (batch, memory) of another seed skips the search) and its throughput, plus the fixed
+    ``settings.bench_batch_sizes``."""
     cfg, params, _, _ = open_model(workdir)
     spec = bench.BenchSpec(
         base=cfg,
@@ -154,11 +157,14 @@ def benchmark(workdir: str, settings: ml_collections.ConfigDict) -> dict[str, An
         gen_len=int(settings.gen_len),
         memory_budget=bench.parse_bytes(settings.memory_budget),
     )
-    return bench.measure_layout(str(cfg.layout), cfg, params, spec)
+    return bench.measure_layout(str(cfg.layout), cfg, params, spec, known_max_batch=known_max_batch)
 
 
-def run_cell(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -> dict[str, Any]:
-    """Trains (or resumes) ``cell`` in ``workdir`` and measures it; returns its result."""
+def run_cell(
+    config: ml_collections.ConfigDict, cell: Cell, workdir: str, known_max_batch: Any = None
+) -> dict[str, Any]:
+    """Trains (or resumes) ``cell`` in ``workdir`` and measures it; returns its result.
+    ``known_max_batch`` (batch, memory) is the max batch another seed of it found."""
     phases: dict[str, float] = {}
 
     def timed(phase: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -170,7 +176,7 @@ def run_cell(config: ml_collections.ConfigDict, cell: Cell, workdir: str) -> dic
     final = timed("train", train_and_evaluate, config, workdir)
     steps = int(config.study.train_step_timing_steps)
     step_time = timed("train_step_timing", time_train_step, config, workdir, steps)
-    measured = timed("bench", benchmark, workdir, config.study)
+    measured = timed("bench", benchmark, workdir, config.study, known_max_batch)
     layout = from_spec(cell.spec, int(config.model.num_layers))
     return {
         "name": cell.name,
@@ -231,6 +237,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
         f"({len(cells) - len(to_train)} share a mapping) in {workdir}"
     )
     results: dict[str, dict[str, Any]] = {}
+    first_seed = {c.point: c.trained for c in reversed(cells)}  # the lowest seed's cell
     for i, cell in enumerate(to_train, 1):
         cell_dir = os.path.join(workdir, "cells", cell.name)
         path = os.path.join(cell_dir, RESULT_FILE)
@@ -241,7 +248,12 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
             _say(f"{tag}: finished earlier, skipped")
             continue
         _say(f"{tag}: layout {cell.spec} ({cell.mapping})")
-        result = run_cell(cell_config(config, cell), cell, cell_dir)
+        first = first_seed.get(cell.point)
+        known = None
+        if first in results:  # the max batch is a memory fit: the same for every seed
+            b = results[first]["bench"]
+            known = (b["max_batch"], b.get("max_batch_memory"))
+        result = run_cell(cell_config(config, cell), cell, cell_dir, known)
         write_json(path, result)
         results[cell.name] = result
         run = result["bench"]["max_batch_run"] or {}

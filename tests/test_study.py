@@ -193,7 +193,7 @@ def test_report_is_rebuilt_after_every_cell(tmp_path, monkeypatch):
     workdir = tmp_path / "study"
     seen = []
 
-    def fake_cell(cell_config, cell, cell_dir):
+    def fake_cell(cell_config, cell, cell_dir, known_max_batch=None):
         report_md = workdir / "report.md"
         seen.append(report_md.read_text() if report_md.exists() else None)
         os.makedirs(cell_dir)  # as training the cell does
@@ -208,6 +208,33 @@ def test_report_is_rebuilt_after_every_cell(tmp_path, monkeypatch):
     final = (workdir / "report.md").read_text()
     assert "Partial report" not in final and "| lasagna-top |" in final
     assert out["meta"]["cells_done"] == out["meta"]["cells_total"] == 3
+
+
+def test_later_seeds_reuse_the_first_seeds_max_batch(tmp_path, monkeypatch):
+    config = load_config(
+        CPU_STUDY,
+        (
+            "study.layouts=('standard','pizza-bottom')",
+            "study.seeds=2",
+            f"data.tokenizer_path={tu.tokenizer_path()}",
+        ),
+    )
+    calls = {}
+
+    def fake_cell(cell_config, cell, cell_dir, known_max_batch=None):
+        calls[cell.name] = (cell_config.train.seed, known_max_batch)
+        os.makedirs(cell_dir)
+        return _fake_result(cell, 20.0, 100.0)
+
+    monkeypatch.setattr(study, "run_cell", fake_cell)
+    study.run_study(config, str(tmp_path / "study"))
+    seed = config.train.seed
+    assert calls == {
+        "standard-l6": (seed, None),
+        "pizza-bottom-l3": (seed, None),
+        "standard-l6-s1": (seed + 1, (10, None)),  # _fake_result: max batch 10 / fraction
+        "pizza-bottom-l3-s1": (seed + 1, (20, None)),
+    }
 
 
 # ------------------------------------------------------------------- the run
