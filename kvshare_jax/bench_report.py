@@ -6,11 +6,11 @@ A new benchmark column is one edit where ``bench.py`` measures it and one here.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import numpy as np
+
+from kvshare_jax import paths
 
 MIB = 2**20
 
@@ -190,18 +190,15 @@ def _bars(
         ax.set_xticks(range(len(names)), names, fontsize=7, rotation=30, ha="right")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    paths.save_figure(fig, path)
     plt.close(fig)
 
 
 def write_reports(results: dict[str, Any], out_dir: str, name: str) -> dict[str, str]:
-    """Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` under ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "md", "png")}
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    with open(paths["md"], "w", encoding="utf-8") as f:
-        f.write(markdown(results))
-    plot(results, paths["png"])
-    return paths
+    """Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` under ``out_dir`` (local
+    or ``gs://``)."""
+    out = {ext: paths.join(out_dir, f"{name}.{ext}") for ext in ("json", "md", "png")}
+    paths.write_json(out["json"], results)
+    paths.write_text(out["md"], markdown(results))
+    plot(results, out["png"])
+    return out

@@ -20,6 +20,7 @@ from etils import epath
 
 from kvshare_jax.layout import from_spec
 from kvshare_jax.model import ModelConfig
+from kvshare_jax.paths import require_filesystem
 
 YOCO_DEFAULT_WINDOW = 4096
 
@@ -329,6 +330,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_output_dir(path: str, what: str) -> None:
     """``ValueError`` naming ``what`` (e.g. ``"workdir"``) for an output directory that is
     a file, lies under a file or cannot be created or written; writes nothing."""
+    require_filesystem(path)
     target = epath.Path(path)
     if target.exists() and not target.is_dir():
         raise ValueError(f"{what} {path} is a file")

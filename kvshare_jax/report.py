@@ -8,13 +8,13 @@ Pareto front of (perplexity, throughput) at each number of KV layers ``l``.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 
+from kvshare_jax import paths
 from kvshare_jax.bench import device_info
 from kvshare_jax.layout import STANDARD
 from kvshare_jax.stats import mean_ci, paired
@@ -427,7 +427,7 @@ def plot_tradeoff(results: dict[str, Any], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    paths.save_figure(fig, path)
     plt.close(fig)
 
 
@@ -463,17 +463,16 @@ def plot_vs_kv_layers(results: dict[str, Any], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    paths.save_figure(fig, path)
     plt.close(fig)
 
 
 def write_report(results: dict[str, Any], out_dir: str) -> list[str]:
-    """Writes ``report.md`` and the figures under ``out_dir``; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, "report.md")]
-    with open(paths[0], "w", encoding="utf-8") as f:
-        f.write(markdown(results))
+    """Writes ``report.md`` and the figures under ``out_dir`` (local or ``gs://``);
+    returns their paths."""
+    written = [paths.join(out_dir, "report.md")]
+    paths.write_text(written[0], markdown(results))
     for key, plot in (("tradeoff", plot_tradeoff), ("kv_layers", plot_vs_kv_layers)):
-        paths.append(os.path.join(out_dir, FIGURES[key]))
-        plot(results, paths[-1])
-    return paths
+        written.append(paths.join(out_dir, FIGURES[key]))
+        plot(results, written[-1])
+    return written

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -29,9 +27,10 @@ from typing import Any
 import jax
 import ml_collections
 import tqdm
+from etils import epath
 from jax.experimental import multihost_utils
 
-from kvshare_jax import bench, report
+from kvshare_jax import bench, paths, report
 from kvshare_jax.checkpoint import open_model
 from kvshare_jax.config import validate_config
 from kvshare_jax.data import get_tokenizer
@@ -201,14 +200,9 @@ def _say(message: str) -> None:
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Writes ``obj`` as JSON to ``path`` atomically (first process only)."""
-    if jax.process_index() != 0:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Writes ``obj`` as JSON to ``path`` (local: atomically; first process only)."""
+    if jax.process_index() == 0:
+        paths.write_json(path, obj)
 
 
 def _shared_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -217,10 +211,10 @@ def _shared_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
     if config.data.tokenizer_path:
         return str(config.data.tokenizer_path)
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         get_tokenizer(config.data, workdir)
     multihost_utils.sync_global_devices("kvshare_study_tokenizer")
-    return os.path.abspath(os.path.join(workdir, "tokenizer.model"))
+    return paths.absolute(paths.join(workdir, "tokenizer.model"))
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -239,12 +233,11 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     results: dict[str, dict[str, Any]] = {}
     first_seed = {c.point: c.trained for c in reversed(cells)}  # the lowest seed's cell
     for i, cell in enumerate(to_train, 1):
-        cell_dir = os.path.join(workdir, "cells", cell.name)
-        path = os.path.join(cell_dir, RESULT_FILE)
+        cell_dir = paths.join(workdir, "cells", cell.name)
+        path = paths.join(cell_dir, RESULT_FILE)
         tag = f"[cell {i}/{len(to_train)}] {cell.name}"
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                results[cell.name] = json.load(f)
+        if epath.Path(path).exists():
+            results[cell.name] = paths.read_json(path)
             _say(f"{tag}: finished earlier, skipped")
             continue
         _say(f"{tag}: layout {cell.spec} ({cell.mapping})")
@@ -266,8 +259,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
         jax.clear_caches()
         if i < len(to_train):
             write_results(config, cells, results, workdir)  # the report so far
-    out, paths = write_results(config, cells, results, workdir)
-    _say(f"wrote {workdir}/results.json, " + ", ".join(paths))
+    out, written = write_results(config, cells, results, workdir)
+    _say(f"wrote {workdir}/results.json, " + ", ".join(written))
     return out
 
 
@@ -282,6 +275,6 @@ def write_results(
     done = [c for c in cells if c.trained in results]
     out = report.build_results(config, done, results)
     out["meta"]["cells_total"], out["meta"]["cells_done"] = len(cells), len(done)
-    write_json(os.path.join(workdir, "results.json"), out)
-    paths = report.write_report(out, workdir) if jax.process_index() == 0 else []
-    return out, paths
+    write_json(paths.join(workdir, "results.json"), out)
+    written = report.write_report(out, workdir) if jax.process_index() == 0 else []
+    return out, written

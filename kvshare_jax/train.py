@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -241,12 +239,12 @@ def adopt_init_source(config: ml_collections.ConfigDict, workdir: str) -> ml_col
         config.model[name] = getattr(cfg, name)
     config.model.layout = str(cfg.layout)
     config.data.vocab_size = cfg.vocab_size
-    tokenizer = os.path.join(src, checkpoint.TOKENIZER_FILE)
-    target = os.path.join(workdir, checkpoint.TOKENIZER_FILE)
-    if not config.data.tokenizer_path and os.path.exists(tokenizer) and not os.path.exists(target):
+    tokenizer = epath.Path(src) / checkpoint.TOKENIZER_FILE
+    target = epath.Path(workdir) / checkpoint.TOKENIZER_FILE
+    if not config.data.tokenizer_path and tokenizer.exists() and not target.exists():
         if jax.process_index() == 0:
-            os.makedirs(workdir, exist_ok=True)
-            shutil.copyfile(tokenizer, target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tokenizer.copy(target)
     if config.train.seq_len > cfg.max_len:
         raise ValueError(
             f"train.seq_len={config.train.seq_len} exceeds the context of {src} ({cfg.max_len})"

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = [
-    {"layout", "masks", "target", "sampling", "metrics", "data", "stats"},
+    {"layout", "masks", "target", "sampling", "metrics", "data", "stats", "paths"},
     {"kernels"},
     {"attention"},
     {"model"},
