@@ -221,12 +221,18 @@ def model_config_of(path: str) -> ModelConfig:
 
 def tokenizer_file(path: str) -> epath.Path:
     """Where the tokenizer of a model directory is: a workdir's ``data.tokenizer_path``
-    when its run set one, else ``<path>/tokenizer.model``."""
+    when its run set one, else ``<path>/tokenizer.model`` (SentencePiece), else
+    ``<path>/tokenizer.json`` (HuggingFace); the former when neither exists."""
     run_config = epath.Path(path) / RUN_CONFIG_FILE
     if is_workdir(path) and run_config.exists():
         tokenizer_path = load_run_config(path).data.tokenizer_path
         if tokenizer_path:
             return epath.Path(tokenizer_path)
+    from kvshare_jax.data.tokenizer import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
+        if (epath.Path(path) / name).exists():
+            return epath.Path(path) / name
     return epath.Path(path) / TOKENIZER_FILE
 
 
@@ -270,4 +276,6 @@ def open_model(path: str, shardings: Any = None, need_tokenizer: bool = False) -
         if need_tokenizer:
             raise FileNotFoundError(f"tokenizer {tokenizer} of {path} not found")
         return OpenModel(cfg, params, None, step)
-    return OpenModel(cfg, params, Tokenizer.load(tokenizer), step)
+    from kvshare_jax.data.tokenizer import load_tokenizer  # SentencePiece or tokenizer.json
+
+    return OpenModel(cfg, params, load_tokenizer(tokenizer), step)

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     compile_only_libtpu()
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"kvshare: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"kvshare: error: unknown command {name!r} (one of: {', '.join(COMMANDS)})",
+              file=sys.stderr)  # fmt: skip
         return 2
     try:
         module = importlib.import_module(f"kvshare_jax.commands.{name}")

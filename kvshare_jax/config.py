@@ -269,7 +269,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _check(t, f"train.{name}", t[name] >= 1, ">= 1")
     for name in ("warmup_steps", "eval_every", "seed"):
         _check(t, f"train.{name}", t[name] >= 0, ">= 0")
-    _check(t, "train.learning_rate", 0 < t.learning_rate < math.inf, "> 0 and finite")
+    _check(t, "train.learning_rate", 0 <= t.learning_rate < math.inf, ">= 0 and finite")
     _check(t, "train.min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "in [0, 1]")
     _check(t, "train.weight_decay", 0 <= t.weight_decay < math.inf, ">= 0")
     _check(t, "train.grad_clip", 0 <= t.grad_clip < math.inf, ">= 0 (0 = off)")

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from kvshare_jax import checkpoint, hf_io
+from kvshare_jax import checkpoint, hf_export, hf_io
 from kvshare_jax.config import default_config
+from kvshare_jax.data.tokenizer import TOKENIZER_EXTRAS, TOKENIZER_FILES, load_tokenizer
 from kvshare_jax.layout import KVLayout, from_spec
 from kvshare_jax.model import ModelConfig, Params
 
@@ -98,13 +99,29 @@ def _check_fresh(workdir: str) -> str:
     return ckpt_dir
 
 
-def save_workdir(workdir: str, cfg: ModelConfig, params: Params, tokenizer: str = "") -> None:
+def tokenizer_files(folder: str) -> list[str]:
+    """The tokenizer files in ``folder`` (``tokenizer.model`` and/or ``tokenizer.json``,
+    with ``tokenizer_config.json``/``special_tokens_map.json`` when one of them is there)."""
+    found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, n))]
+    if found:
+        found += [n for n in TOKENIZER_EXTRAS if os.path.isfile(os.path.join(folder, n))]
+    return [os.path.join(folder, n) for n in found]
+
+
+def save_workdir(
+    workdir: str, cfg: ModelConfig, params: Params, tokenizer: str | list[str] = ""
+) -> None:
     """Writes ``cfg``/``params`` as a fresh workdir (step 0, params only); copies the
-    SentencePiece ``tokenizer`` file to ``<workdir>/tokenizer.model`` when given."""
+    ``tokenizer`` file(s) into it: a SentencePiece file given alone becomes
+    ``tokenizer.model``, a list of files keeps their names."""
     ckpt_dir = _check_fresh(workdir)
     checkpoint.save_configs(workdir, run_config_for(cfg), cfg)
-    if tokenizer:
-        shutil.copyfile(tokenizer, os.path.join(workdir, checkpoint.TOKENIZER_FILE))
+    if isinstance(tokenizer, str):
+        if tokenizer:
+            shutil.copyfile(tokenizer, os.path.join(workdir, checkpoint.TOKENIZER_FILE))
+    else:
+        for path in tokenizer:
+            shutil.copyfile(path, os.path.join(workdir, os.path.basename(path)))
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
     with ocp.CheckpointManager(ckpt_dir, options=options) as manager:
         manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
@@ -126,26 +143,36 @@ def import_hf(
     if layout or sliding_window:
         target = from_spec(layout, cfg.num_layers) if layout else cfg.layout
         cfg, params = relayout(cfg, params, target, kv_init, sliding_window)
-    tokenizer = os.path.join(hf_dir, checkpoint.TOKENIZER_FILE)
-    save_workdir(workdir, cfg, params, tokenizer if os.path.exists(tokenizer) else "")
+    tokenizers = tokenizer_files(hf_dir)
+    if tokenizers:  # check it loads before writing anything
+        load_tokenizer(hf_dir)
+    save_workdir(workdir, cfg, params, tokenizers)
     return cfg
 
 
 def export_hf(workdir: str, out_dir: str) -> dict[str, Any]:
     """Writes the newest checkpoint of ``workdir`` as a HF directory (``config.json``,
-    ``model.safetensors``, and ``tokenizer.model`` if the workdir has one). Returns the
-    written ``config.json``."""
-    cfg, params, _, _ = checkpoint.open_model(workdir)
-    tokenizer = os.path.join(workdir, checkpoint.TOKENIZER_FILE)
+    ``model.safetensors``, the tokenizer files of the workdir, and for a shared-KV
+    layout the PyTorch modeling files that ``config.json``'s ``auto_map`` names).
+    Returns the written ``config.json``."""
+    cfg, params, tok, _ = checkpoint.open_model(workdir)
     special: dict[str, int] = {}
-    if os.path.exists(tokenizer):
-        from kvshare_jax.data import Tokenizer
-
-        tok = Tokenizer.load(tokenizer)
+    if tok is not None:
         ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
         special = {f"{k}_token_id": i for k, i in ids.items() if i >= 0}
     hf = hf_io.hf_config_from_model(cfg, special)
+    if not hf_io.is_standard(cfg.layout):
+        hf["auto_map"] = dict(hf_export.AUTO_MAP)
     hf_io.write_dir(out_dir, hf, hf_io.params_to_hf(cfg, params))
-    if os.path.exists(tokenizer):
-        shutil.copyfile(tokenizer, os.path.join(out_dir, checkpoint.TOKENIZER_FILE))
+    if not hf_io.is_standard(cfg.layout):
+        for path in hf_export.paths():
+            shutil.copyfile(path, os.path.join(out_dir, os.path.basename(path)))
+    tokenizers = tokenizer_files(workdir)
+    if not tokenizers and tok is not None:  # the run's data.tokenizer_path
+        tokenizers = [str(checkpoint.tokenizer_file(workdir))]
+    for path in tokenizers:
+        name = os.path.basename(path)
+        if name not in (*TOKENIZER_FILES, *TOKENIZER_EXTRAS):
+            name = "tokenizer.json" if name.endswith(".json") else checkpoint.TOKENIZER_FILE
+        shutil.copyfile(path, os.path.join(out_dir, name))
     return hf

@@ -10,6 +10,7 @@ cast to fp32 numpy arrays. Writing needs only ``safetensors``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -43,8 +44,20 @@ def read_config(hf_dir: str) -> dict[str, Any]:
     path = os.path.join(hf_dir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: not a HuggingFace model directory")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return _read_json(path)
+
+
+def _read_json(path: str) -> Any:
+    """The parsed JSON file ``path``; ``ValueError`` naming it when it is not valid JSON,
+    or (for ``config.json``) not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, expected an object")
+    return obj
 
 
 def weight_files(hf_dir: str) -> list[str]:
@@ -52,9 +65,16 @@ def weight_files(hf_dir: str) -> list[str]:
     for index, single in _WEIGHT_FILES:
         index_path = os.path.join(hf_dir, index)
         if os.path.exists(index_path):
-            with open(index_path, encoding="utf-8") as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-            return [os.path.join(hf_dir, n) for n in names]
+            weight_map = _read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(n, str) for n in weight_map.values()
+            ):
+                raise ValueError(f"{index_path} has no weight_map of tensor -> file names")
+            paths = [os.path.join(hf_dir, n) for n in sorted(set(weight_map.values()))]
+            for path in paths:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{path} (listed in {index_path}) not found")
+            return paths
         if os.path.exists(os.path.join(hf_dir, single)):
             return [os.path.join(hf_dir, single)]
     raise FileNotFoundError(
@@ -70,16 +90,45 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
 
     out: dict[str, np.ndarray] = {}
     for path in paths:
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = _load_file(path)
         for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.numel() == 0):
+                raise ValueError(f"{path}: entry {name!r} is not a floating-point tensor")
             out[name] = t.to(torch.float32).numpy()
     return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _load_file(path: str) -> dict[str, Any]:
+    """The tensors of one weight file by name; ``ValueError`` naming the file when it is
+    not a readable safetensors file, or not a ``torch.save`` of a name -> tensor dict that
+    ``torch.load(weights_only=True)`` accepts (arbitrary pickles are refused)."""
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as e:  # noqa: BLE001 - the library raises its own error types
+            raise ValueError(f"{path} is not a readable safetensors file: {_first_line(e)}") from e
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:4] != b"PK\x03\x04" and magic[:1] != b"\x80":
+        raise ValueError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+        reason = _first_line(e.__context__ or e).split(". Please use")[0]
+        raise ValueError(f"{path} was refused by torch.load(weights_only=True): {reason}") from e
+    if not isinstance(tensors, dict):
+        raise ValueError(f"{path} holds a {type(tensors).__name__}, expected a state dict")
+    return tensors
 
 
 def write_dir(out_dir: str, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
@@ -98,12 +147,36 @@ def write_dir(out_dir: str, config: dict[str, Any], tensors: dict[str, np.ndarra
 def _rope_theta(hf: dict[str, Any]) -> float:
     """RoPE base of a v4 (``rope_theta``/``rope_scaling``) or v5 (``rope_parameters``)
     config; scaled RoPE variants are refused, since our RoPE has no scaling."""
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise ValueError(f"config.json: {key} must be an object or null, got {hf[key]!r}")
     params = hf.get("rope_parameters") or {}
     for scaling in (hf.get("rope_scaling"), params):
         kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if kind != "default":
             raise ValueError(f"unsupported RoPE scaling {kind!r}: only plain RoPE is supported")
-    return float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    theta = hf.get("rope_theta") or params.get("rope_theta") or 10000.0
+    return _number(theta, "rope_theta")
+
+
+def _number(value: Any, key: str) -> float:
+    """``value`` as a positive finite float; ``ValueError`` naming the config key."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"config.json: {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _int(hf: dict[str, Any], key: str, default: int | None = None, minimum: int = 1) -> int:
+    """``hf[key]`` (``default`` when absent or null) as an int ``>= minimum``;
+    ``ValueError`` naming the key for strings, floats, booleans and smaller values."""
+    value = hf.get(key)
+    if value is None:
+        if default is None:
+            raise ValueError(f"config.json lacks {key}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config.json: {key} must be an integer >= {minimum}, got {value!r}")
+    return value
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -122,31 +195,52 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"config.json lacks {', '.join(missing)}")
     if hf.get("force_nodiag"):
         raise ValueError("unsupported force_nodiag=true (masks the diagonal in every layer)")
-    num_layers, d, n = hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or d // n
+    num_layers, d = _int(hf, "num_hidden_layers"), _int(hf, "hidden_size")
+    n, f = _int(hf, "num_attention_heads"), _int(hf, "intermediate_size")
+    kv_heads = _int(hf, "num_key_value_heads", n)
+    if n % kv_heads:
+        raise ValueError(
+            f"config.json: num_attention_heads ({n}) must be a multiple of "
+            f"num_key_value_heads ({kv_heads})"
+        )
+    if hf.get("head_dim") is None and d % n:
+        raise ValueError(
+            f"config.json: hidden_size ({d}) must be a multiple of num_attention_heads ({n}) "
+            "unless head_dim is set"
+        )
+    head_dim = _int(hf, "head_dim", d // n)
     window = 0
     layout = KVLayout(tuple(range(num_layers)))
     if model_type == "lckv-llama":
-        if hf.get("layer_types"):
-            layout = KVLayout.parse(hf["layer_types"], num_layers)
-        window = int(hf.get("sliding_window") or 0)
+        layer_types = hf.get("layer_types")
+        if layer_types is not None and not isinstance(layer_types, str):
+            raise ValueError(
+                f"config.json: layer_types must be a mapping string like '0_2_2_3', "
+                f"got {layer_types!r}"
+            )
+        if layer_types:
+            layout = KVLayout.parse(layer_types, num_layers)
+        window = _int(hf, "sliding_window", 0, minimum=0)
         if any(layout.sliding) and window < 1:
             window = REFERENCE_SLIDING_WINDOW
+    tie = hf.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise ValueError(f"config.json: tie_word_embeddings must be true or false, got {tie!r}")
     return ModelConfig(
         layout=layout,
-        vocab_size=hf.get("vocab_size", 32000),
+        vocab_size=_int(hf, "vocab_size", 32000),
         d_model=d,
         num_heads=n,
-        num_kv_heads=hf.get("num_key_value_heads") or n,
+        num_kv_heads=kv_heads,
         head_dim=0 if head_dim == d // n else head_dim,
-        d_ff=hf["intermediate_size"],
-        max_len=hf.get("max_position_embeddings", 2048),
-        forward_passes=hf.get("forward_passes", _DEFAULT.forward_passes),
-        backward_passes=hf.get("backward_passes", _DEFAULT.backward_passes),
+        d_ff=f,
+        max_len=_int(hf, "max_position_embeddings", 2048),
+        forward_passes=_int(hf, "forward_passes", _DEFAULT.forward_passes, minimum=0),
+        backward_passes=_int(hf, "backward_passes", _DEFAULT.backward_passes),
         sliding_window=window,
         rope_theta=_rope_theta(hf),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        norm_eps=_number(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+        tie_embeddings=tie,
     )
 
 

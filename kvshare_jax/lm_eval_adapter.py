@@ -35,7 +35,8 @@ MIN_BUCKET = 16
 
 
 class TextTokenizer(Protocol):
-    """What the adapter needs of a tokenizer (our SentencePiece ``Tokenizer`` fits)."""
+    """What the adapter needs of a tokenizer (``data.tokenizer.Tokenizer`` and
+    ``JsonTokenizer`` fit); an ``add_bos`` attribute, when true, prepends BOS."""
 
     eos_id: int
     bos_id: int
@@ -66,12 +67,17 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str) -> TextTokenizer:
-    """A SentencePiece ``.model`` file or a HuggingFace tokenizer directory."""
-    if os.path.isdir(path):
-        return HFTokenizer(path)
-    from kvshare_jax.data import Tokenizer
+    """A SentencePiece ``.model`` file, a HuggingFace ``tokenizer.json``, or a directory
+    holding one of them (read without transformers); any other directory goes through
+    transformers' ``AutoTokenizer``."""
+    from kvshare_jax.data.tokenizer import TOKENIZER_FILES
+    from kvshare_jax.data.tokenizer import load_tokenizer as load_file
 
-    return Tokenizer.load(path)
+    if os.path.isdir(path) and not any(
+        os.path.exists(os.path.join(path, n)) for n in TOKENIZER_FILES
+    ):
+        return HFTokenizer(path)
+    return load_file(path)
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -114,7 +120,8 @@ class KVShareLM(TemplateLM):
         cls, workdir: str, tokenizer: str = "", batch_size: int = 8, max_gen_toks: int = 256
     ) -> KVShareLM:
         """Loads the newest checkpoint of ``workdir`` (or a HF model dir) and a tokenizer:
-        ``tokenizer`` (SentencePiece file or HF dir), else ``<workdir>/tokenizer.model``."""
+        ``tokenizer`` (SentencePiece file, ``tokenizer.json`` or HF dir), else the
+        workdir's ``tokenizer.model`` or ``tokenizer.json``."""
         from kvshare_jax.checkpoint import open_model, tokenizer_file
 
         cfg, params, _, _ = open_model(workdir)
@@ -122,7 +129,7 @@ class KVShareLM(TemplateLM):
         if not os.path.exists(tokenizer):
             raise FileNotFoundError(
                 f"{workdir} has no tokenizer ({tokenizer}): pass --tokenizer (a SentencePiece "
-                ".model file or a HuggingFace tokenizer dir)"
+                ".model file, a tokenizer.json or a HuggingFace tokenizer dir)"
             )
         return cls(cfg, params, load_tokenizer(tokenizer), batch_size, max_gen_toks)
 

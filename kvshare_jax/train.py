@@ -34,6 +34,7 @@ from kvshare_jax.config import (
     validate_config,
 )
 from kvshare_jax.data import get_tokenizer, make_iterator, open_source
+from kvshare_jax.data.tokenizer import TOKENIZER_EXTRAS, TOKENIZER_FILES
 from kvshare_jax.metrics import MetricWriter, latest_metrics
 from kvshare_jax.model import ModelConfig, Params, forward, init_params
 
@@ -239,12 +240,14 @@ def adopt_init_source(config: ml_collections.ConfigDict, workdir: str) -> ml_col
         config.model[name] = getattr(cfg, name)
     config.model.layout = str(cfg.layout)
     config.data.vocab_size = cfg.vocab_size
-    tokenizer = epath.Path(src) / checkpoint.TOKENIZER_FILE
-    target = epath.Path(workdir) / checkpoint.TOKENIZER_FILE
-    if not config.data.tokenizer_path and tokenizer.exists() and not target.exists():
+    files = [*TOKENIZER_FILES, *TOKENIZER_EXTRAS]  # sentencepiece or tokenizer.json + specials
+    present = [epath.Path(src) / f for f in files if (epath.Path(src) / f).exists()]
+    has_own = any((epath.Path(workdir) / f).exists() for f in TOKENIZER_FILES)
+    if not config.data.tokenizer_path and present and not has_own:
         if jax.process_index() == 0:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tokenizer.copy(target)
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+            for source in present:
+                source.copy(epath.Path(workdir) / source.name)
     if config.train.seq_len > cfg.max_len:
         raise ValueError(
             f"train.seq_len={config.train.seq_len} exceeds the context of {src} ({cfg.max_len})"

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = [
-    {"layout", "masks", "target", "sampling", "metrics", "data", "stats", "paths"},
+    {"layout", "masks", "target", "sampling", "metrics", "data", "stats", "paths", "hf_export"},
     {"kernels"},
     {"attention"},
     {"model"},

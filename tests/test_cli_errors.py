@@ -112,9 +112,9 @@ CASES = {
     "batch size 0": (lambda w, f: _train(w, "--config.train.batch_size=0"), "batch_size must"),
     "negative learning rate": (
         lambda w, f: _train(w, "--config.train.learning_rate=-1"),
-        "train.learning_rate must be > 0",
+        "train.learning_rate must be >= 0",
     ),
-    "nan learning rate": (lambda w, f: _train(w, "--config.train.learning_rate=nan"), "> 0"),
+    "nan learning rate": (lambda w, f: _train(w, "--config.train.learning_rate=nan"), ">= 0"),
     "missing tokenizer": (
         lambda w, f: _train(w, f"--config.data.tokenizer_path={w}/tok/tokenizer.model"),
         "does not exist",

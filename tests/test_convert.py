@@ -406,3 +406,236 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "no weights in" in capsys.readouterr().err
     assert convert_cli("--to-hf", str(tmp_path / "out"), "--workdir", str(no_config)) == 2
     assert "neither a workdir nor" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- bad HF input
+def tiny_hf_dir(path) -> str:
+    """A valid exported ``llama`` dir (L=2, d=8) to corrupt."""
+    from kvshare_jax.model import ModelConfig, init_params
+
+    cfg = ModelConfig.create(
+        "standard", 2, vocab_size=16, d_model=8, num_heads=2, num_kv_heads=2, d_ff=16
+    )
+    workdir = str(path / "src_wd")
+    convert.save_workdir(workdir, cfg, init_params(cfg, jax.random.key(0)))
+    out = str(path / "hf")
+    convert.export_hf(workdir, out)
+    return out
+
+
+def _edit_config(hf_dir: str, **changes) -> None:
+    path = os.path.join(hf_dir, "config.json")
+    config = json.loads(open(path).read())
+    config.update(changes)
+    open(path, "w").write(json.dumps(config))
+
+
+def _edit_tensors(hf_dir: str, edit) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    path = os.path.join(hf_dir, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def _as_bin(hf_dir: str, payload) -> None:
+    import torch
+
+    os.remove(os.path.join(hf_dir, "model.safetensors"))
+    path = os.path.join(hf_dir, "pytorch_model.bin")
+    if isinstance(payload, bytes):
+        open(path, "wb").write(payload)
+    else:
+        torch.save(payload, path)
+
+
+class _NotATensor:
+    """A pickled instance of this class is refused by ``torch.load(weights_only=True)``."""
+
+
+BAD_INPUTS = {
+    "garbage safetensors": (
+        lambda d: open(os.path.join(d, "model.safetensors"), "wb").write(b"\x07" * 64),
+        "model.safetensors is not a readable safetensors file",
+    ),
+    "garbage bin": (lambda d: _as_bin(d, b"not a checkpoint" * 8), "is not a PyTorch checkpoint"),
+    "refused pickle": (
+        lambda d: _as_bin(d, {"model.norm.weight": _NotATensor()}),
+        "refused by torch.load(weights_only=True): Unsupported global",
+    ),
+    "bin not a dict": (lambda d: _as_bin(d, [1, 2]), "expected a state dict"),
+    "layer_types 5": (
+        lambda d: _edit_config(d, model_type="lckv-llama", layer_types=5),
+        "layer_types must be a mapping string",
+    ),
+    "layer_types bad target": (
+        lambda d: _edit_config(d, model_type="lckv-llama", layer_types="1_0"),
+        "layer 0: target 1 is not a KV layer",
+    ),
+    "rope_scaling string": (
+        lambda d: _edit_config(d, rope_scaling="llama3"),
+        "rope_scaling must be an object or null, got 'llama3'",
+    ),
+    "rope_scaling llama3": (
+        lambda d: _edit_config(d, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+        "unsupported RoPE scaling 'llama3'",
+    ),
+    "layers as string": (
+        lambda d: _edit_config(d, num_hidden_layers="3"),
+        "num_hidden_layers must be an integer >= 1, got '3'",
+    ),
+    "zero heads": (
+        lambda d: _edit_config(d, num_attention_heads=0),
+        "num_attention_heads must be an integer >= 1, got 0",
+    ),
+    "negative kv heads": (
+        lambda d: _edit_config(d, num_key_value_heads=-2),
+        "num_key_value_heads must be an integer >= 1, got -2",
+    ),
+    "heads not dividing": (
+        lambda d: _edit_config(d, hidden_size=9, head_dim=None),
+        "hidden_size (9) must be a multiple of num_attention_heads (2)",
+    ),
+    "kv heads not dividing": (
+        lambda d: _edit_config(d, num_key_value_heads=3),
+        "num_attention_heads (2) must be a multiple of num_key_value_heads (3)",
+    ),
+    "float vocab": (
+        lambda d: _edit_config(d, vocab_size=16.0),
+        "vocab_size must be an integer >= 1, got 16.0",
+    ),
+    "negative eps": (
+        lambda d: _edit_config(d, rms_norm_eps=-1e-5),
+        "rms_norm_eps must be a positive number",
+    ),
+    "tie as string": (
+        lambda d: _edit_config(d, tie_word_embeddings="yes"),
+        "tie_word_embeddings must be true or false",
+    ),
+    "unknown model_type": (lambda d: _edit_config(d, model_type="mistral"), "'mistral'"),
+    "invalid json": (
+        lambda d: open(os.path.join(d, "config.json"), "w").write('{"model_type": "llama",'),
+        "config.json is not valid JSON",
+    ),
+    "json list": (
+        lambda d: open(os.path.join(d, "config.json"), "w").write("[1, 2]"),
+        "config.json holds a JSON list, expected an object",
+    ),
+    "missing tensor": (
+        lambda d: _edit_tensors(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+        "tensor model.layers.1.mlp.up_proj.weight is missing",
+    ),
+    "wrong shape": (
+        lambda d: _edit_tensors(
+            d, lambda t: t.update({"model.norm.weight": np.ones(7, np.float32)})
+        ),
+        "tensor model.norm.weight has shape (7,), expected (8,)",
+    ),
+    "integer tensor": (
+        lambda d: _edit_tensors(d, lambda t: t.update({"model.norm.weight": np.ones(8, np.int32)})),
+        "'model.norm.weight' is not a floating-point tensor",
+    ),
+    "index names a missing shard": (
+        lambda d: open(os.path.join(d, "model.safetensors.index.json"), "w").write(
+            json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}})
+        ),
+        "model-00001-of-00002.safetensors (listed in",
+    ),
+    "index without weight_map": (
+        lambda d: open(os.path.join(d, "model.safetensors.index.json"), "w").write("{}"),
+        "has no weight_map",
+    ),
+}
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_hf_input_is_a_one_line_error(case, tmp_path, capsys):
+    """Each corrupt or malformed HF directory: exit 2, one line naming the problem, and
+    no workdir left behind."""
+    pytest.importorskip("torch")
+    break_it, message = BAD_INPUTS[case]
+    hf_dir = tiny_hf_dir(tmp_path)
+    capsys.readouterr()
+    break_it(hf_dir)
+    workdir = tmp_path / "wd"
+    assert convert_cli("--from-hf", hf_dir, "--workdir", str(workdir)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvshare convert: error: ") and message in err, err
+    assert err.count("\n") == 1
+    assert not workdir.exists()
+
+
+# ------------------------------------------------------- tokenizer.json models
+def save_json_tokenizer(folder, texts: list[str], vocab: int) -> None:
+    """A WordLevel ``tokenizer.json`` trained offline on ``texts`` (``<pad>``, ``</s>``,
+    ``<s>``, ``<unk>`` first), plus a ``tokenizer_config.json`` naming EOS and BOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<pad>", "</s>", "<s>", "<unk>"]
+    tok.train_from_iterator(
+        texts, trainers.WordLevelTrainer(vocab_size=vocab, special_tokens=specials)
+    )
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    config = {"eos_token": "</s>", "bos_token": "<s>", "pad_token": "<pad>", "add_bos_token": False}
+    open(os.path.join(folder, "tokenizer_config.json"), "w").write(json.dumps(config))
+
+
+@pytest.mark.hf
+def test_tokenizer_json_survives_import_generate_and_export(tmp_path, capsys):
+    """A HF dir with only ``tokenizer.json``: import keeps it (and its config), ``kvshare
+    generate`` encodes/decodes with it, export writes it back with the special ids;
+    ``--prompt-ids`` works on a workdir without any tokenizer."""
+    from kvshare_jax.data.tokenizer import JsonTokenizer, load_tokenizer
+
+    hf_dir = tiny_hf_dir(tmp_path)
+    save_json_tokenizer(hf_dir, ["the cat sat on the mat", "a dog ran to the park"], 16)
+    workdir, out = str(tmp_path / "wd"), str(tmp_path / "export")
+    assert convert_cli("--from-hf", hf_dir, "--workdir", workdir, "--layout", "0_0") == 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert open(os.path.join(workdir, name)).read() == open(os.path.join(hf_dir, name)).read()
+    tok = load_tokenizer(workdir)
+    assert isinstance(tok, JsonTokenizer) and (tok.eos_id, tok.bos_id, tok.pad_id) == (1, 2, 0)
+    assert tok.decode(tok.encode("the cat sat")) == "the cat sat"
+    capsys.readouterr()
+
+    assert (
+        cli.main(["generate", "--workdir", workdir, "--prompt", "the cat", "--max-new-tokens", "6"])
+        == 0
+    )
+    text = capsys.readouterr().out.strip()
+    cfg, params, _, _ = checkpoint.open_model(workdir)
+    new = generate(cfg, params, [tok.encode("the cat")], max_new_tokens=6, stop_tokens=[1])
+    ids = [int(t) for t in new.tokens[0, : int(new.lengths[0])] if t != 1]
+    assert text == tok.decode(ids)
+
+    bare = str(tmp_path / "bare")
+    convert.save_workdir(bare, cfg, params)
+    args = ["generate", "--workdir", bare, "--prompt-ids", "4,5", "--max-new-tokens", "3"]
+    assert cli.main(args) == 0
+    want = generate(cfg, params, [[4, 5]], max_new_tokens=3).tokens[0]
+    assert capsys.readouterr().out.strip() == ",".join(str(int(t)) for t in want)
+
+    assert convert_cli("--to-hf", out, "--workdir", workdir) == 0
+    hf = json.loads(open(os.path.join(out, "config.json")).read())
+    assert (hf["eos_token_id"], hf["bos_token_id"], hf["pad_token_id"]) == (1, 2, 0)
+    assert (
+        open(os.path.join(out, "tokenizer.json")).read()
+        == open(os.path.join(hf_dir, "tokenizer.json")).read()
+    )
+    assert os.path.exists(os.path.join(out, "tokenizer_config.json"))
+
+
+@pytest.mark.hf
+def test_bad_tokenizer_json_is_a_one_line_error(tmp_path, capsys):
+    hf_dir = tiny_hf_dir(tmp_path)
+    open(os.path.join(hf_dir, "tokenizer.json"), "w").write('{"version": "1.0"}')
+    capsys.readouterr()
+    assert convert_cli("--from-hf", hf_dir, "--workdir", str(tmp_path / "wd")) == 2
+    err = capsys.readouterr().err
+    assert "not a HuggingFace tokenizer.json" in err and err.count("\n") == 1
+    assert not (tmp_path / "wd").exists()

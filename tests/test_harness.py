@@ -4,6 +4,7 @@ computations, and ``kvshare harness`` scores a local multiple-choice task (no hu
 
 import functools
 import json
+import os
 
 import jax
 import numpy as np
@@ -22,6 +23,7 @@ from kvshare_jax.model import ModelConfig, forward, init_params  # noqa: E402
 pytestmark = pytest.mark.hf
 
 MAX_LEN = 64
+TASK_DATA = "examples/lm_eval_tasks/kvshare_tiny_mc.jsonl"
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. A cat sat on the mat.",
     "Paris is the capital of France. Berlin is the capital of Germany.",
@@ -229,3 +231,39 @@ def test_harness_cli_errors_are_one_line(workdir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("kvshare harness: error: ") and message in err
         assert err.count("\n") == 1
+
+
+def test_readme_example_task_runs_on_a_tokenizer_json_workdir(tmp_path, monkeypatch, capsys):
+    """The shipped ``examples/lm_eval_tasks`` task, as the README runs it (from the repo
+    root), on a workdir whose tokenizer is a HuggingFace ``tokenizer.json``; accuracy
+    equals the choice rule applied to the adapter's own loglikelihoods."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    items = [json.loads(line) for line in open(os.path.join(root, TASK_DATA))]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = [" ".join([d["question"], *d["choices"]]) for d in items]
+    tok.train_from_iterator(words, trainers.WordLevelTrainer(special_tokens=["</s>", "<unk>"]))
+    cfg = ModelConfig.create(
+        "0_2_2", vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, d_ff=64, max_len=32
+    )
+    path = str(tmp_path / "wd")
+    convert.save_workdir(path, cfg, init_params(cfg, jax.random.key(3)))
+    tok.save(os.path.join(path, "tokenizer.json"))
+    lm = KVShareLM.from_workdir(path, batch_size=4)
+    assert lm.tok.eos_id == 0 and lm.tok.encode("Rome is in") != []
+
+    monkeypatch.chdir(root)
+    out = tmp_path / "results.json"
+    args = ["--workdir", path, "--tasks", "kvshare_tiny_mc"]
+    args += ["--include-path", "examples/lm_eval_tasks", "--limit", "8", "--batch-size", "4"]
+    assert cli.main(["harness", *args, "--output", str(out)]) == 0
+    assert "kvshare_tiny_mc" in capsys.readouterr().out
+    acc = json.loads(out.read_text())["results"]["kvshare_tiny_mc"]["acc,none"]
+    correct = 0
+    for d in items:
+        reqs = [request("loglikelihood", (d["question"], " " + c)) for c in d["choices"]]
+        scores = [s for s, _ in lm.loglikelihood(reqs)]
+        correct += int(np.argmax(scores) == d["answer"])
+    assert len(items) == 8 and acc == pytest.approx(correct / len(items))

@@ -55,14 +55,12 @@ def _no_local_uri_dirs():
 
 
 def test_study_results_report_and_figures_go_to_gcs(fake_gcs):
-    from test_study import _fake_result
-
     config = load_config(
         os.path.join(tu.ROOT, "configs", "study", "cpu.py"),
         ("study.layouts=('standard','pizza-bottom')",),
     )
     cells = study.plan_cells(config)
-    results = {c.trained: _fake_result(c, 20.0, 100.0) for c in cells}
+    results = {c.trained: tu.fake_study_result(c, 20.0, 100.0) for c in cells}
     workdir = "gs://bucket/study"
     out, written = study.write_results(config, cells, results, workdir)
     names = sorted(p.name for p in epath.Path(workdir).iterdir())

@@ -104,25 +104,12 @@ def test_pareto_front_keeps_only_undominated_layouts():
     assert [r["layout"] for r in report.pareto_front(rows)] == ["d", "a", "standard"]
 
 
-def _fake_result(cell, ppl: float, tok_s: float, step_s: float = 0.1) -> dict:
-    """A cell result with the fields the report reads."""
-    fraction = cell.kv_layers / 6
-    run = {"batch": 1, "e2e_tok_s": tok_s, "prefill_s": 0.01}
-    return {
-        "cache_fraction": fraction,
-        "train": {"eval_loss": 1.0, "eval_ppl": ppl},
-        "train_step": {"min_s": step_s, "median_s": step_s},
-        "bench": {"max_batch": int(10 / fraction), "max_batch_run": run, "runs": [run]},
-        "wall_s": 1.0,
-    }
-
-
 @pytest.mark.parametrize("winner", ["pizza-bottom", "lasagna-bottom"])
 def test_summary_is_derived_from_the_numbers(winner):
     config = load_config(CPU_STUDY, ("study.layouts=('standard','pizza-bottom','lasagna-bottom')",))
     cells = study.plan_cells(config)
-    results = {c.trained: _fake_result(c, 20.0, 100.0) for c in cells}
-    results[f"{winner}-l3"] = _fake_result(cells[1], 19.0, 150.0)  # better on both axes
+    results = {c.trained: tu.fake_study_result(c, 20.0, 100.0) for c in cells}
+    results[f"{winner}-l3"] = tu.fake_study_result(cells[1], 19.0, 150.0)  # better on both axes
     out = report.build_results(config, cells, results)
     assert out["pareto"]["3"] == [winner]
     text = "\n".join(report.summary(out))
@@ -135,7 +122,10 @@ def _seeded(config_overrides, ppl_of, seeds=3):
     """Study results over ``seeds`` seeds: ``ppl_of(layout, seed)`` per cell."""
     config = load_config(CPU_STUDY, (*config_overrides, f"study.seeds={seeds}"))
     cells = study.plan_cells(config)
-    results = {c.trained: _fake_result(c, ppl_of(c.layout, c.seed), 100.0 + c.seed) for c in cells}
+    results = {
+        c.trained: tu.fake_study_result(c, ppl_of(c.layout, c.seed), 100.0 + c.seed)
+        for c in cells
+    }
     return report.build_results(config, cells, results)
 
 
@@ -197,7 +187,7 @@ def test_report_is_rebuilt_after_every_cell(tmp_path, monkeypatch):
         report_md = workdir / "report.md"
         seen.append(report_md.read_text() if report_md.exists() else None)
         os.makedirs(cell_dir)  # as training the cell does
-        return _fake_result(cell, 20.0 - len(seen), 100.0 + len(seen))
+        return tu.fake_study_result(cell, 20.0 - len(seen), 100.0 + len(seen))
 
     monkeypatch.setattr(study, "run_cell", fake_cell)
     out = study.run_study(config, str(workdir))
@@ -224,7 +214,7 @@ def test_later_seeds_reuse_the_first_seeds_max_batch(tmp_path, monkeypatch):
     def fake_cell(cell_config, cell, cell_dir, known_max_batch=None):
         calls[cell.name] = (cell_config.train.seed, known_max_batch)
         os.makedirs(cell_dir)
-        return _fake_result(cell, 20.0, 100.0)
+        return tu.fake_study_result(cell, 20.0, 100.0)
 
     monkeypatch.setattr(study, "run_cell", fake_cell)
     study.run_study(config, str(tmp_path / "study"))

@@ -178,3 +178,16 @@ def restore_newest(workdir: str) -> tuple[int, object, object, dict[str, np.ndar
     )
     ckpt.close()
     return step, jax.device_get(params), jax.device_get(opt_state), next(data_iter)
+
+
+def fake_study_result(cell, ppl: float, tok_s: float, step_s: float = 0.1) -> dict:
+    """A cell result with the fields the report reads."""
+    fraction = cell.kv_layers / 6
+    run = {"batch": 1, "e2e_tok_s": tok_s, "prefill_s": 0.01}
+    return {
+        "cache_fraction": fraction,
+        "train": {"eval_loss": 1.0, "eval_ppl": ppl},
+        "train_step": {"min_s": step_s, "median_s": step_s},
+        "bench": {"max_batch": int(10 / fraction), "max_batch_run": run, "runs": [run]},
+        "wall_s": 1.0,
+    }

@@ -13,10 +13,10 @@ input. Method: ``kvshare_jax/aot.py``.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any
 
+from kvshare_jax import paths
 from kvshare_jax.commands import error
 from kvshare_jax.config import ArgParser, check_output_dir, parse_with_overrides
 
@@ -116,8 +116,6 @@ def run(argv: list[str]) -> int:
         return _error(e)
     print(render(report))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        paths.write_json(args.json, report)
         print(f"wrote {args.json}")
     return 0 if all(p["fits"] for p in report["programs"].values()) else 1

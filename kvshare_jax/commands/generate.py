@@ -79,7 +79,9 @@ def _load_model(args, overrides: list[str]):
     if args.workdir:
         from kvshare_jax.checkpoint import open_model
 
-        cfg, params, tokenizer, _ = open_model(args.workdir, need_tokenizer=True)
+        # token ids in and out need no tokenizer (its EOS still stops when it has one)
+        need_tokenizer = args.prompt_ids is None
+        cfg, params, tokenizer, _ = open_model(args.workdir, need_tokenizer=need_tokenizer)
         return cfg, params, tokenizer, None
     from kvshare_jax.config import load_config, model_config_from
 
@@ -125,6 +127,8 @@ def run(argv: list[str]) -> int:
             else:
                 text = args.prompt
             ids = tokenizer.encode(text)
+            if getattr(tokenizer, "add_bos", False) and tokenizer.bos_id >= 0:
+                ids = [tokenizer.bos_id, *ids]  # imported models expect BOS first
         check_request(cfg, np.asarray([ids], np.int32), None, args.max_new_tokens)
         if params is None:
             params = init_params(cfg, jax.random.key(init_seed))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kvshare_jax.commands import ArgParser, error
 from kvshare_jax.layout import from_spec
-from kvshare_jax.model import ModelConfig
+from kvshare_jax.model import ModelConfig, check_passes
 
 
 def run(argv: list[str]) -> int:
@@ -34,6 +34,7 @@ def run(argv: list[str]) -> int:
             if layers is None:
                 raise ValueError(f"--layers is required for {args.spec!r}")
         layout = from_spec(spec, layers)
+        check_passes((args.forward_passes, args.backward_passes), "--forward/backward-passes")
     except ValueError as e:
         return error("kvshare layout", e)
     print(layout.describe(args.forward_passes, args.backward_passes))

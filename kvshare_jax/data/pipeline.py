@@ -29,7 +29,8 @@ class _Tokenize(grain.transforms.Map):
 
     def map(self, element: dict[str, str]) -> np.ndarray:
         ids = self._tokenizer.encode(element["text"])
-        ids.append(self._tokenizer.eos_id)
+        if self._tokenizer.eos_id >= 0:  # a tokenizer.json may define no EOS token
+            ids.append(self._tokenizer.eos_id)
         return np.asarray(ids, dtype=np.int32)
 
 
