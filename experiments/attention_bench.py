@@ -139,7 +139,7 @@ def bench_config(args: argparse.Namespace, seq: int, h: int) -> list[dict]:
 def environment(args: argparse.Namespace) -> dict:
     dev = jax.devices()[0]
     return dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         backend=jax.default_backend(),
         device=dev.device_kind,
         device_count=jax.device_count(),

@@ -161,7 +161,7 @@ def time_one_step(run: dict[str, object]) -> None:
 def environment() -> dict[str, object]:
     device = jax.devices()[0]
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "backend": jax.default_backend(),
         "device": device.device_kind,
         "device_count": jax.device_count(),
