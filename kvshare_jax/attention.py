@@ -45,7 +45,7 @@ def xla_attention(
     if n % kh:
         raise ValueError(f"query heads ({n}) must be a multiple of KV heads ({kh})")
     qg = q.reshape(b, t, kh, n // kh, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = _dot("btkgh,bskh->bkgts", qg, k)
     scores = scores * (h**-0.5)
     mask = attention_mask(q_pos, kv_pos, strict=strict, window=window)[:, None, None]
     scores = jnp.where(mask, scores, -jnp.inf)
@@ -54,8 +54,17 @@ def xla_attention(
     p = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = _dot("bkgts,bskh->btkgh", p.astype(v.dtype), v)
     return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum`` accumulated in fp32. XLA:CPU has no bf16 x bf16 -> f32 dot for some
+    operand layouts (the decode cache's), so on CPU the operands are upcast first: the
+    same result, as a product of two bf16 values is exact in fp32."""
+    if target_platform() == "cpu" and a.dtype != jnp.float32:
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
 def resolve_impl(impl: Impl, platform: str | None = None) -> Literal["xla", "pallas"]:
