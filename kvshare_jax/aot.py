@@ -411,8 +411,10 @@ def generate_lengths(config: Any, prompt_len: int | None, gen_len: int | None) -
     (a quarter of the context when shorter) and the rest of the context."""
     max_len = int(config.model.max_len)
     study = config.get("study")
-    prompt = prompt_len or (study.prompt_len if study else min(512, max_len // 4))
-    gen = gen_len or (study.gen_len if study else max_len - prompt)
+    if prompt_len is None:
+        prompt_len = study.prompt_len if study else min(512, max_len // 4)
+    prompt = int(prompt_len)
+    gen = int(gen_len if gen_len is not None else (study.gen_len if study else max_len - prompt))
     if prompt < 1 or gen < 1 or prompt + gen > max_len:
         raise ValueError(
             f"prompt {prompt} + generated {gen} tokens must be >= 1 each and fit the "

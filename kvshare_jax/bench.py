@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import gc
 import os
 import re
 import time
@@ -31,8 +32,23 @@ import jax
 import jax.numpy as jnp
 
 from kvshare_jax import aot
-from kvshare_jax.decode import cache_bytes, decode_step, init_cache, prefill
-from kvshare_jax.model import ModelConfig, Params, count_params, init_params
+from kvshare_jax.decode import (
+    DEFAULT_PREFILL_TOL,
+    cache_bytes,
+    decode_step,
+    generate_fn,
+    init_cache,
+    prefill,
+)
+from kvshare_jax.model import (
+    ModelConfig,
+    Params,
+    Passes,
+    check_prefill_passes,
+    check_tol,
+    count_params,
+    init_params,
+)
 from kvshare_jax.target import target_platform
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -170,6 +186,14 @@ def max_batch(
             break
     per_seq = per_seq if per_seq > 0 else max(known[1]["total_bytes"], 1)
     guess = int(min(limit, max(1, 1 + (budget - known[1]["total_bytes"]) // per_seq)))
+    # one secant step through the first guess: the smallest batches can also skew the
+    # slope the other way (an extra cache copy at batch 1 on CPU); past them it is steady
+    ref = max(known)
+    fits(guess)
+    if guess != ref and known[ref] and known[guess]:
+        slope = (known[guess]["total_bytes"] - known[ref]["total_bytes"]) // (guess - ref)
+        if slope > 0:
+            guess = int(min(limit, max(1, ref + (budget - known[ref]["total_bytes"]) // slope)))
     lo, hi, step = 1, limit + 1, 1  # invariant: fits(lo), not fits(hi)
     if fits(guess):
         lo = guess
@@ -213,27 +237,38 @@ def bench_generate(
     gen_len: int,
     warmup: int = 1,
     repeats: int = 3,
+    prefill_passes: Passes | None = None,
+    prefill_tol: float = DEFAULT_PREFILL_TOL,
 ) -> dict[str, Any]:
     """Times the generation program, prefill alone and the decode scan alone at ``batch``.
 
     All three are compiled ahead of time, so no timing includes compilation.
+    ``prefill_passes`` / ``prefill_tol``: the prefill iteration (default: the decoder's);
+    ``prefill_passes_run`` reports the passes it ran on the benchmark's prompts.
     """
     prompts, lengths = _inputs(cfg, batch, prompt_len)
     cache_len = prompt_len + gen_len - 1
     cache_shape = jax.eval_shape(lambda: init_cache(cfg, batch, cache_len))
     tokens = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    gen = compile_generate(cfg, batch, prompt_len, gen_len)
-    run_prefill = jax.jit(lambda p, c, x, n: prefill(cfg, p, c, x, n), donate_argnums=1)
+    rng = jax.random.key(0)
+    if prefill_passes is None:
+        gen = compile_generate(cfg, batch, prompt_len, gen_len)
+    else:
+        program = generate_fn(
+            cfg, max_new_tokens=gen_len, prefill_passes=prefill_passes, prefill_tol=prefill_tol
+        )
+        gen = program.lower(params, cache_shape, prompts, lengths, rng).compile()
+    options = dict(passes=prefill_passes, tol=prefill_tol, return_passes=True)
+    run_prefill = jax.jit(lambda p, c, x, n: prefill(cfg, p, c, x, n, **options), donate_argnums=1)
     run_prefill = run_prefill.lower(params, cache_shape, prompts, lengths).compile()
     run_decode = _decode_scan(cfg, gen_len - 1).lower(params, cache_shape, tokens).compile()
-    rng = jax.random.key(0)
 
     def timed(program: Callable, prefilled: bool = False) -> float:
         best = float("inf")
         for i in range(warmup + repeats):
             cache = init_cache(cfg, batch, cache_len)
             if prefilled:
-                logits, cache = run_prefill(params, cache, prompts, lengths)
+                logits, cache, _ = run_prefill(params, cache, prompts, lengths)
                 cache = (cache, jnp.argmax(logits, axis=-1).astype(jnp.int32))
             jax.block_until_ready(cache)
             start = time.perf_counter()
@@ -246,11 +281,13 @@ def bench_generate(
     t_gen = timed(lambda c: gen(params, c, prompts, lengths, rng))
     t_prefill = timed(lambda c: run_prefill(params, c, prompts, lengths))
     t_decode = timed(lambda c: run_decode(params, *c), prefilled=True)
+    ran = run_prefill(params, init_cache(cfg, batch, cache_len), prompts, lengths)[2]
     steps = max(gen_len - 1, 1)
     return {
         "batch": batch,
         "generate_s": t_gen,
         "prefill_s": t_prefill,
+        "prefill_passes_run": int(ran),
         "decode_s": t_decode,
         "e2e_tok_s": batch * gen_len / t_gen,
         "decode_tok_s": batch * steps / t_decode,
@@ -273,6 +310,8 @@ class BenchSpec:
     warmup: int = 1
     repeats: int = 3
     seed: int = 0
+    prefill_passes: Passes | None = None  # None = the decoder's default (see decode.py)
+    prefill_tol: float = DEFAULT_PREFILL_TOL  # tolerance of prefill_passes="auto"
 
 
 def _check_spec(spec: BenchSpec) -> dict[str, Any]:
@@ -350,6 +389,8 @@ def measure_layout(
         gen_len=spec.gen_len,
         warmup=spec.warmup,
         repeats=spec.repeats,
+        prefill_passes=spec.prefill_passes,
+        prefill_tol=spec.prefill_tol,
     )
     for b in spec.batch_sizes:
         result = timed(batch=b)
@@ -407,7 +448,9 @@ def compile_suite(spec: BenchSpec, topology: str, progress: bool = True) -> dict
             step_s = decode_step_bytes(cfg, params, b, cache_len) / chip.hbm_bandwidth
             row["max_batch_roofline"] = {"decode_step_s": step_s, "decode_tok_s": b / step_s}
         rows.append(row)
-        compile_generate.cache_clear()
+        compile_generate.cache_clear()  # TPU executables of every probed batch: GiBs
+        jax.clear_caches()
+        gc.collect()
     meta = _meta(
         spec,
         platform="tpu",
@@ -442,6 +485,10 @@ def arg_parser(prog: str, config: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", help="find the max batch under this size, e.g. 2GiB")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per program")
     p.add_argument("--repeats", type=int, default=3, help="timed runs (best is reported)")
+    p.add_argument(
+        "--prefill-passes", help="prefill iteration: auto (default), exact or m,b fixed passes"
+    )
+    p.add_argument("--prefill-tol", type=float, help="tolerance of --prefill-passes=auto")
     p.add_argument("--out-dir", default="experiments/results", help="where reports go")
     p.add_argument("--name", help="report file name (default throughput_<platform>)")
     p.add_argument(
@@ -479,4 +526,12 @@ def spec_from_args(args: argparse.Namespace, overrides: tuple[str, ...]) -> Benc
         memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
         warmup=args.warmup,
         repeats=args.repeats,
+        prefill_passes=(
+            check_prefill_passes(args.prefill_passes, "--prefill-passes")
+            if args.prefill_passes
+            else None
+        ),
+        prefill_tol=check_tol(
+            DEFAULT_PREFILL_TOL if args.prefill_tol is None else args.prefill_tol, "--prefill-tol"
+        ),
     )

@@ -147,11 +147,20 @@ def plot(results: dict[str, Any], path: str) -> None:
             r["max_batch_run"]["e2e_tok_s"] if r["max_batch"] else 0.0 for r in rows
         ]
     series = {f"generation throughput, {k}": v for k, v in series.items()}
+    colors = ["tab:blue"] * len(rows)
+    if "baseline" in results:  # one more bar per panel: the baseline at that batch size
+        base = {run["batch"]: run["e2e_tok_s"] for run in results["baseline"]["runs"]}
+        names.append(results["baseline"]["name"].replace(" (", "\n("))
+        colors.append("tab:orange")
+        for label, values in series.items():
+            batch = label.rsplit("b=", 1)[-1]
+            values.append(base.get(int(batch), 0.0) if batch.isdigit() else 0.0)
     title = (
         f"{meta['device_kind']} {meta['dtype']}, prompt {meta['prompt_len']} + "
         f"{meta['gen_len']} new tokens"
     )
-    _bars(plt, names, series, title, path, width=max(8, len(rows)), ylabel="tokens/s")
+    width = max(8, len(names))
+    _bars(plt, names, series, title, path, width=width, color=colors, ylabel="tokens/s")
 
 
 def _plot_compiled(results: dict[str, Any], path: str, plt: Any) -> None:
@@ -178,7 +187,7 @@ def _bars(
     path: str,
     *,
     width: float,
-    color: str = "tab:blue",
+    color: str | list[str] = "tab:blue",
     ylabel: str = "",
 ) -> None:
     """One bar panel per series (one bar per layout), saved to ``path``."""

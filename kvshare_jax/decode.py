@@ -33,8 +33,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvshare_jax.model import ModelConfig, Params, Runner, check_passes, forward_hidden
+from kvshare_jax.model import (
+    ModelConfig,
+    Params,
+    Passes,
+    Runner,
+    check_prefill_passes,
+    check_tol,
+    forward_hidden,
+)
 from kvshare_jax.sampling import GREEDY, Sampling, sample
+
+# Prefill iteration of cyclic blocks unless told otherwise: "auto" iterates until the upward
+# KVs change by at most DEFAULT_PREFILL_TOL between passes (at most t passes, which is
+# exact), so it stops early where the KVs converge; on every measured layout and prompt it
+# was far more exact than the former fixed 7 + 2 passes ("exact", t passes, costs up to
+# 25x standard's prefill at t = 128). README "Generation speed",
+# experiments/results/adaptive_prefill_cpu.md.
+DEFAULT_PREFILL_PASSES: Passes = "auto"
+DEFAULT_PREFILL_TOL = 1e-4  # max abs change of the upward KVs at which "auto" stops
 
 
 class KVCache(NamedTuple):
@@ -113,20 +130,29 @@ def prefill(
     prompts: jax.Array,
     lengths: jax.Array,
     *,
-    passes: tuple[int, int] | None = None,
+    passes: Passes | None = None,
+    tol: float = 0.0,
     all_logits: bool = False,
-) -> tuple[jax.Array, KVCache]:
+    return_passes: bool = False,
+) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, jax.Array]:
     """Runs the right-padded ``prompts [b,t]`` through the model once and fills the cache.
 
     Returns the logits at each sequence's last prompt token ``[b,v]`` (all prompt logits
-    ``[b,t,v]`` with ``all_logits``) and the cache with ``pos = lengths``. ``passes=(m,
-    b)`` overrides the config's iteration counts of cyclic blocks.
+    ``[b,t,v]`` with ``all_logits``) and the cache with ``pos = lengths``; with
+    ``return_passes`` also the passes the cyclic blocks ran (int32 scalar). ``passes``:
+    ``(m, b)`` iteration counts of cyclic blocks, ``"auto"`` (until the upward KVs change
+    by at most ``tol``, at most ``t`` passes), ``"exact"`` (until they stop changing, at
+    most ``t``: exact), or None for `DEFAULT_PREFILL_PASSES`.
     """
+    if passes is None:
+        passes = DEFAULT_PREFILL_PASSES
     b, t = prompts.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     valid = positions < lengths[:, None]
     prompts = jnp.where(valid, prompts, 0)  # padding may hold any id (-1, say)
-    x, kv = forward_hidden(cfg, params, prompts, positions, valid, passes=passes)
+    x, kv, ran = forward_hidden(
+        cfg, params, prompts, positions, valid, passes=passes, tol=tol, return_passes=True
+    )
     if not all_logits:
         x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [b, 1, d]
     logits = Runner(cfg, params).logits(x)
@@ -136,7 +162,8 @@ def prefill(
         v=tuple(_write_prompt(buf, kv[j][1]) for buf, j in zip(cache.v, layers, strict=True)),
         pos=lengths.astype(jnp.int32),
     )
-    return (logits if all_logits else logits[:, 0]), cache
+    logits = logits if all_logits else logits[:, 0]
+    return (logits, cache, ran) if return_passes else (logits, cache)
 
 
 def decode_step(
@@ -173,7 +200,8 @@ def generate_fn(
     sampling: Sampling = GREEDY,
     stop_tokens: tuple[int, ...] = (),
     pad_id: int = 0,
-    prefill_passes: tuple[int, int] | None = None,
+    prefill_passes: Passes | None = None,
+    prefill_tol: float = DEFAULT_PREFILL_TOL,
     return_logits: bool = False,
 ) -> Callable[..., tuple[GenerateOutput, KVCache]]:
     """The jitted generation program ``(params, cache, prompts, lengths, rng)`` ->
@@ -195,7 +223,9 @@ def generate_fn(
 
     def program(params, cache, prompts, lengths, rng):
         b = prompts.shape[0]
-        logits, cache = prefill(cfg, params, cache, prompts, lengths, passes=prefill_passes)
+        logits, cache = prefill(
+            cfg, params, cache, prompts, lengths, passes=prefill_passes, tol=prefill_tol
+        )
         first = emit(logits, rng, 0, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
 
         def body(carry, step):
@@ -265,22 +295,25 @@ def generate(
     rng: jax.Array | None = None,
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
-    prefill_passes: tuple[int, int] | None = None,
+    prefill_passes: Passes | None = None,
+    prefill_tol: float = DEFAULT_PREFILL_TOL,
     return_logits: bool = False,
 ) -> GenerateOutput:
     """Generates ``max_new_tokens`` tokens after each right-padded prompt.
 
     ``prompts [b,t]`` with ``lengths [b]`` (default: all ``t``); ``rng`` is a
     ``jax.random.key`` (only sampling uses it); ``stop_tokens`` end a sequence (it then
-    emits ``pad_id``). ``prefill_passes=(m, b)`` overrides the iteration counts of the
-    prompt's cyclic blocks; ``m + b >= t`` makes the prompt's KVs exact.
+    emits ``pad_id``). ``prefill_passes``: ``(m, b)`` iteration counts of the prompt's
+    cyclic blocks (``m + b >= t`` is exact), ``"auto"`` (until the upward KVs change by at
+    most ``prefill_tol``) or ``"exact"``; default `DEFAULT_PREFILL_PASSES`.
     """
     prompts, lengths = check_request(cfg, prompts, lengths, max_new_tokens)
     for tok in (*stop_tokens, pad_id):
         if not 0 <= tok < cfg.vocab_size:
             raise ValueError(f"token id {tok} is out of the vocabulary [0, {cfg.vocab_size})")
     if prefill_passes is not None:
-        prefill_passes = check_passes(prefill_passes, "prefill_passes")
+        prefill_passes = check_prefill_passes(prefill_passes, "prefill_passes")
+    prefill_tol = check_tol(prefill_tol, "prefill_tol")
     fn = generate_fn(
         cfg,
         max_new_tokens=max_new_tokens,
@@ -288,6 +321,7 @@ def generate(
         stop_tokens=tuple(int(s) for s in stop_tokens),
         pad_id=pad_id,
         prefill_passes=prefill_passes,
+        prefill_tol=prefill_tol,
         return_logits=return_logits,
     )
     cache = init_cache(cfg, prompts.shape[0], prompts.shape[1] + max_new_tokens - 1)

@@ -1,5 +1,10 @@
 """Scalar metrics of a run: ``<workdir>/metrics.jsonl`` (one JSON object per write) and
-TensorBoard event files under ``<workdir>/tensorboard`` (local or ``gs://`` workdirs)."""
+TensorBoard event files under ``<workdir>/tensorboard`` (local or ``gs://`` workdirs).
+
+A run that (re)starts from step ``s`` first drops the records of steps after ``s`` (work
+that its checkpoints no longer hold) with :func:`trim_metrics`, so ``metrics.jsonl``
+never repeats a step; the dropped records are not kept (TensorBoard still has them).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import json
 import math
 from typing import Any
 
+from absl import logging
 from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
@@ -52,12 +58,51 @@ class MetricWriter:
             self._tb.close()
 
 
+def _parse(path: epath.Path) -> tuple[list[dict[str, Any]], int]:
+    """``(records, number of unparsable lines)`` of a metrics file; each unparsable line
+    (e.g. the last one of a run killed mid-write) is skipped with a warning."""
+    records, bad = [], 0
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a {step: ...} record")
+        except ValueError:
+            where = "last line" if number == len(lines) else f"line {number}"
+            logging.warning("skipping the unreadable %s of %s: %r", where, path, line[:80])
+            bad += 1
+            continue
+        records.append(record)
+    return records, bad
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All records of ``<workdir>/metrics.jsonl`` in write order (empty if none)."""
+    """All records of ``<workdir>/metrics.jsonl`` in write order (empty if none); an
+    unreadable line (a truncated last line) is skipped with a warning naming the file."""
     path = epath.Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse(path)[0]
+
+
+def trim_metrics(workdir: str, step: int) -> int:
+    """Drops the records of steps after ``step`` and unreadable lines from
+    ``<workdir>/metrics.jsonl`` (rewritten atomically); returns how many records
+    were dropped."""
+    path = epath.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    records, bad = _parse(path)
+    kept = [r for r in records if r["step"] <= step]
+    if len(kept) == len(records) and not bad:
+        return 0
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+    return len(records) - len(kept)
 
 
 def latest_metrics(workdir: str) -> dict[str, Any]:

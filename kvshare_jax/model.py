@@ -41,6 +41,37 @@ def check_passes(passes: object, what: str = "passes") -> tuple[int, int]:
     return m, b
 
 
+PREFILL_MODES = ("auto", "exact")
+Passes = tuple[int, int] | str  # (m, b) fixed iteration counts, or "auto" / "exact"
+
+
+def check_prefill_passes(passes: object, what: str = "prefill_passes") -> Passes:
+    """``passes`` as ``(m, b)`` (see `check_passes`), ``"auto"`` or ``"exact"``; also parses
+    the command-line text ``"m,b"``. ``ValueError`` otherwise."""
+    if isinstance(passes, str):
+        text = passes.strip().lower()
+        if text in PREFILL_MODES:
+            return text
+        parts = text.split(",")
+        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+            return check_passes(tuple(int(p) for p in parts), what)
+        raise ValueError(
+            f"{what} (m, b) needs two integers m >= 0 and b >= 1 (or auto, exact), got {passes!r}"
+        )
+    return check_passes(passes, what)
+
+
+def check_tol(tol: object, what: str = "prefill_tol") -> float:
+    """A finite tolerance ``>= 0`` as a float; ``ValueError`` otherwise."""
+    try:
+        value = float(tol)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{what} must be a finite number >= 0, got {tol!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Static model description; hashable, so `jit` specialises on it."""
@@ -361,21 +392,26 @@ def _iterate_block(
     pos: jax.Array,
     kv_pos: jax.Array,
     done: dict[int, KV],
-    passes: tuple[int, int],
+    passes: Passes,
     init_kv: dict[int, KV],
-) -> tuple[jax.Array, dict[int, KV]]:
+    tol: float = 0.0,
+) -> tuple[jax.Array, dict[int, KV], jax.Array]:
     """Iterative parallel evaluation of a cyclic block (docs/design.md §4).
 
-    ``m`` iterations without gradient (a ``fori_loop`` on stopped inputs, so nothing is
-    stored for the backward pass), then ``b`` with gradient. Upward targets start from
-    ``init_kv`` where given, else from zeros.
+    ``passes=(m, b)``: ``m`` iterations without gradient (a ``fori_loop`` on stopped
+    inputs, so nothing is stored for the backward pass), then ``b`` with gradient.
+    ``"auto"`` / ``"exact"``: see `_converge_block`. Upward targets start from ``init_kv``
+    where given, else from zeros. Returns the output, the block's KVs and the number of
+    passes run (int32 scalar).
     """
-    m, b = passes
     targets = run.cfg.layout.targets
     upward = sorted({targets[i] for i in layers if targets[i] > i})
     kh, h = run.cfg.num_kv_heads, run.cfg.hd
     zero = jnp.zeros((*x.shape[:2], kh, h), x.dtype)
     prev = {j: init_kv.get(j, (zero, zero)) for j in upward}
+    if isinstance(passes, str):
+        return _converge_block(run, layers, x, pos, kv_pos, done, prev, tol)
+    m, b = passes
 
     if m > 0:
         sg = jax.lax.stop_gradient
@@ -391,7 +427,61 @@ def _iterate_block(
     for _ in range(b):
         out, new = _run_layers(run, layers, x, pos, kv_pos, done, prev)
         prev = {j: new[j] for j in upward}
-    return out, new
+    return out, new, jnp.int32(m + b)
+
+
+def _converge_block(
+    run: Runner,
+    layers: range,
+    x: jax.Array,
+    pos: jax.Array,
+    kv_pos: jax.Array,
+    done: dict[int, KV],
+    prev: dict[int, KV],
+    tol: float,
+) -> tuple[jax.Array, dict[int, KV], jax.Array]:
+    """Iterates a cyclic block in a ``lax.while_loop`` until the upward KVs converge.
+
+    A pass computes the block from the previous pass's upward KVs ``prev``; the loop stops
+    after the first pass (at least the config's m + b passes, unless a pass changed
+    nothing) whose upward KVs differ from ``prev`` by at most ``tol`` (max abs over K and
+    V, every position), or after ``t`` passes: with strict upward masks, pass
+    ``n`` is exact at positions ``< n``, so ``t`` passes are exact (docs/design.md §4).
+    ``tol = 0`` ("exact") stops only at a fixed point, which is the exact result. Inference
+    only: no gradient flows through the loop.
+    """
+    sg = jax.lax.stop_gradient
+    frozen = Runner(run.cfg, sg(run.params))
+    xs, done_s = sg(x), sg(done)
+    upward = sorted(prev)
+    cap = x.shape[1]
+
+    def one_pass(p: dict[int, KV]) -> tuple[jax.Array, dict[int, KV], jax.Array]:
+        out, new = _run_layers(frozen, layers, xs, pos, kv_pos, done_s, p)
+        change = jnp.zeros((), jnp.float32)
+        for j in upward:
+            for a, b in zip(new[j], p[j], strict=True):
+                diff = jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))
+                change = jnp.maximum(change, jnp.max(diff))
+        return out, new, change
+
+    out, new, change = one_pass(sg(prev))
+
+    # Never fewer passes than the config's fixed m + b (so never less exact than them),
+    # unless a pass changes nothing at all: a fixed point is the exact result.
+    floor = min(run.cfg.forward_passes + run.cfg.backward_passes, cap)
+
+    def cond(carry):
+        n, _, _, change = carry
+        return (n < cap) & ((change > tol) | ((n < floor) & (change > 0)))
+
+    def body(carry):
+        n, _, new, _ = carry
+        out, new, change = one_pass({j: new[j] for j in upward})
+        return n + 1, out, new, change
+
+    n, out, new, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, new, change))
+    return out, new, n
 
 
 def forward(
@@ -401,7 +491,7 @@ def forward(
     positions: jax.Array | None = None,
     valid: jax.Array | None = None,
     *,
-    passes: tuple[int, int] | None = None,
+    passes: Passes | None = None,
     init_kv: dict[int, KV] | None = None,
     return_kv: bool = False,
 ) -> jax.Array | tuple[jax.Array, dict[int, KV]]:
@@ -409,9 +499,9 @@ def forward(
 
     ``positions [b,t]`` default to ``arange(t)``; ``valid [b,t]`` marks real tokens (keys
     of invalid tokens are never attended to, e.g. padding). ``passes=(m, b)`` overrides
-    the config's iteration counts (e.g. for prefill); ``init_kv`` sets the starting KVs of
-    upward targets (default zeros, as in the paper). With ``return_kv`` also returns the
-    final KVs of every KV layer, ``{layer: (k, v)}``.
+    the config's iteration counts (or ``"auto"`` / ``"exact"``, see `forward_hidden`);
+    ``init_kv`` sets the starting KVs of upward targets (default zeros, as in the paper).
+    With ``return_kv`` also returns the final KVs of every KV layer, ``{layer: (k, v)}``.
     """
     x, done = forward_hidden(cfg, params, tokens, positions, valid, passes=passes, init_kv=init_kv)
     logits = Runner(cfg, params).logits(x)
@@ -425,30 +515,44 @@ def forward_hidden(
     positions: jax.Array | None = None,
     valid: jax.Array | None = None,
     *,
-    passes: tuple[int, int] | None = None,
+    passes: Passes | None = None,
     init_kv: dict[int, KV] | None = None,
-) -> tuple[jax.Array, dict[int, KV]]:
+    tol: float = 0.0,
+    return_passes: bool = False,
+) -> tuple[jax.Array, dict[int, KV]] | tuple[jax.Array, dict[int, KV], jax.Array]:
     """`forward` without the LM head: the last layer's output ``[b,t,d]`` (before the
     final norm) and the final KVs of every KV layer. Prefill uses it to project only
-    the positions it needs onto the vocabulary."""
+    the positions it needs onto the vocabulary.
+
+    ``passes`` may also be ``"auto"`` (iterate each cyclic block until its upward KVs
+    change by at most ``tol``, at most ``t`` passes) or ``"exact"`` (``tol = 0``: until
+    they stop changing, which is exact); both are inference-only. With
+    ``return_passes`` also returns the most passes any cyclic block ran (int32 scalar;
+    0 without cyclic blocks).
+    """
     b, t = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     kv_pos = positions if valid is None else jnp.where(valid, positions, INVALID_POS)
     if passes is None:
         passes = (cfg.forward_passes, cfg.backward_passes)
-    passes = check_passes(passes)
+    passes = check_prefill_passes(passes, "passes")
+    tol = 0.0 if passes == "exact" else check_tol(tol, "tol")
     run = Runner(cfg, params)
     x = run.embed(tokens)
     done: dict[int, KV] = {}
+    ran = jnp.int32(0)
     for start, end, iterated in cfg.layout.segments:
         layers = range(start, end + 1)
         if iterated:
-            x, new = _iterate_block(run, layers, x, positions, kv_pos, done, passes, init_kv or {})
+            x, new, n = _iterate_block(
+                run, layers, x, positions, kv_pos, done, passes, init_kv or {}, tol
+            )
+            ran = jnp.maximum(ran, n)
         else:
             x, new = _run_layers(run, layers, x, positions, kv_pos, done, {})
         done.update(new)
-    return x, done
+    return (x, done, ran) if return_passes else (x, done)
 
 
 # ------------------------------------------------------ sequential reference

@@ -52,6 +52,8 @@ def study_section() -> ml_collections.ConfigDict:
     s.gen_len = 128  # generated tokens of the benchmark
     s.train_step_timing_steps = 10  # timed train steps (after one warm-up) per cell
     s.seeds = 1  # seeds per (layout, l): train.seed + 0..seeds-1 (init and data order)
+    s.prefill_passes = "auto"  # benchmark prefill: auto (s.prefill_tol), exact or "m,b"
+    s.prefill_tol = 1e-4  # tolerance of prefill_passes="auto"
     return s
 
 
@@ -93,6 +95,7 @@ def plan_cells(config: ml_collections.ConfigDict) -> list[Cell]:
         raise ValueError(
             f"study.train_step_timing_steps must be >= 1, got {s.train_step_timing_steps}"
         )
+    _prefill_options(s)
     seeds = int(s.get("seeds", 1))
     if seeds < 1:
         raise ValueError(f"study.seeds must be >= 1, got {seeds}")
@@ -140,6 +143,20 @@ def time_train_step(
     return {"median_s": statistics.median(times), "min_s": min(times), "steps": steps}
 
 
+def _prefill_options(s: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``study.prefill_passes`` / ``study.prefill_tol`` (optional fields) as BenchSpec
+    fields; ``ValueError`` naming the field when invalid."""
+    from kvshare_jax.model import check_prefill_passes, check_tol
+
+    passes = s.get("prefill_passes", "auto")
+    if isinstance(passes, list | tuple):
+        passes = tuple(passes)
+    return {
+        "prefill_passes": check_prefill_passes(passes, "study.prefill_passes"),
+        "prefill_tol": check_tol(s.get("prefill_tol", 1e-4), "study.prefill_tol"),
+    }
+
+
 def benchmark(
     workdir: str, settings: ml_collections.ConfigDict, known_max_batch: Any = None
 ) -> dict[str, Any]:
@@ -155,6 +172,7 @@ def benchmark(
         prompt_len=int(settings.prompt_len),
         gen_len=int(settings.gen_len),
         memory_budget=bench.parse_bytes(settings.memory_budget),
+        **_prefill_options(settings),
     )
     return bench.measure_layout(str(cfg.layout), cfg, params, spec, known_max_batch=known_max_batch)
 

@@ -426,7 +426,21 @@ def _check_finite(records: dict[int, dict[str, float]], last_saved: int | None) 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (resuming from ``workdir`` if it holds a checkpoint) and returns the final
     metrics: ``step``, ``loss``, ``grad_norm``, ``lr``, ``tokens_per_sec``, ``eval_loss``,
-    ``eval_ppl`` (those of the latest log/eval when the run had already finished)."""
+    ``eval_ppl`` (those of the latest log/eval when the run had already finished).
+
+    The workdir is locked throughout (:mod:`kvshare_jax.workdir_lock`): a second trainer
+    of it raises ``WorkdirInUseError``. A failing save raises ``CheckpointSaveError``."""
+    from kvshare_jax import workdir_lock
+
+    check_workdir(workdir)
+    with workdir_lock.hold(workdir):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """:func:`train_and_evaluate` once the workdir is locked."""
+    from kvshare_jax.metrics import trim_metrics
+
     check_workdir(workdir)
     validate_config(config)
     if config.train.init_from:
@@ -445,6 +459,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         start, params, opt_state = restored
         last_saved, state = start, TrainState(params, opt_state)
     checkpoint.save_configs(workdir, config, trainer.cfg)  # only once all checks passed
+    if jax.process_index() == 0:  # metrics.jsonl holds no step twice: drop lost progress
+        dropped = trim_metrics(workdir, start)
+        records = f"the {dropped} records after step {start} from metrics.jsonl"
+        if dropped and restored is None:
+            _say(f"{workdir} has no checkpoint: training from step 0 (dropped {records})")
+        elif dropped:
+            _say(f"dropped {records}")
     if start >= t.num_steps:
         ckpt.close()
         _say(f"{workdir} is already trained to step {start} (train.num_steps={t.num_steps})")

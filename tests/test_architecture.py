@@ -12,7 +12,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = [
-    {"layout", "masks", "target", "sampling", "metrics", "data", "stats", "paths", "hf_export"},
+    {
+        "layout",
+        "masks",
+        "target",
+        "sampling",
+        "metrics",
+        "data",
+        "stats",
+        "paths",
+        "hf_export",
+        "workdir_lock",
+    },
     {"kernels"},
     {"attention"},
     {"model"},

@@ -21,6 +21,12 @@ def parser() -> ArgParser:
     p.add_argument("--split", default="", help="split to evaluate (default: data.eval_split)")
     p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor mesh sizes")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument(
+        "--prefill-passes",
+        help="passes of cyclic blocks in the eval forward: exact (train.seq_len passes, the "
+        "exact result) or m,b (default: the run's model.forward_passes, backward_passes); "
+        "auto needs the decoder (kvshare generate / bench)",
+    )
     return p
 
 
@@ -32,6 +38,18 @@ def _mesh_sizes(text: str) -> dict[str, int]:
     if len(values) != 3 or not all(v.strip().lstrip("-").isdigit() for v in values):
         raise ValueError(f"--mesh needs 3 integers data,fsdp,tensor, got {text}")
     return dict(zip(("data", "fsdp", "tensor"), map(int, values), strict=True))
+
+
+def _set_passes(config, text: str) -> None:
+    """Sets ``model.forward_passes, backward_passes`` from ``--prefill-passes``."""
+    from kvshare_jax.model import check_prefill_passes
+
+    passes = check_prefill_passes(text, "--prefill-passes")
+    if passes == "auto":
+        raise ValueError("--prefill-passes=auto needs the decoder; eval takes exact or m,b")
+    if passes == "exact":  # t passes of a causal system are exact (docs/design.md §4)
+        passes = (int(config.train.seq_len) - 1, 1)
+    config.model.forward_passes, config.model.backward_passes = passes
 
 
 def run(argv: list[str]) -> int:
@@ -46,6 +64,8 @@ def run(argv: list[str]) -> int:
         if args.split:
             config.data.eval_split = args.split
         config.mesh.update(mesh)
+        if args.prefill_passes:
+            _set_passes(config, args.prefill_passes)
         result = train.evaluate_workdir(config, args.workdir, args.eval_steps)
     except (ValueError, OSError) as e:
         return _error(e)

@@ -39,8 +39,12 @@ def _parser() -> ArgParser:
     p.add_argument("--init-seed", type=int, default=None, help="init seed (default train.seed)")
     p.add_argument(
         "--prefill-passes",
-        help="m,b iterations of cyclic blocks over the prompt (default: the model's; "
-        "m + b >= prompt length is exact)",
+        help="iteration of cyclic blocks over the prompt: auto (default: until the upward "
+        "KVs change by at most --prefill-tol, at most the prompt length), exact (until they "
+        "stop changing) or m,b fixed passes (m + b >= prompt length is exact)",
+    )
+    p.add_argument(
+        "--prefill-tol", type=float, default=None, help="tolerance of auto (default 1e-4)"
     )
     return p
 
@@ -53,6 +57,24 @@ def _ints(text: str, what: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _prefill_options(passes: str | None, tol: float | None) -> tuple[object, float]:
+    """``--prefill-passes`` and ``--prefill-tol`` -> ``(prefill_passes, prefill_tol)``."""
+    from kvshare_jax.decode import DEFAULT_PREFILL_TOL
+    from kvshare_jax.model import check_prefill_passes, check_tol
+
+    if passes is not None:
+        try:
+            passes = check_prefill_passes(passes, "--prefill-passes")
+        except ValueError:
+            raise ValueError(
+                f"--prefill-passes needs auto, exact or two numbers m,b (m >= 0, b >= 1), "
+                f"got {passes}"
+            ) from None
+    if tol is not None and passes not in (None, "auto"):
+        raise ValueError("--prefill-tol needs --prefill-passes=auto")
+    return passes, check_tol(DEFAULT_PREFILL_TOL if tol is None else tol, "--prefill-tol")
 
 
 class _ByteTokenizer:
@@ -107,9 +129,7 @@ def run(argv: list[str]) -> int:
 
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
-        passes = _ints(args.prefill_passes, "--prefill-passes") if args.prefill_passes else None
-        if passes is not None and len(passes) != 2:
-            raise ValueError(f"--prefill-passes needs two numbers m,b, got {args.prefill_passes}")
+        passes, tol = _prefill_options(args.prefill_passes, args.prefill_tol)
         cfg, params, tokenizer, init_seed = _load_model(args, overrides)
         if args.prompt_ids is not None:
             ids = _ints(args.prompt_ids, "--prompt-ids")
@@ -141,7 +161,8 @@ def run(argv: list[str]) -> int:
             sampling=sampling,
             rng=jax.random.key(args.seed),
             stop_tokens=(eos,) if 0 <= eos < cfg.vocab_size else (),
-            prefill_passes=tuple(passes) if passes else None,
+            prefill_passes=passes,
+            prefill_tol=tol,
         )
     except (ValueError, OSError) as e:
         return _error(e)

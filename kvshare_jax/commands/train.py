@@ -81,15 +81,23 @@ def run(argv: list[str]) -> int:
 
 def run_job(prog: str, fv: argparse.Namespace, job: Callable[[], object]) -> int:
     """Joins the multi-process job the flags of `parser` name, then runs ``job``;
-    bad input is a one-line error with exit status 2, a non-finite loss status 1."""
-    from kvshare_jax import sharding, train
+    bad input (including a workdir in use or with no readable checkpoint) and a failed
+    checkpoint save (disk full) are a one-line error with exit status 2, a non-finite
+    loss status 1."""
+    import errno
+
+    from kvshare_jax import checkpoint, sharding, train
 
     try:
         sharding.init_distributed(
             fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed
         )
         job()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, checkpoint.CheckpointSaveError) as e:
+        return error(prog, e)
+    except OSError as e:  # e.g. metrics.jsonl on a full disk; checkpoints stay intact
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
         return error(prog, e)
     except train.NonFiniteLossError as e:
         return error(prog, e, status=1)

@@ -1,0 +1,354 @@
+"""Generation throughput against peers: HF ``generate``, CTranslate2 and kvshare_jax (issue 16).
+
+All three run the same random HF Llama checkpoint (default: the llama_tiny shape, L=8,
+d=512, 8/8 heads, d_ff 1376, vocab 32000, fp32), built here with transformers and saved
+with ``save_pretrained``; CTranslate2 gets it through ``TransformersConverter`` (float32)
+and kvshare_jax through ``kvshare_jax.convert.import_hf``. Each system takes the same
+random prompts and generates ``--gen-len`` greedy tokens (no stop token, so every
+sequence runs to the end); tokens/s = ``batch * gen_len / wall time``, prefill included,
+best of ``--repeats`` rounds that interleave the systems and batch sizes in one process,
+after one untimed warm-up (compilation) per system and batch. The run records whether
+the three emitted the same tokens, and the 1-minute load average before and after.
+
+Needs the ``[hf]`` and ``[peer]`` extras (torch, transformers, ctranslate2)::
+
+    .venv/bin/pip install -e ".[hf,peer]"
+    .venv/bin/python experiments/peer_throughput.py            # batch 1, 8, 32
+    .venv/bin/python experiments/peer_throughput.py --batch-sizes 1 --repeats 1
+
+Writes ``<out-dir>/<name>.{json,md,png}`` (default ``experiments/results/peer_throughput_cpu``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+SYSTEMS = ("hf", "ct2", "kvshare")
+LABELS = {"hf": "HF generate", "ct2": "CTranslate2", "kvshare": "kvshare_jax"}
+LLAMA_TINY = dict(layers=8, d_model=512, heads=8, kv_heads=8, d_ff=1376, vocab=32000)
+
+
+# ------------------------------------------------------------- checkpoints
+def build_hf(out_dir: str, *, seed: int = 0, **shape: int) -> str:
+    """Saves a random fp32 ``LlamaForCausalLM`` of ``shape`` (the keys of ``LLAMA_TINY``)
+    to ``out_dir`` (once)."""
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        return out_dir
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["d_model"],
+        intermediate_size=shape["d_ff"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+class _IdVocab:
+    """Stands in for a tokenizer in the CTranslate2 converter: token ``i`` is ``"<i>"``."""
+
+    bos_token, eos_token, unk_token = "<1>", "<2>", "<0>"
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def get_vocab(self) -> dict[str, int]:
+        return {f"<{i}>": i for i in range(self.size)}
+
+
+def convert_ct2(hf_dir: str, out_dir: str) -> str:
+    """Converts ``hf_dir`` to a float32 CTranslate2 model in ``out_dir`` (once)."""
+    if os.path.exists(os.path.join(out_dir, "model.bin")):
+        return out_dir
+    import ctranslate2
+    import transformers
+
+    vocab = transformers.AutoConfig.from_pretrained(hf_dir).vocab_size
+
+    class Converter(ctranslate2.converters.TransformersConverter):
+        def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
+            return _IdVocab(vocab)
+
+    Converter(hf_dir).convert(out_dir, quantization="float32", force=True)
+    return out_dir
+
+
+# ----------------------------------------------------------------- systems
+Runner = Callable[[np.ndarray], np.ndarray]  # prompts [b, t] int -> new tokens [b, n]
+
+
+def hf_runner(hf_dir: str, gen_len: int, threads: int) -> Runner:
+    """HF ``generate``: greedy, KV cache, no EOS (every sequence runs ``gen_len`` steps)."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # no stop, and no EOS suppression either
+
+    def run(prompts: np.ndarray) -> np.ndarray:
+        ids = torch.from_numpy(prompts.astype(np.int64))
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=gen_len,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
+        return out[:, prompts.shape[1] :].numpy()
+
+    return run
+
+
+def ct2_runner(ct2_dir: str, gen_len: int, threads: int) -> Runner:
+    """CTranslate2 ``Generator.generate_batch``, float32, greedy, the prompt forwarded at
+    once (``include_prompt_in_result=False``), no end token."""
+    import ctranslate2
+
+    gen = ctranslate2.Generator(
+        ct2_dir, device="cpu", compute_type="float32", intra_threads=threads, inter_threads=1
+    )
+
+    def run(prompts: np.ndarray) -> np.ndarray:
+        start = [[f"<{int(i)}>" for i in row] for row in prompts]
+        results = gen.generate_batch(
+            start,
+            max_length=gen_len,
+            sampling_topk=1,
+            beam_size=1,
+            end_token=[],
+            include_prompt_in_result=False,
+        )
+        return np.array([r.sequences_ids[0] for r in results])
+
+    return run
+
+
+def kvshare_runner(hf_dir: str, workdir: str, gen_len: int) -> Runner:
+    """kvshare_jax: ``kvshare_jax.convert.import_hf`` of the checkpoint, then the jitted
+    generation program (prefill + decode scan), greedy, no stop token."""
+    import jax
+    import jax.numpy as jnp
+
+    from kvshare_jax import checkpoint, convert, decode
+
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+        convert.import_hf(hf_dir, workdir)
+    cfg, params, _, _ = checkpoint.open_model(workdir)
+    fn = decode.generate_fn(cfg, max_new_tokens=gen_len)
+    rng = jax.random.key(0)
+
+    def run(prompts: np.ndarray) -> np.ndarray:
+        b, t = prompts.shape
+        cache = decode.init_cache(cfg, b, t + gen_len - 1)
+        lengths = jnp.full((b,), t, jnp.int32)
+        out, _ = fn(params, cache, jnp.asarray(prompts, jnp.int32), lengths, rng)
+        return np.asarray(out.tokens)
+
+    return run
+
+
+# ------------------------------------------------------------------- bench
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def bench(
+    runners: dict[str, Runner],
+    prompts: np.ndarray,
+    batch_sizes: list[int],
+    repeats: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Warm-up per system and batch, then ``repeats`` interleaved rounds; best times."""
+    tokens: dict[int, dict[str, np.ndarray]] = {b: {} for b in batch_sizes}
+    for b in batch_sizes:
+        for name, run in runners.items():
+            tokens[b][name] = run(prompts[:b])
+    best = {b: dict.fromkeys(runners, float("inf")) for b in batch_sizes}
+    for r in range(repeats):
+        for b in batch_sizes:
+            for name, run in runners.items():
+                start = time.perf_counter()
+                out = run(prompts[:b])
+                elapsed = time.perf_counter() - start
+                best[b][name] = min(best[b][name], elapsed)
+                if not np.array_equal(out, tokens[b][name]):
+                    raise RuntimeError(f"{name} is not deterministic at batch {b}")
+                if progress:
+                    print(f"round {r + 1} batch {b} {name}: {elapsed:.3f} s", file=sys.stderr)
+    names = list(runners)
+    rows = []
+    for b in batch_sizes:
+        n = tokens[b][names[0]].shape[1]
+        ref = tokens[b][names[0]]
+        rows.append(
+            {
+                "batch": b,
+                "seconds": best[b],
+                "tok_s": {k: b * n / s for k, s in best[b].items()},
+                "tokens_match": all(np.array_equal(tokens[b][k], ref) for k in names),
+                "token_agreement": {
+                    k: float(np.mean(tokens[b][k] == ref)) for k in names if k != names[0]
+                },
+            }
+        )
+    return {"rows": rows}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    names = meta["systems"]
+    head = " | ".join(f"{LABELS[k]} tok/s" for k in names)
+    ratio = (
+        [f"kvshare vs {LABELS[k]}" for k in names if k != "kvshare"] if "kvshare" in names else []
+    )
+    lines = [
+        f"Generation throughput, {meta['model_text']}, prompt {meta['prompt_len']} + "
+        f"{meta['gen_len']} greedy tokens, prefill included, best of {meta['repeats']} "
+        f"interleaved rounds; {meta['cpu_count']} CPU cores, {meta['threads']} threads; "
+        f"1-min load average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after.",
+        "",
+        f"| batch | {head} | " + " | ".join(ratio) + " | same tokens |",
+        "|---" * (2 + len(names) + len(ratio)) + "|",
+    ]
+    for row in results["rows"]:
+        tok = row["tok_s"]
+        cells = [f"{tok[k]:.0f}" for k in names]
+        cells += (
+            [f"{tok['kvshare'] / tok[k]:.2f}x" for k in names if k != "kvshare"] if ratio else []
+        )
+        same = "yes" if row["tokens_match"] else "no"
+        lines.append(f"| {row['batch']} | " + " | ".join(cells) + f" | {same} |")
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+    return "\n".join([*lines, "", f"Versions: {versions}."]) + "\n"
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, rows = results["meta"]["systems"], results["rows"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(rows))]
+        ax.bar(xs, [r["tok_s"][name] for r in rows], width, label=LABELS[name])
+    ax.set_xticks(range(len(rows)), [f"batch {r['batch']}" for r in rows])
+    ax.set_ylabel("tokens/s (prefill included)")
+    meta = results["meta"]
+    ax.set_title(
+        f"{meta['model_text']}, {meta['prompt_len']} + {meta['gen_len']} tokens, fp32, "
+        f"{meta['threads']} threads, load {meta['load_before']:.1f}",
+        fontsize=8,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def versions(systems: list[str]) -> dict[str, str]:
+    import importlib.metadata as md
+
+    pkgs = {"hf": ["torch", "transformers"], "ct2": ["ctranslate2"], "kvshare": ["jax"]}
+    return {p: md.version(p) for s in systems for p in pkgs[s]}
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="subset of hf,ct2,kvshare")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="HF and CT2 threads")
+    p.add_argument("--shape", default="", help="k=v overrides of the llama_tiny shape")
+    p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "peer_throughput"))
+    p.add_argument("--out-dir", default="experiments/results")
+    p.add_argument("--name", default="peer_throughput_cpu")
+    args = p.parse_args(argv)
+    systems = [s for s in args.systems.split(",") if s]
+    if not systems or any(s not in SYSTEMS for s in systems):
+        p.error(f"--systems must name some of {', '.join(SYSTEMS)}")
+    shape = dict(LLAMA_TINY)
+    for item in filter(None, args.shape.split(",")):
+        key, value = item.split("=")
+        shape[key] = int(value)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    tag = "_".join(f"{k}{v}" for k, v in shape.items())
+    hf_dir = build_hf(os.path.join(args.cache_dir, f"hf_{tag}"), **shape)
+    runners: dict[str, Runner] = {}
+    if "hf" in systems:
+        runners["hf"] = hf_runner(hf_dir, args.gen_len, args.threads)
+    if "ct2" in systems:
+        ct2_dir = convert_ct2(hf_dir, os.path.join(args.cache_dir, f"ct2_{tag}"))
+        runners["ct2"] = ct2_runner(ct2_dir, args.gen_len, args.threads)
+    if "kvshare" in systems:
+        workdir = os.path.join(args.cache_dir, f"kvshare_{tag}")
+        runners["kvshare"] = kvshare_runner(hf_dir, workdir, args.gen_len)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, shape["vocab"], (max(batch_sizes), args.prompt_len))
+    load_before = load_average()
+    results = bench(runners, prompts, batch_sizes, args.repeats)
+    model_text = (
+        f"random Llama L={shape['layers']}, d={shape['d_model']}, "
+        f"{shape['heads']}/{shape['kv_heads']} heads, d_ff {shape['d_ff']}, "
+        f"vocab {shape['vocab']}"
+    )
+    results["meta"] = {
+        "systems": list(runners),
+        "model": shape,
+        "model_text": model_text,
+        "prompt_len": args.prompt_len,
+        "gen_len": args.gen_len,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "load_before": load_before,
+        "load_after": load_average(),
+        "versions": versions(list(runners)),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    os.makedirs(args.out_dir, exist_ok=True)
+    base = os.path.join(args.out_dir, args.name)
+    with open(base + ".json", "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    text = markdown(results)
+    with open(base + ".md", "w", encoding="utf-8") as f:
+        f.write(text)
+    plot(results, base + ".png")
+    print(text)
+    ok = all(r["tokens_match"] for r in results["rows"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
