@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
-from kvshare_jax import checkpoint, hf_export, hf_io
+from kvshare_jax import checkpoint, hf_export, hf_io, paths
 from kvshare_jax.config import default_config
 from kvshare_jax.data.tokenizer import TOKENIZER_EXTRAS, TOKENIZER_FILES, load_tokenizer
 from kvshare_jax.layout import KVLayout, from_spec
@@ -90,11 +91,12 @@ def relayout(
 
 
 # ------------------------------------------------------------------- workdirs
-def _check_fresh(workdir: str) -> str:
+def _check_fresh(workdir: str) -> epath.Path:
     """The checkpoint dir of ``workdir``; ``FileExistsError`` if it already holds a model."""
-    ckpt_dir = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_DIR)
-    config_file = os.path.join(workdir, checkpoint.MODEL_CONFIG_FILE)
-    if os.path.exists(config_file) or (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)):
+    root = epath.Path(paths.absolute(workdir))
+    ckpt_dir = root / checkpoint.CHECKPOINT_DIR
+    has_ckpt = ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
+    if (root / checkpoint.MODEL_CONFIG_FILE).exists() or has_ckpt:
         raise FileExistsError(f"{workdir} already holds a model; use a new --workdir")
     return ckpt_dir
 
@@ -117,14 +119,16 @@ def save_workdir(
     ckpt_dir = _check_fresh(workdir)
     checkpoint.save_configs(workdir, run_config_for(cfg), cfg)
     if isinstance(tokenizer, str):
-        if tokenizer:
-            shutil.copyfile(tokenizer, os.path.join(workdir, checkpoint.TOKENIZER_FILE))
+        tokenizer = [tokenizer] if tokenizer else []
+        names = [checkpoint.TOKENIZER_FILE] * len(tokenizer)
     else:
-        for path in tokenizer:
-            shutil.copyfile(path, os.path.join(workdir, os.path.basename(path)))
+        names = [os.path.basename(t) for t in tokenizer]
+    for path, name in zip(tokenizer, names, strict=True):
+        epath.Path(path).copy(epath.Path(workdir) / name, overwrite=True)
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
     with ocp.CheckpointManager(ckpt_dir, options=options) as manager:
         manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    checkpoint.write_checksums(ckpt_dir / "0")  # verified when the workdir is opened
 
 
 # ---------------------------------------------------------------- import/export

@@ -34,15 +34,6 @@ def tree_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def copy_run(tmp_path, keep_steps: tuple[int, ...] = (100, 200)) -> str:
-    workdir = str(tmp_path / "run")
-    shutil.copytree(tu.reference_run(), workdir)
-    for step in (100, 200):
-        if step not in keep_steps:
-            shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
-    return workdir
-
-
 def test_model_config_json_round_trip_keeps_the_layout():
     cfg = ModelConfig(layout=from_spec("yoco", 6), sliding_window=16, vocab_size=300)
     restored = checkpoint.model_config_from_dict(checkpoint.model_config_to_dict(cfg))
@@ -83,7 +74,7 @@ def test_open_model_without_checkpoint_raises_file_not_found(tmp_path):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax reader
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
-    workdir = copy_run(tmp_path)
+    workdir = tu.copy_run(tmp_path)
     params_dir = os.path.join(workdir, "checkpoints", "200", "params")
     files = [os.path.join(r, f) for r, _, fs in os.walk(params_dir) for f in fs]
     largest = max(files, key=os.path.getsize)
@@ -109,7 +100,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     tmp_path, capsys, monkeypatch
 ):
-    workdir = copy_run(tmp_path, keep_steps=(100,))
+    workdir = tu.copy_run(tmp_path, keep_steps=(100,))
     before = tree_digest(os.path.join(workdir, "checkpoints"))
     argv = [f"--config={tu.TINY_CONFIG}", f"--workdir={workdir}"]
     argv += [f"--config.{o}" for o in tu.tiny_overrides()]

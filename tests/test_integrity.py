@@ -8,7 +8,6 @@ import logging
 import os
 import random
 import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,16 +30,6 @@ from kvshare_jax.train import train_and_evaluate
 def train_argv(workdir: str, *overrides: str) -> list[str]:
     argv = [f"--config={tu.TINY_CONFIG}", f"--workdir={workdir}"]
     return argv + [f"--config.{o}" for o in tu.tiny_overrides(*overrides)]
-
-
-def copy_run(tmp_path, keep_steps: tuple[int, ...] = (100, 200)) -> str:
-    """A copy of the reference run (checkpoints 100 and 200, with manifests)."""
-    workdir = str(tmp_path / "run")
-    shutil.copytree(tu.reference_run(), workdir)
-    for step in (100, 200):
-        if step not in keep_steps:
-            shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
-    return workdir
 
 
 def files_under(path: str) -> list[str]:
@@ -287,7 +276,7 @@ def test_when_every_step_is_unreadable_nothing_is_moved(tmp_path):
 
 
 def test_kvshare_train_with_every_step_unreadable_is_one_line(tmp_path, capsys):
-    workdir = copy_run(tmp_path)
+    workdir = tu.copy_run(tmp_path)
     for step in (100, 200):
         params = os.path.join(workdir, "checkpoints", str(step), "params")
         flip_bit(max(files_under(params), key=os.path.getsize), 12345)
@@ -301,7 +290,7 @@ def test_kvshare_train_with_every_step_unreadable_is_one_line(tmp_path, capsys):
 
 
 def test_open_model_checks_only_the_params_files(tmp_path, caplog):
-    workdir = copy_run(tmp_path)
+    workdir = tu.copy_run(tmp_path)
     opt_file = max(files_under(os.path.join(workdir, "checkpoints", "200", "opt_state")))
     flip_bit(opt_file, 5)  # open_model reads no optimizer state: step 200 stays usable
     assert checkpoint.open_model(workdir).step == 200
@@ -333,7 +322,7 @@ def test_trim_metrics_drops_later_steps_and_broken_lines(tmp_path):
 
 
 def test_restart_without_checkpoints_says_so_and_repeats_no_step(tmp_path, capsys):
-    workdir = copy_run(tmp_path, keep_steps=())
+    workdir = tu.copy_run(tmp_path, keep_steps=())
     with open(os.path.join(workdir, metrics.METRICS_FILE), "a") as f:
         f.write('{"step": 250, "lo')  # killed mid-write
     train_and_evaluate(tu.tiny_config(), workdir)
@@ -349,7 +338,7 @@ def test_restart_without_checkpoints_says_so_and_repeats_no_step(tmp_path, capsy
 
 
 def test_fallback_resume_drops_the_lost_steps_metrics(tmp_path, capsys):
-    workdir = copy_run(tmp_path, keep_steps=(100,))
+    workdir = tu.copy_run(tmp_path, keep_steps=(100,))
     train_and_evaluate(tu.tiny_config(), workdir)
     out = capsys.readouterr()
     assert "dropped the 2 records after step 100 from metrics.jsonl" in out.out + out.err
@@ -395,7 +384,7 @@ def test_run_job_reports_a_failed_save_in_one_line(capsys):
 
 @pytest.mark.slow
 def test_kvshare_train_on_a_full_disk_exits_2_and_resumes_exactly(tmp_path):
-    workdir = copy_run(tmp_path, keep_steps=(100,))  # trained to step 100, normal limits
+    workdir = tu.copy_run(tmp_path, keep_steps=(100,))  # trained to step 100, normal limits
     # writes past 64 KB fail with EFBIG (Python ignores SIGXFSZ); no fork of this process
     limited = ["bash", "-c", 'ulimit -f 64 && exec "$@"', "bash", *tu.train_cmd(workdir)]
     full = subprocess.run(

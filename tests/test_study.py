@@ -123,8 +123,7 @@ def _seeded(config_overrides, ppl_of, seeds=3):
     config = load_config(CPU_STUDY, (*config_overrides, f"study.seeds={seeds}"))
     cells = study.plan_cells(config)
     results = {
-        c.trained: tu.fake_study_result(c, ppl_of(c.layout, c.seed), 100.0 + c.seed)
-        for c in cells
+        c.trained: tu.fake_study_result(c, ppl_of(c.layout, c.seed), 100.0 + c.seed) for c in cells
     }
     return report.build_results(config, cells, results)
 

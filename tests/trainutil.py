@@ -191,3 +191,13 @@ def fake_study_result(cell, ppl: float, tok_s: float, step_s: float = 0.1) -> di
         "bench": {"max_batch": int(10 / fraction), "max_batch_run": run, "runs": [run]},
         "wall_s": 1.0,
     }
+
+
+def copy_run(tmp_path, keep_steps: tuple[int, ...] = (100, 200)) -> str:
+    """A copy of the reference run under ``tmp_path`` keeping checkpoints ``keep_steps``."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference_run(), workdir)
+    for step in (100, 200):
+        if step not in keep_steps:
+            shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+    return workdir

@@ -19,6 +19,7 @@ import json
 import os
 from typing import Any
 
+from kvshare_jax import paths
 from kvshare_jax.commands import ArgParser, error
 
 PROG = "kvshare harness"
@@ -89,15 +90,11 @@ def run(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as e:
         return _error(e)
     print(make_table(results))
-    output = args.output or os.path.join(args.workdir, RESULTS_FILE)
+    output = args.output or paths.join(args.workdir, RESULTS_FILE)
     keep = ("results", "versions", "n-shot", "configs", "config")
-    with open(output, "w", encoding="utf-8") as f:
-        json.dump(
-            {k: results[k] for k in keep if k in results},
-            f,
-            indent=2,
-            default=handle_non_serializable,
-        )
-        f.write("\n")
+    text = json.dumps(
+        {k: results[k] for k in keep if k in results}, indent=2, default=handle_non_serializable
+    )
+    paths.write_text(output, text + "\n")
     print(f"results written to {output}")
     return 0
