@@ -441,7 +441,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     """:func:`train_and_evaluate` once the workdir is locked."""
     from kvshare_jax.metrics import trim_metrics
 
-    check_workdir(workdir)
     validate_config(config)
     if config.train.init_from:
         config = adopt_init_source(config, workdir)
