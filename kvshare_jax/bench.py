@@ -49,6 +49,7 @@ from kvshare_jax.model import (
     count_params,
     init_params,
 )
+from kvshare_jax.sampling import greedy_argmax
 from kvshare_jax.target import target_platform
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -219,7 +220,7 @@ def _decode_scan(cfg: ModelConfig, steps: int) -> Callable:
         def body(carry, _):
             cache, tokens = carry
             logits, cache = decode_step(cfg, params, cache, tokens)
-            tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            tokens = greedy_argmax(logits)
             return (cache, tokens), tokens
 
         (cache, _), out = jax.lax.scan(body, (cache, tokens), None, length=steps)
@@ -269,7 +270,7 @@ def bench_generate(
             cache = init_cache(cfg, batch, cache_len)
             if prefilled:
                 logits, cache, _ = run_prefill(params, cache, prompts, lengths)
-                cache = (cache, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+                cache = (cache, greedy_argmax(logits))
             jax.block_until_ready(cache)
             start = time.perf_counter()
             jax.block_until_ready(program(cache))

@@ -186,8 +186,8 @@ def decode_step(
         if own is not None:
             ks[slot] = _write_token(ks[slot], own[0], cache.pos)
             vs[slot] = _write_token(vs[slot], own[1], cache.pos)
-        kv = (jnp.swapaxes(ks[slot], 1, 2), jnp.swapaxes(vs[slot], 1, 2))  # [b, S, k, h]
-        x = run.finish(i, x, run.attend(i, q, kv, q_pos, kv_pos))
+        attn = run.attend(i, q, (ks[slot], vs[slot]), q_pos, kv_pos, heads_first=True)
+        x = run.finish(i, x, attn)
     return run.logits(x)[:, 0], KVCache(tuple(ks), tuple(vs), cache.pos + 1)
 
 

@@ -331,9 +331,16 @@ class Runner:
         return self._apply(Transformer.logits, x)
 
     def attend(
-        self, i: int, q: jax.Array, kv: KV, q_pos: jax.Array, kv_pos: jax.Array
+        self,
+        i: int,
+        q: jax.Array,
+        kv: KV,
+        q_pos: jax.Array,
+        kv_pos: jax.Array,
+        heads_first: bool = False,
     ) -> jax.Array:
-        """Attention of layer ``i``'s queries over its target's ``kv`` (mask by layout)."""
+        """Attention of layer ``i``'s queries over its target's ``kv`` (mask by layout;
+        ``heads_first``: ``kv`` in the cache layout ``[b,k,s,h]``)."""
         strict = self.cfg.layout.is_upward(i)
         return attention(
             q,
@@ -344,6 +351,7 @@ class Runner:
             strict=strict,
             window=self.cfg.window(i),
             impl=self.cfg.attention_impl,
+            heads_first=heads_first,
         )
 
 

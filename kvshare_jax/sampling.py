@@ -3,7 +3,7 @@
 Shapes: b batch, v vocabulary, k kept candidates.
 
 A :class:`Sampling` is hashable, so the jitted decoder specialises on it: greedy
-decoding compiles to a plain ``argmax`` and only top-p pays for a sort.
+decoding compiles to two plain reductions (`greedy_argmax`) and only top-p pays for a sort.
 """
 
 from __future__ import annotations
@@ -38,10 +38,20 @@ class Sampling:
 GREEDY = Sampling()
 
 
+def greedy_argmax(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits, -1)`` as int32 (first maximum; first NaN if any), computed as a
+    max and a min-index reduction. XLA:CPU runs ``argmax``'s (value, index) reduction
+    unvectorised: 150 us per 32000-token row here, ~5% of a batch-1 decode step."""
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN if the row has one
+    hit = (logits == top) | (jnp.isnan(logits) & jnp.isnan(top))
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, ids, logits.shape[-1]), axis=-1)
+
+
 def sample(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
     """Draws one token per row of ``logits [b,v]`` -> ``[b]`` int32."""
     if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_argmax(logits)
     logits = logits.astype(jnp.float32) / sampling.temperature
     vocab = logits.shape[-1]
     k = min(sampling.top_k or vocab, vocab)

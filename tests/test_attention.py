@@ -1,9 +1,11 @@
 """Reference attention masks against a direct numpy implementation."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvshare_jax.attention import INVALID_POS, resolve_impl, xla_attention
+from kvshare_jax.attention import INVALID_POS, attention, resolve_impl, xla_attention
+from kvshare_jax.sampling import greedy_argmax
 
 
 def numpy_attention(q, k, v, q_pos, kv_pos, strict, window):
@@ -49,6 +51,38 @@ def test_masks_match_numpy(strict, window, heads, offset):
     got = np.asarray(xla_attention(q, k, v, q_pos, kv_pos, strict=strict, window=window))
     want = numpy_attention(q, k, v, q_pos, kv_pos, strict, window)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    # the decoder's cache layout [b,k,s,h], contracted in place
+    kf, vf = np.swapaxes(k, 1, 2), np.swapaxes(v, 1, 2)
+    got = xla_attention(q, kf, vf, q_pos, kv_pos, strict=strict, window=window, heads_first=True)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_heads_first_decode_query_matches_time_major(impl):
+    """One query per sequence (a decode step) over a cache in [b,k,s,h], ragged positions."""
+    rng = np.random.default_rng(3)
+    b, s, n, kh, h = 3, 16, 4, 2, 8
+    q = rng.standard_normal((b, 1, n, h), dtype=np.float32)
+    k = rng.standard_normal((b, s, kh, h), dtype=np.float32)
+    v = rng.standard_normal((b, s, kh, h), dtype=np.float32)
+    q_pos = np.array([[3], [9], [15]], np.int32)
+    kv_pos = np.tile(np.arange(s, dtype=np.int32), (b, 1))
+    want = numpy_attention(q, k, v, q_pos, kv_pos, False, None)
+    kf, vf = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    got = attention(q, kf, vf, q_pos, kv_pos, impl=impl, heads_first=True)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_argmax_is_argmax_with_ties_and_nans():
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((5, 300)).astype(np.float32)
+    logits[1, [7, 200]] = 9.0  # tie: the first index wins
+    logits[2, [11, 250]] = np.nan  # NaN: the first NaN wins, as in jnp.argmax
+    logits[3] = -np.inf
+    logits[4, 299] = np.inf
+    got = np.asarray(greedy_argmax(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(logits, -1)))
+    assert got.dtype == np.int32 and got.tolist()[1:] == [7, 11, 0, 299]
 
 
 def test_strict_position_zero_is_exactly_zero():
