@@ -6,8 +6,10 @@ with ``save_pretrained``; CTranslate2 gets it through ``TransformersConverter`` 
 and kvshare_jax through ``kvshare_jax.convert.import_hf``. Each system takes the same
 random prompts and generates ``--gen-len`` greedy tokens (no stop token, so every
 sequence runs to the end); tokens/s = ``batch * gen_len / wall time``, prefill included,
-best of ``--repeats`` rounds that interleave the systems and batch sizes in one process,
-after one untimed warm-up (compilation) per system and batch. The run records whether
+best of ``--repeats`` rounds that interleave the systems and batch sizes, after one
+untimed warm-up (compilation) per system and batch. Each system runs in a process of its
+own (loaded together, torch halved CTranslate2's speed at batch 1) and sits idle for
+``--pause`` seconds before each timed run. The run records whether
 the three emitted the same tokens, and the 1-minute load average before and after.
 
 Needs the ``[hf]`` and ``[peer]`` extras (torch, transformers, ctranslate2)::
@@ -172,7 +174,72 @@ def kvshare_runner(hf_dir: str, workdir: str, gen_len: int) -> Runner:
     return run
 
 
+# ------------------------------------------------- one process per system
+def make_runner(system: str, hf_dir: str, cache_dir: str, gen_len: int, threads: int) -> Runner:
+    """The runner of ``system`` (``hf``, ``ct2`` or ``kvshare``) for the checkpoint ``hf_dir``."""
+    if system == "hf":
+        return hf_runner(hf_dir, gen_len, threads)
+    tag = os.path.basename(hf_dir.rstrip("/")).removeprefix("hf_")
+    if system == "ct2":
+        ct2_dir = convert_ct2(hf_dir, os.path.join(cache_dir, f"ct2_{tag}"))
+        return ct2_runner(ct2_dir, gen_len, threads)
+    return kvshare_runner(hf_dir, os.path.join(cache_dir, f"kvshare_{tag}"), gen_len)
+
+
+def _serve(conn: Any, *args: Any) -> None:
+    """Worker loop: builds one runner, then answers prompts with tokens until ``None``."""
+    try:
+        run = make_runner(*args)
+        conn.send(("ready", None))
+        while (prompts := conn.recv()) is not None:
+            conn.send(("ok", run(prompts)))
+    except Exception as e:  # reported to the parent, which raises it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class ProcessRunner:
+    """A runner living in its own process. Loaded into one process, torch and CTranslate2
+    slow each other down (their OpenMP runtimes): CTranslate2 ran at half speed at batch 1
+    next to torch, so each system gets a process of its own."""
+
+    def __init__(self, system: str, *args: Any):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.system, (self.conn, child) = system, ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, system, *args), daemon=True)
+        self.process.start()
+        self._reply()
+
+    def _reply(self) -> Any:
+        status, value = self.conn.recv()
+        if status == "error":
+            raise RuntimeError(f"{self.system} worker failed: {value}")
+        return value
+
+    def __call__(self, prompts: np.ndarray) -> np.ndarray:
+        self.conn.send(prompts)
+        return self._reply()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.conn.send(None)
+        self.process.join(timeout=30)
+
+
 # ------------------------------------------------------------------- bench
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def load_average() -> float:
     return os.getloadavg()[0]
 
@@ -183,8 +250,13 @@ def bench(
     batch_sizes: list[int],
     repeats: int,
     progress: bool = True,
+    pause: float = 0.0,
 ) -> dict[str, Any]:
-    """Warm-up per system and batch, then ``repeats`` interleaved rounds; best times."""
+    """Warm-up per system and batch, then ``repeats`` interleaved rounds; best times.
+
+    ``pause`` seconds of sleep before each timed run let the previous system's thread
+    pool go idle: OpenMP workers (torch, CTranslate2) spin-wait for up to 200 ms after a
+    parallel region and would otherwise take cores from the next system."""
     tokens: dict[int, dict[str, np.ndarray]] = {b: {} for b in batch_sizes}
     for b in batch_sizes:
         for name, run in runners.items():
@@ -193,6 +265,7 @@ def bench(
     for r in range(repeats):
         for b in batch_sizes:
             for name, run in runners.items():
+                time.sleep(pause)
                 start = time.perf_counter()
                 out = run(prompts[:b])
                 elapsed = time.perf_counter() - start
@@ -230,7 +303,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Generation throughput, {meta['model_text']}, prompt {meta['prompt_len']} + "
         f"{meta['gen_len']} greedy tokens, prefill included, best of {meta['repeats']} "
-        f"interleaved rounds; {meta['cpu_count']} CPU cores, {meta['threads']} threads; "
+        f"interleaved rounds, one process per system, {meta.get('pause_s', 0):g} s idle before "
+        "each timed run; "
+        f"{meta.get('cpu_model', 'CPU')}, {meta['cpu_count']} cores, {meta['threads']} threads; "
         f"1-min load average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after.",
         "",
         f"| batch | {head} | " + " | ".join(ratio) + " | same tokens |",
@@ -289,6 +364,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--systems", default=",".join(SYSTEMS), help="subset of hf,ct2,kvshare")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="HF and CT2 threads")
+    p.add_argument("--pause", type=float, default=1.0, help="seconds idle before each timed run")
     p.add_argument("--shape", default="", help="k=v overrides of the llama_tiny shape")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "peer_throughput"))
     p.add_argument("--out-dir", default="experiments/results")
@@ -304,19 +380,19 @@ def main(argv: list[str]) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     tag = "_".join(f"{k}{v}" for k, v in shape.items())
     hf_dir = build_hf(os.path.join(args.cache_dir, f"hf_{tag}"), **shape)
-    runners: dict[str, Runner] = {}
-    if "hf" in systems:
-        runners["hf"] = hf_runner(hf_dir, args.gen_len, args.threads)
-    if "ct2" in systems:
-        ct2_dir = convert_ct2(hf_dir, os.path.join(args.cache_dir, f"ct2_{tag}"))
-        runners["ct2"] = ct2_runner(ct2_dir, args.gen_len, args.threads)
-    if "kvshare" in systems:
-        workdir = os.path.join(args.cache_dir, f"kvshare_{tag}")
-        runners["kvshare"] = kvshare_runner(hf_dir, workdir, args.gen_len)
+    runners = {
+        s: ProcessRunner(s, hf_dir, args.cache_dir, args.gen_len, args.threads)
+        for s in SYSTEMS
+        if s in systems
+    }
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, shape["vocab"], (max(batch_sizes), args.prompt_len))
     load_before = load_average()
-    results = bench(runners, prompts, batch_sizes, args.repeats)
+    try:
+        results = bench(runners, prompts, batch_sizes, args.repeats, pause=args.pause)
+    finally:
+        for runner in runners.values():
+            runner.close()
     model_text = (
         f"random Llama L={shape['layers']}, d={shape['d_model']}, "
         f"{shape['heads']}/{shape['kv_heads']} heads, d_ff {shape['d_ff']}, "
@@ -330,6 +406,8 @@ def main(argv: list[str]) -> int:
         "gen_len": args.gen_len,
         "repeats": args.repeats,
         "threads": args.threads,
+        "pause_s": args.pause,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "load_before": load_before,

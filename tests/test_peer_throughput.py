@@ -1,8 +1,9 @@
 """``experiments/peer_throughput.py`` on a tiny random Llama: HF ``generate``, CTranslate2
 and kvshare_jax emit the same greedy tokens (needs the [hf] and [peer] extras)."""
 
-import importlib.util
+import importlib
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -13,14 +14,36 @@ SHAPE = dict(layers=2, d_model=64, heads=4, kv_heads=2, d_ff=128, vocab=512)
 
 
 @pytest.fixture(scope="module")
-def peer():
+def script():
+    """The script imported by name (its worker processes import it the same way)."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        yield importlib.import_module("peer_throughput")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+@pytest.fixture(scope="module")
+def peer(script):
     pytest.importorskip("ctranslate2")
-    spec = importlib.util.spec_from_file_location("peer_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script
+
+
+def test_a_system_in_its_own_process_emits_the_same_tokens(script, tmp_path):
+    hf_dir = script.build_hf(str(tmp_path / "hf_tiny"), **SHAPE)
+    prompts = np.random.default_rng(1).integers(3, SHAPE["vocab"], (2, 5))
+    local = script.make_runner("kvshare", hf_dir, str(tmp_path), 6, 1)(prompts)
+    worker = script.ProcessRunner("kvshare", hf_dir, str(tmp_path), 6, 1)
+    try:
+        np.testing.assert_array_equal(worker(prompts), local)
+        assert worker.process.pid != script.os.getpid()
+    finally:
+        worker.close()
+    assert not worker.process.is_alive()
+    with pytest.raises(RuntimeError, match="kvshare worker failed: .*"):
+        script.ProcessRunner("kvshare", str(tmp_path / "missing"), str(tmp_path / "c"), 6, 1)
 
 
 def test_three_systems_emit_the_same_greedy_tokens(peer, tmp_path):
