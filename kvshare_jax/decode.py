@@ -7,8 +7,9 @@ n new tokens.
 ``prompts[i, :lengths[i]]`` at positions ``0..lengths[i]-1``; what follows is ignored.
 
 **Cache**: one slot per KV layer (``layout.kv_layers`` order; layer ``i`` reads slot
-``layout.slot_of_layer[i]``), each a preallocated K and V buffer ``[b, k, S, h]``
-(heads before time, so the decode-step attention reads the cache in place), plus
+``layout.slot_of_layer[i]``), each a preallocated K and V buffer of rows ``[b*k, S, h]``
+(sequence i's KV head j is row ``i*k + j``: heads before time and no degenerate
+dimension, so the decode-step attention contracts the buffer as stored), plus
 ``pos [b]``, the number of positions written per sequence = its next write position.
 A layout with ``l`` KV layers has exactly ``l / L`` of the cache bytes of a standard
 transformer. Sliding-window layers keep full-length slots (no ring buffer).
@@ -57,8 +58,8 @@ DEFAULT_PREFILL_TOL = 1e-4  # max abs change of the upward KVs at which "auto" s
 class KVCache(NamedTuple):
     """Preallocated KV cache (a pytree; donate it to the jitted program)."""
 
-    k: tuple[jax.Array, ...]  # per slot [b, k, S, h]
-    v: tuple[jax.Array, ...]  # per slot [b, k, S, h]
+    k: tuple[jax.Array, ...]  # per slot: rows [b*k, S, h]
+    v: tuple[jax.Array, ...]  # per slot: rows [b*k, S, h]
     pos: jax.Array  # [b] int32: positions written = next write position
 
 
@@ -71,12 +72,12 @@ class GenerateOutput(NamedTuple):
 
 
 # ----------------------------------------------------------------- the cache
-def _slot_shape(cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, int, int, int]:
-    return (batch, cfg.num_kv_heads, max_len, cfg.hd)
+def _slot_shape(cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, int, int]:
+    return (batch * cfg.num_kv_heads, max_len, cfg.hd)
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int) -> int:
-    """Bytes of the K and V buffers (``pos`` excluded): ``2 l b S k h`` x itemsize."""
+    """Bytes of the K and V buffers (``pos`` excluded): ``2 l b k S h`` x itemsize."""
     per_slot = int(np.prod(_slot_shape(cfg, batch, max_len))) * jnp.dtype(cfg.dtype).itemsize
     return 2 * cfg.layout.num_kv_layers * per_slot
 
@@ -95,13 +96,13 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
 def cache_report(cfg: ModelConfig, batch: int, max_len: int) -> str:
     """A few lines on the cache of ``cfg``: slots, layer -> slot map, bytes vs standard."""
     layout = cfg.layout
-    b, k, s, h = _slot_shape(cfg, batch, max_len)
+    (_, s, h), b, k = _slot_shape(cfg, batch, max_len), batch, cfg.num_kv_heads
     total = cache_bytes(cfg, batch, max_len)
     standard = total // layout.num_kv_layers * layout.num_layers
     return "\n".join(
         [
             f"kv cache: {layout.num_kv_layers} slots (KV layers "
-            f"{' '.join(map(str, layout.kv_layers))}) x K,V of [b={b}, k={k}, S={s}, h={h}] "
+            f"{' '.join(map(str, layout.kv_layers))}) x K,V of [b*k={b}*{k}, S={s}, h={h}] "
             f"{jnp.dtype(cfg.dtype).name}",
             f"layer -> slot: {' '.join(map(str, layout.slot_of_layer))}",
             f"bytes: {total:,} = {layout.num_kv_layers}/{layout.num_layers} of standard "
@@ -112,14 +113,17 @@ def cache_report(cfg: ModelConfig, batch: int, max_len: int) -> str:
 
 
 def _write_prompt(buf: jax.Array, new: jax.Array) -> jax.Array:
-    """Writes prompt KVs ``new [b,t,k,h]`` at positions ``0..t-1`` of ``buf [b,k,S,h]``."""
-    return jax.lax.dynamic_update_slice(buf, jnp.swapaxes(new, 1, 2).astype(buf.dtype), (0,) * 4)
+    """Writes prompt KVs ``new [b,t,k,h]`` at positions ``0..t-1`` of ``buf [b*k,S,h]``."""
+    b, t, k, h = new.shape
+    rows = jnp.swapaxes(new, 1, 2).reshape(b * k, t, h)
+    return jax.lax.dynamic_update_slice(buf, rows.astype(buf.dtype), (0, 0, 0))
 
 
 def _write_token(buf: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
     """Writes one token's KVs ``new [b,1,k,h]`` at per-sequence positions ``pos [b]``."""
-    rows = jnp.arange(buf.shape[0])
-    return buf.at[rows, :, pos].set(new[:, 0].astype(buf.dtype))
+    b, _, k, h = new.shape
+    rows = jnp.arange(b * k)
+    return buf.at[rows, jnp.repeat(pos, k)].set(new.reshape(b * k, h).astype(buf.dtype))
 
 
 # --------------------------------------------------------- step-by-step API
@@ -176,7 +180,7 @@ def decode_step(
     caller keeps ``cache.pos`` below the cache length (`generate` sizes it so).
     """
     run = Runner(cfg, params)
-    b, s = tokens.shape[0], cache.k[0].shape[2]
+    b, s = tokens.shape[0], cache.k[0].shape[1]
     q_pos = cache.pos[:, None]
     kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     ks, vs = list(cache.k), list(cache.v)
@@ -186,7 +190,7 @@ def decode_step(
         if own is not None:
             ks[slot] = _write_token(ks[slot], own[0], cache.pos)
             vs[slot] = _write_token(vs[slot], own[1], cache.pos)
-        attn = run.attend(i, q, (ks[slot], vs[slot]), q_pos, kv_pos, heads_first=True)
+        attn = run.attend(i, q, (ks[slot], vs[slot]), q_pos, kv_pos, rows=True)
         x = run.finish(i, x, attn)
     return run.logits(x)[:, 0], KVCache(tuple(ks), tuple(vs), cache.pos + 1)
 

@@ -337,10 +337,10 @@ class Runner:
         kv: KV,
         q_pos: jax.Array,
         kv_pos: jax.Array,
-        heads_first: bool = False,
+        rows: bool = False,
     ) -> jax.Array:
         """Attention of layer ``i``'s queries over its target's ``kv`` (mask by layout;
-        ``heads_first``: ``kv`` in the cache layout ``[b,k,s,h]``)."""
+        ``rows``: ``kv`` in the decode cache's layout ``[b*k,s,h]``)."""
         strict = self.cfg.layout.is_upward(i)
         return attention(
             q,
@@ -351,7 +351,7 @@ class Runner:
             strict=strict,
             window=self.cfg.window(i),
             impl=self.cfg.attention_impl,
-            heads_first=heads_first,
+            rows=rows,
         )
 
 

@@ -51,15 +51,16 @@ def test_masks_match_numpy(strict, window, heads, offset):
     got = np.asarray(xla_attention(q, k, v, q_pos, kv_pos, strict=strict, window=window))
     want = numpy_attention(q, k, v, q_pos, kv_pos, strict, window)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-    # the decoder's cache layout [b,k,s,h], contracted in place
-    kf, vf = np.swapaxes(k, 1, 2), np.swapaxes(v, 1, 2)
-    got = xla_attention(q, kf, vf, q_pos, kv_pos, strict=strict, window=window, heads_first=True)
+    # the decoder's cache layout: rows [b*k,s,h], contracted as stored
+    kr, vr = (np.swapaxes(x, 1, 2).reshape(b * kh, s, h) for x in (k, v))
+    got = xla_attention(q, kr, vr, q_pos, kv_pos, strict=strict, window=window, rows=True)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_heads_first_decode_query_matches_time_major(impl):
-    """One query per sequence (a decode step) over a cache in [b,k,s,h], ragged positions."""
+def test_cache_rows_decode_query_matches_the_definition(impl):
+    """One query per sequence (a decode step) over a cache of rows [b*k,s,h], ragged
+    positions, GQA."""
     rng = np.random.default_rng(3)
     b, s, n, kh, h = 3, 16, 4, 2, 8
     q = rng.standard_normal((b, 1, n, h), dtype=np.float32)
@@ -68,8 +69,8 @@ def test_heads_first_decode_query_matches_time_major(impl):
     q_pos = np.array([[3], [9], [15]], np.int32)
     kv_pos = np.tile(np.arange(s, dtype=np.int32), (b, 1))
     want = numpy_attention(q, k, v, q_pos, kv_pos, False, None)
-    kf, vf = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-    got = attention(q, kf, vf, q_pos, kv_pos, impl=impl, heads_first=True)
+    kr, vr = (jnp.swapaxes(x, 1, 2).reshape(b * kh, s, h) for x in (k, v))
+    got = attention(q, kr, vr, q_pos, kv_pos, impl=impl, rows=True)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
 

@@ -169,7 +169,9 @@ def run_cell(
     rules = sharding.logical_rules(default_config().mesh)
     batch = sharding.batch_sharding(mesh, rules)
     rows = NamedSharding(mesh, P(batch.spec[0]))
-    cache_sharding = NamedSharding(mesh, P(batch.spec[0], "tensor", None, None))
+    # cache rows [b*k, S, h]: sequences over the batch axes, KV heads within over tensor
+    batch_axes = batch.spec[0] if isinstance(batch.spec[0], tuple) else (batch.spec[0],)
+    cache_sharding = NamedSharding(mesh, P((*batch_axes, "tensor"), None, None))
     params = jax.device_put(params, sharding.param_shardings(cfg, mesh, rules))
     seqs, prompts = jax.device_put((seqs, prompts), batch)
     lengths = jax.device_put(lengths, rows)
