@@ -240,6 +240,55 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
+    """Streaming read bandwidth in bytes/s of ``nbytes`` of fp32 (far beyond any cache),
+    best of ``repeats``: an XLA sum, and the decode step's own operation, an XLA
+    matrix-vector product. ``best`` is the larger: the roofline's bandwidth."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((nbytes // 4 // 512, 512), jnp.float32)
+    vec = jnp.ones((512,), jnp.float32)
+    programs = {
+        "sum": (jax.jit(lambda a: jnp.sum(a, axis=0)), (a,)),
+        "gemv": (jax.jit(lambda a, v: a @ v), (a, vec)),
+    }
+    out = {}
+    for name, (fn, inputs) in programs.items():
+        jax.block_until_ready(fn(*inputs))
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*inputs))
+            best = min(best, time.perf_counter() - start)
+        out[name] = a.nbytes / best
+    out["best"] = max(out.values())
+    return out
+
+
+def roofline(hf_dir: str, cache_dir: str, row: dict[str, Any], meta: dict[str, Any]) -> dict:
+    """kvshare_jax's batch-``row`` throughput against the memory-bandwidth roofline: the
+    bytes a decode step must read (every weight but the embedding table, plus the cache;
+    `kvshare_jax.bench.decode_step_bytes`) over the best streaming read bandwidth. The
+    measured time per token includes the prefill, so the fraction is a lower bound."""
+    from kvshare_jax import bench, checkpoint
+
+    tag = os.path.basename(hf_dir.rstrip("/")).removeprefix("hf_")
+    cfg, params, _, _ = checkpoint.open_model(os.path.join(cache_dir, f"kvshare_{tag}"))
+    b, cache_len = row["batch"], meta["prompt_len"] + meta["gen_len"] - 1
+    step_bytes = bench.decode_step_bytes(cfg, params, b, cache_len)
+    bandwidth = read_bandwidth()
+    roof_tok_s = b * bandwidth["best"] / step_bytes
+    return {
+        "batch": b,
+        "step_bytes": step_bytes,
+        "bandwidth": bandwidth,
+        "roofline_tok_s": roof_tok_s,
+        # measured tok/s over the roofline's, prefill included in the measured time
+        "fraction": {name: tok_s / roof_tok_s for name, tok_s in row["tok_s"].items()},
+    }
+
+
 def load_average() -> float:
     return os.getloadavg()[0]
 
@@ -320,7 +369,21 @@ def markdown(results: dict[str, Any]) -> str:
         same = "yes" if row["tokens_match"] else "no"
         lines.append(f"| {row['batch']} | " + " | ".join(cells) + f" | {same} |")
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
-    return "\n".join([*lines, "", f"Versions: {versions}."]) + "\n"
+    lines += ["", f"Versions: {versions}."]
+    if "roofline" in results:
+        r = results["roofline"]
+        bw = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in r["bandwidth"].items() if k != "best")
+        lines += [
+            "",
+            f"Memory-bandwidth roofline at batch {r['batch']}: a decode step reads "
+            f"{r['step_bytes'] / 1e6:.1f} MB (weights without the embedding table, plus the "
+            f"cache); best streaming read {r['bandwidth']['best'] / 1e9:.1f} GB/s (1 GiB, "
+            f"XLA: {bw} GB/s) -> {r['roofline_tok_s']:.0f} tok/s. Measured tok/s over that "
+            "roofline (prefill included): "
+            + ", ".join(f"{LABELS[k]} {100 * f:.0f}%" for k, f in r["fraction"].items())
+            + ". Above 100% means part of the weights came from the last-level cache.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: dict[str, Any], path: str) -> None:
@@ -415,6 +478,9 @@ def main(argv: list[str]) -> int:
         "versions": versions(list(runners)),
         "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
+    if "kvshare" in runners and 1 in batch_sizes:
+        row = next(r for r in results["rows"] if r["batch"] == 1)
+        results["roofline"] = roofline(hf_dir, args.cache_dir, row, results["meta"])
     os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, args.name)
     with open(base + ".json", "w", encoding="utf-8") as f:
