@@ -175,15 +175,21 @@ def kvshare_runner(hf_dir: str, workdir: str, gen_len: int) -> Runner:
 
 
 # ------------------------------------------------- one process per system
+def system_dir(cache_dir: str, hf_dir: str, system: str) -> str:
+    """Where ``system``'s copy of the checkpoint ``hf_dir`` (``<cache_dir>/hf_<shape>``)
+    lives: ``<cache_dir>/<system>_<shape>``."""
+    tag = os.path.basename(hf_dir.rstrip("/")).removeprefix("hf_")
+    return os.path.join(cache_dir, f"{system}_{tag}")
+
+
 def make_runner(system: str, hf_dir: str, cache_dir: str, gen_len: int, threads: int) -> Runner:
     """The runner of ``system`` (``hf``, ``ct2`` or ``kvshare``) for the checkpoint ``hf_dir``."""
     if system == "hf":
         return hf_runner(hf_dir, gen_len, threads)
-    tag = os.path.basename(hf_dir.rstrip("/")).removeprefix("hf_")
     if system == "ct2":
-        ct2_dir = convert_ct2(hf_dir, os.path.join(cache_dir, f"ct2_{tag}"))
+        ct2_dir = convert_ct2(hf_dir, system_dir(cache_dir, hf_dir, "ct2"))
         return ct2_runner(ct2_dir, gen_len, threads)
-    return kvshare_runner(hf_dir, os.path.join(cache_dir, f"kvshare_{tag}"), gen_len)
+    return kvshare_runner(hf_dir, system_dir(cache_dir, hf_dir, "kvshare"), gen_len)
 
 
 def _serve(conn: Any, *args: Any) -> None:
@@ -247,21 +253,13 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
 
+    from kvshare_jax.bench import best_time
+
     a = jnp.ones((nbytes // 4 // 512, 512), jnp.float32)
     vec = jnp.ones((512,), jnp.float32)
-    programs = {
-        "sum": (jax.jit(lambda a: jnp.sum(a, axis=0)), (a,)),
-        "gemv": (jax.jit(lambda a, v: a @ v), (a, vec)),
-    }
-    out = {}
-    for name, (fn, inputs) in programs.items():
-        jax.block_until_ready(fn(*inputs))
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*inputs))
-            best = min(best, time.perf_counter() - start)
-        out[name] = a.nbytes / best
+    column_sum, gemv = jax.jit(lambda a: jnp.sum(a, axis=0)), jax.jit(lambda a, v: a @ v)
+    programs = {"sum": lambda: column_sum(a), "gemv": lambda: gemv(a, vec)}
+    out = {name: a.nbytes / best_time(f, warmup=1, repeats=repeats) for name, f in programs.items()}
     out["best"] = max(out.values())
     return out
 
@@ -273,8 +271,7 @@ def roofline(hf_dir: str, cache_dir: str, row: dict[str, Any], meta: dict[str, A
     measured time per token includes the prefill, so the fraction is a lower bound."""
     from kvshare_jax import bench, checkpoint
 
-    tag = os.path.basename(hf_dir.rstrip("/")).removeprefix("hf_")
-    cfg, params, _, _ = checkpoint.open_model(os.path.join(cache_dir, f"kvshare_{tag}"))
+    cfg, params, _, _ = checkpoint.open_model(system_dir(cache_dir, hf_dir, "kvshare"))
     b, cache_len = row["batch"], meta["prompt_len"] + meta["gen_len"] - 1
     step_bytes = bench.decode_step_bytes(cfg, params, b, cache_len)
     bandwidth = read_bandwidth()

@@ -393,6 +393,22 @@ def _layer(cfg: ModelConfig, i: int) -> Callable:
     return jax.checkpoint(layer) if cfg.remat else layer
 
 
+def _no_grad_pass(
+    run: Runner,
+    layers: range,
+    x: jax.Array,
+    pos: jax.Array,
+    kv_pos: jax.Array,
+    done: dict[int, KV],
+) -> Callable[[dict[int, KV]], tuple[jax.Array, dict[int, KV]]]:
+    """One pass of ``layers`` from given upward KVs, on stopped inputs and parameters (a
+    loop of such passes stores nothing for the backward pass)."""
+    sg = jax.lax.stop_gradient
+    frozen = Runner(run.cfg, sg(run.params))
+    xs, done_s = sg(x), sg(done)
+    return lambda prev: _run_layers(frozen, layers, xs, pos, kv_pos, done_s, prev)
+
+
 def _iterate_block(
     run: Runner,
     layers: range,
@@ -422,12 +438,10 @@ def _iterate_block(
     m, b = passes
 
     if m > 0:
-        sg = jax.lax.stop_gradient
-        frozen = Runner(run.cfg, sg(run.params))
-        xs, done_s = sg(x), sg(done)
+        no_grad_pass = _no_grad_pass(run, layers, x, pos, kv_pos, done)
 
         def body(_, p):
-            _, new = _run_layers(frozen, layers, xs, pos, kv_pos, done_s, p)
+            _, new = no_grad_pass(p)
             return {j: new[j] for j in upward}
 
         prev = jax.lax.fori_loop(0, m, body, prev)
@@ -458,14 +472,12 @@ def _converge_block(
     ``tol = 0`` ("exact") stops only at a fixed point, which is the exact result. Inference
     only: no gradient flows through the loop.
     """
-    sg = jax.lax.stop_gradient
-    frozen = Runner(run.cfg, sg(run.params))
-    xs, done_s = sg(x), sg(done)
+    no_grad_pass = _no_grad_pass(run, layers, x, pos, kv_pos, done)
     upward = sorted(prev)
     cap = x.shape[1]
 
     def one_pass(p: dict[int, KV]) -> tuple[jax.Array, dict[int, KV], jax.Array]:
-        out, new = _run_layers(frozen, layers, xs, pos, kv_pos, done_s, p)
+        out, new = no_grad_pass(p)
         change = jnp.zeros((), jnp.float32)
         for j in upward:
             for a, b in zip(new[j], p[j], strict=True):
@@ -473,7 +485,7 @@ def _converge_block(
                 change = jnp.maximum(change, jnp.max(diff))
         return out, new, change
 
-    out, new, change = one_pass(sg(prev))
+    out, new, change = one_pass(jax.lax.stop_gradient(prev))
 
     # Never fewer passes than the config's fixed m + b (so never less exact than them),
     # unless a pass changes nothing at all: a fixed point is the exact result.
