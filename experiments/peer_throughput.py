@@ -234,36 +234,6 @@ class ProcessRunner:
 
 
 # ------------------------------------------------------------------- bench
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
-    """Streaming read bandwidth in bytes/s of ``nbytes`` of fp32 (far beyond any cache),
-    best of ``repeats``: an XLA sum, and the decode step's own operation, an XLA
-    matrix-vector product. ``best`` is the larger: the roofline's bandwidth."""
-    import jax
-    import jax.numpy as jnp
-
-    from kvshare_jax.bench import best_time
-
-    a = jnp.ones((nbytes // 4 // 512, 512), jnp.float32)
-    vec = jnp.ones((512,), jnp.float32)
-    column_sum, gemv = jax.jit(lambda a: jnp.sum(a, axis=0)), jax.jit(lambda a, v: a @ v)
-    programs = {"sum": lambda: column_sum(a), "gemv": lambda: gemv(a, vec)}
-    out = {name: a.nbytes / best_time(f, warmup=1, repeats=repeats) for name, f in programs.items()}
-    out["best"] = max(out.values())
-    return out
-
-
 def roofline(hf_dir: str, cache_dir: str, row: dict[str, Any], meta: dict[str, Any]) -> dict:
     """kvshare_jax's batch-``row`` throughput against the memory-bandwidth roofline: the
     bytes a decode step must read (every weight but the embedding table, plus the cache;
@@ -274,7 +244,7 @@ def roofline(hf_dir: str, cache_dir: str, row: dict[str, Any], meta: dict[str, A
     cfg, params, _, _ = checkpoint.open_model(system_dir(cache_dir, hf_dir, "kvshare"))
     b, cache_len = row["batch"], meta["prompt_len"] + meta["gen_len"] - 1
     step_bytes = bench.decode_step_bytes(cfg, params, b, cache_len)
-    bandwidth = read_bandwidth()
+    bandwidth = bench.read_bandwidth()
     roof_tok_s = b * bandwidth["best"] / step_bytes
     return {
         "batch": b,
@@ -375,7 +345,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"Memory-bandwidth roofline at batch {r['batch']}: a decode step reads "
             f"{r['step_bytes'] / 1e6:.1f} MB (weights without the embedding table, plus the "
             f"cache); best streaming read {r['bandwidth']['best'] / 1e9:.1f} GB/s (1 GiB, "
-            f"XLA: {bw} GB/s) -> {r['roofline_tok_s']:.0f} tok/s. Measured tok/s over that "
+            f"{bw} GB/s; sum and gemv by XLA, matvec by the CPU kernel) -> "
+            f"{r['roofline_tok_s']:.0f} tok/s. Measured tok/s over that "
             "roofline (prefill included): "
             + ", ".join(f"{LABELS[k]} {100 * f:.0f}%" for k, f in r["fraction"].items())
             + ". Above 100% means part of the weights came from the last-level cache.",
@@ -453,6 +424,8 @@ def main(argv: list[str]) -> int:
     finally:
         for runner in runners.values():
             runner.close()
+    from kvshare_jax.bench import cpu_model
+
     model_text = (
         f"random Llama L={shape['layers']}, d={shape['d_model']}, "
         f"{shape['heads']}/{shape['kv_heads']} heads, d_ff {shape['d_ff']}, "

@@ -53,6 +53,13 @@ def markdown_compiled(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bandwidth(meta: dict[str, Any]) -> str:
+    """The roofline's bandwidth; results before the read bandwidth used a copy's."""
+    if "read_bandwidth_bytes_s" in meta:
+        return f"read bandwidth {meta['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s"
+    return f"copy bandwidth {meta['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """Tables of the results (throughput per batch size; the memory-budget search)."""
     meta, rows = results["meta"], results["rows"]
@@ -64,7 +71,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"jax {meta['jax_version']}, dtype {meta['dtype']}; model L={m['num_layers']} "
         f"d={m['d_model']} heads {m['num_heads']}/{m['num_kv_heads']} d_ff={m['d_ff']} "
         f"vocab {m['vocab_size']}; prompt {meta['prompt_len']} + {meta['gen_len']} new "
-        f"tokens; copy bandwidth {meta['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s; "
+        f"tokens; {_bandwidth(meta)}; "
         f"best of {meta['repeats']} after {meta['warmup']} warm-up.",
         "",
     ]

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from kvshare_jax.attention import INVALID_POS, attention
+from kvshare_jax.kernels import cpu_matvec
 from kvshare_jax.layout import KVLayout, from_spec, mapping_length
 
 Params = Any
@@ -93,6 +94,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype (float32 or bfloat16)
     attention_impl: str = "auto"  # xla | pallas | auto (pallas when built for GPU/TPU)
+    matvec_impl: str = "auto"  # xla | auto (single-row fp32 products on CPU: the FFI matvec)
     init_std: float = 0.02  # stddev of the normal initialiser
     remat: bool = False  # rematerialise layers in the backward pass
 
@@ -132,6 +134,8 @@ class ModelConfig:
             raise ValueError("layout has sliding-window layers but sliding_window is not set")
         if self.attention_impl not in ("xla", "pallas", "auto"):
             raise ValueError(f"unknown attention_impl {self.attention_impl!r}")
+        if self.matvec_impl not in ("xla", "auto"):
+            raise ValueError(f"unknown matvec_impl {self.matvec_impl!r}: expected xla or auto")
 
     @classmethod
     def create(cls, layout: str | KVLayout, num_layers: int | None = None, **kw) -> ModelConfig:
@@ -171,6 +175,8 @@ def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str) ->
         dtype=jnp.dtype(cfg.dtype),
         param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=_init(cfg, axes),
+        # batch-1 decode on CPU: the FFI matvec (kernels/cpu_matvec.py)
+        dot_general=cpu_matvec.dot_general if cfg.matvec_impl == "auto" else None,
         name=name,
     )
 

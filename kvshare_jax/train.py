@@ -275,12 +275,13 @@ def _check_same_params(workdir: str, cfg: ModelConfig) -> None:
 
 
 # Fields a resumed run may change: how long and how often, how the work is laid out on
-# devices (mesh, micro-batches, remat, attention kernel), where prepared TFDS data lives.
+# devices (mesh, micro-batches, remat, attention and matvec kernels), where prepared TFDS
+# data lives.
 # Any other difference (model, data, tokenizer, optimizer, seed) makes it another run.
 RESUMABLE_FIELDS = (
     "train.num_steps", "train.log_every", "train.eval_every", "train.eval_steps",
     "train.checkpoint_every", "train.max_to_keep", "train.grad_accum",
-    "model.attention_impl", "model.remat", "data.tfds_data_dir",
+    "model.attention_impl", "model.matvec_impl", "model.remat", "data.tfds_data_dir",
 )  # fmt: skip
 RESUMABLE_SECTIONS = ("mesh.",)
 
