@@ -4,7 +4,7 @@ Two measurements in one process, variants interleaved, best of ``--repeats`` aft
 warm-up, every timing ended with ``jax.block_until_ready``:
 
 1. **Weight chain**: the products of one llama_tiny decode step (8 layers of q/k/v/o
-   512x512, gate/up 512x1376, down 1376x512, then the 512x32000 LM head; 171 MB of
+   512x512, gate/up 512x1376, down 1376x512, then the 512x32000 LM head; 167 MB of
    distinct weights, far beyond the last-level cache), each input depending on the
    previous output, at ``M`` rows: the kernel (``matvec``) vs ``x @ w``; GB/s of
    weights read.
@@ -21,7 +21,6 @@ row-wise product and the kernel over 1 GiB) is measured in the same run for refe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -117,7 +116,8 @@ def markdown(res: dict) -> str:
         + ", ".join(f"{k} {v:.1f}" for k, v in res["read_gb_s"].items())
         + ".",
         "",
-        "Weight chain of one llama_tiny decode step (171 MB of distinct weights, dependent):",
+        "Weight chain of one llama_tiny decode step "
+        f"({res['chain'][0]['bytes'] / 1e6:.0f} MB of distinct weights, dependent):",
         "",
         "| rows M | XLA dot ms | kernel ms | XLA GB/s | kernel GB/s | kernel speedup |",
         "|---|---|---|---|---|---|",
@@ -159,7 +159,7 @@ def main(argv: list[str]) -> int:
         "read_gb_s": {k: v / 1e9 for k, v in read_bandwidth().items()},
     }
     base = paths.join(args.out_dir, args.name)
-    paths.write_text(f"{base}.json", json.dumps(res, indent=2) + "\n")
+    paths.write_json(f"{base}.json", res)
     paths.write_text(f"{base}.md", markdown(res))
     print(markdown(res))
     return 0
