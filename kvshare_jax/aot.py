@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from typing import Any
 
@@ -304,44 +305,217 @@ def train_program(config: ml_collections.ConfigDict, devices: Any) -> dict[str, 
     return out
 
 
+def _on(device: Any | None, tree: Any) -> Any:
+    """Shapes of ``tree`` placed on ``device`` (unplaced when None)."""
+    if device is None:
+        return tree
+    where = SingleDeviceSharding(device)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), tree)
+
+
+def _inference_shapes(cfg: ModelConfig, device: Any | None) -> Any:
+    """Shapes of the params as the generation program takes them (matrices in the
+    compute dtype: `decode.inference_params`)."""
+    from kvshare_jax.decode import inference_params
+
+    params = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+    return _on(device, jax.eval_shape(functools.partial(inference_params, cfg), params))
+
+
+def _cache_shapes(cfg: ModelConfig, batch: int, length: int, device: Any | None) -> Any:
+    from kvshare_jax.decode import init_cache
+
+    platform = None if device is None else device.platform
+    return _on(device, jax.eval_shape(lambda: init_cache(cfg, batch, length, platform)))
+
+
+def _lower_on(device: Any | None, fn: Any, *args: Any) -> Any:
+    """``fn.lower(*args)``, traced under a one-device mesh of ``device`` (so the kernels,
+    the cache layout and ``attention_impl="auto"`` build for its platform)."""
+    if device is None:
+        return fn.lower(*args)
+    with jax.set_mesh(Mesh([device], ("data",))):
+        return fn.lower(*args)
+
+
 def lower_generate(
     cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, device: Any | None = None
 ) -> Any:
     """Lowers the generation program (prefill + decode scan) from shapes alone; with a
-    ``device``, for that device (traced under a one-device mesh of it, so the kernels
-    and ``attention_impl="auto"`` build for its platform)."""
-    from kvshare_jax.decode import generate_fn, init_cache
+    ``device``, for that device."""
+    from kvshare_jax.decode import generate_fn
 
-    params = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
-    cache = jax.eval_shape(lambda: init_cache(cfg, batch, prompt_len + gen_len - 1))
     args = (
-        params,
-        cache,
-        jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
-        jax.ShapeDtypeStruct((batch,), jnp.int32),
-        jax.eval_shape(lambda: jax.random.key(0)),
+        _inference_shapes(cfg, device),
+        _cache_shapes(cfg, batch, prompt_len + gen_len - 1, device),
+        *_on(
+            device,
+            (
+                jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
+                jax.ShapeDtypeStruct((batch,), jnp.int32),
+                jax.eval_shape(lambda: jax.random.key(0)),
+            ),
+        ),
     )
-    program = generate_fn(cfg, max_new_tokens=gen_len)
-    if device is None:
-        return program.lower(*args)
-    where = SingleDeviceSharding(device)
-    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), args)
-    mesh = Mesh([device], ("data",))
-    with jax.set_mesh(mesh):
-        return program.lower(*args)
+    return _lower_on(device, generate_fn(cfg, max_new_tokens=gen_len), *args)
 
 
 def generate_program(
     cfg: ModelConfig, device: Any, batch: int, prompt_len: int, gen_len: int
 ) -> dict[str, Any]:
-    """Compiles the generation program for one device and reports (per device)."""
+    """Compiles the generation program for one device and reports (per device), with its
+    cache-sized copies and its temporaries over the cache bytes."""
     executed = executed_generate_flops(cfg, batch, prompt_len, gen_len)
-    _, out = compile_or_report(
+    compiled, out = compile_or_report(
         lambda: lower_generate(cfg, batch, prompt_len, gen_len, device),
         chip_of(device),
         executed_flops=executed,
     )
     out["settings"] = {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
+    if compiled is not None:
+        cache = _cache_shapes(cfg, batch, prompt_len + gen_len - 1, device)
+        out |= _cache_account(compiled, cache)
+    return out
+
+
+# ---------------------------------------------------------------- the decode step
+# A copy, a transpose, or a fusion XLA named after one: what relayouts a cache slot.
+_COPY = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+)\[([0-9,]*)\]\S* (copy|transpose)\(")
+_COPY_FUSION = re.compile(
+    r"^\s*(?:ROOT )?%(?:copy|transpose)\S*fusion\S* = (\w+)\[([0-9,]*)\]\S* fusion\("
+)
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4}
+
+
+def cache_copies(hlo_text: str, min_bytes: int, length: int) -> int:
+    """Copies of cache data in an optimized HLO module: copy/transpose instructions (and
+    copy or transpose fusions) whose output holds at least ``min_bytes`` and keeps the
+    cache's time axis (a dimension of ``length``). Asynchronous copies between memory
+    spaces (``copy-start``: prefetches into VMEM) are not relayouts and not counted; nor
+    are one-time copies of weights or activations, which lack the time axis."""
+    count = 0
+    for line in hlo_text.splitlines():
+        m = _COPY.match(line) or _COPY_FUSION.match(line)
+        if m:
+            dims = [int(d) for d in m.group(2).split(",") if d]
+            nbytes = math.prod(dims) * _ITEMSIZE.get(m.group(1), 4)
+            count += nbytes >= min_bytes and length in dims
+    return count
+
+
+def _cache_account(compiled: Any, cache: Any) -> dict[str, Any]:
+    """Cache bytes of a compiled program's cache argument, its copies of a quarter slot or
+    more, and its temporaries over the cache bytes."""
+    slots = (*cache.k, *cache.v)
+    slot = slots[0].size * slots[0].dtype.itemsize
+    total = sum(x.size * x.dtype.itemsize for x in slots)
+    temps = int(compiled.memory_analysis().temp_size_in_bytes)
+    return {
+        "cache_bytes_per_device": total,
+        "cache_layout": cache.layout,
+        "cache_copies": cache_copies(compiled.as_text(), slot // 4, cache.length),
+        "temporaries_over_cache": temps / total,
+    }
+
+
+def _bytes_accessed(compiled: Any) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("bytes accessed", 0.0))
+
+
+def _weights_pass(cfg: ModelConfig) -> Any:
+    """The floor's weight part: every product of a decode step (embedding row, the
+    projections of each layer, the LM head) at one token per sequence, no attention."""
+    from kvshare_jax.model import Runner
+
+    def program(params, tokens):
+        run = Runner(cfg, params)
+        x = run.embed(tokens[:, None])
+        pos = jnp.zeros(x.shape[:2], jnp.int32)
+        for i in range(cfg.num_layers):
+            q, _ = run.qkv(i, x, pos)
+            x = run.finish(i, x, q)  # the queries stand in for the attention output
+        return run.logits(x)
+
+    return jax.jit(program)
+
+
+def _cache_pass(cfg: ModelConfig, layout: str) -> Any:
+    """The floor's cache part: one token written in place into each KV layer's K and V,
+    then one attention read of its target's slot per layer (scores, softmax, values)."""
+    from kvshare_jax import cache_layout
+
+    kv = "BhS" if layout == "HS" else "BSh"
+
+    def program(k, v, q, new, index):
+        k, v = list(k), list(v)
+        for slot in range(len(k)):
+            k[slot] = cache_layout.write(layout, k[slot], new, index)
+            v[slot] = cache_layout.write(layout, v[slot], new, index)
+        out = jnp.zeros(q.shape, jnp.float32)
+        for slot in cfg.layout.slot_of_layer:
+            s = jnp.einsum(f"Bgh,{kv}->BgS", q, k[slot], preferred_element_type=jnp.float32)
+            p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+            out += jnp.einsum(f"BgS,{kv}->Bgh", p, v[slot], preferred_element_type=jnp.float32)
+        return out, tuple(k), tuple(v)
+
+    return jax.jit(program, donate_argnums=(0, 1))
+
+
+def decode_floor_bytes(cfg: ModelConfig, device: Any, batch: int, cache_len: int) -> float:
+    """Bytes accessed (XLA's cost analysis, per device) of the in-place floor of a decode
+    step: :func:`_weights_pass` plus :func:`_cache_pass`, compiled for ``device`` with
+    the cache of the generation program."""
+    dtype = jnp.dtype(cfg.dtype)
+    cache = _cache_shapes(cfg, batch, cache_len, device)
+    g = cfg.num_heads // cfg.num_kv_heads
+    rows = batch * cfg.num_kv_heads
+    q, new = _on(
+        device,
+        (
+            jax.ShapeDtypeStruct((rows, g, cfg.hd), dtype),
+            jax.ShapeDtypeStruct((batch, 1, cfg.num_kv_heads, cfg.hd), dtype),
+        ),
+    )
+    index, tokens = _on(
+        device, (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32))
+    )
+    weights = _lower_on(device, _weights_pass(cfg), _inference_shapes(cfg, device), tokens)
+    kv = _lower_on(device, _cache_pass(cfg, cache.layout), cache.k, cache.v, q, new, index)
+    return _bytes_accessed(weights.compile()) + _bytes_accessed(kv.compile())
+
+
+def lower_decode_step(cfg: ModelConfig, batch: int, cache_len: int, device: Any) -> Any:
+    """Lowers one decode step as the generation loop runs it: the params as that program
+    takes them, the cache (donated) in the target's layout."""
+    from kvshare_jax.decode import decode_step
+
+    step = jax.jit(functools.partial(decode_step, cfg), donate_argnums=1)
+    tokens = _on(device, jax.ShapeDtypeStruct((batch,), jnp.int32))
+    cache = _cache_shapes(cfg, batch, cache_len, device)
+    return _lower_on(device, step, _inference_shapes(cfg, device), cache, tokens)
+
+
+def decode_step_program(
+    cfg: ModelConfig, device: Any, batch: int, cache_len: int
+) -> dict[str, Any]:
+    """Compiles one decode step for ``device`` at ``batch`` and ``cache_len`` positions and
+    reports, per device: memory, bytes accessed, its cache-sized copies, and the in-place
+    floor (:func:`decode_floor_bytes`) with the ratio to it."""
+    compiled, out = compile_or_report(
+        lambda: lower_decode_step(cfg, batch, cache_len, device), chip_of(device)
+    )
+    out["settings"] = {"batch": batch, "cache_len": cache_len}
+    if compiled is None:
+        return out
+    out |= _cache_account(compiled, _cache_shapes(cfg, batch, cache_len, device))
+    floor = decode_floor_bytes(cfg, device, batch, cache_len)
+    out["floor_bytes_per_device"] = floor
+    out["ratio_to_floor"] = out["bytes_accessed_per_device"] / floor
+    out["temporaries_over_cache"] = (
+        out["bytes_per_device"]["temporaries"] / out["cache_bytes_per_device"]
+    )
     return out
 
 
@@ -403,7 +577,7 @@ def overrides_text(overrides: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- the plan
-PROGRAMS = ("train_step", "generate")
+PROGRAMS = ("train_step", "generate", "decode_step")
 
 
 def generate_lengths(config: Any, prompt_len: int | None, gen_len: int | None) -> tuple[int, int]:
@@ -446,7 +620,7 @@ def compile_config(
         "chip": vars(chip_of(devices[0])),
         "programs": {},
     }
-    if "generate" in programs:  # validate its flags before the long train compile
+    if {"generate", "decode_step"} & set(programs):  # check flags before the train compile
         if gen_batch < 1:
             raise ValueError(f"--gen-batch must be >= 1, got {gen_batch}")
         lengths = generate_lengths(config, prompt_len, gen_len)
@@ -460,7 +634,10 @@ def compile_config(
                 if overrides
                 else {"overrides": None, "note": "no grad_accum/remat/fsdp setting fits"}
             )
+    cfg = model_config_from(config)
     if "generate" in programs:
-        cfg = model_config_from(config)
         out["programs"]["generate"] = generate_program(cfg, devices[0], gen_batch, *lengths)
+    if "decode_step" in programs:
+        cache_len = lengths[0] + lengths[1] - 1
+        out["programs"]["decode_step"] = decode_step_program(cfg, devices[0], gen_batch, cache_len)
     return out

@@ -2,8 +2,8 @@
 
 Shapes: b batch, t query length, s key length, n query heads, k KV heads
 (``n % k == 0``, GQA), h head dim. Keys and values come time-major ``[b,s,k,h]`` or, with
-``rows`` (the decoder's cache layout), as rows ``[b*k,s,h]``: sequence i's KV head j is
-row ``i*k + j``.
+``cache`` set, as decode-cache slots in that layout (:mod:`kvshare_jax.cache_layout`):
+rows ``[b*k,s,h]`` ("SH") or ``[b*k,h,s]`` ("HS"), sequence i's KV head j in row ``i*k + j``.
 
 Masks are defined by absolute token positions, so one mechanism covers training,
 prefill with offsets, ragged batches and KV caches. A query at position ``p`` may see a
@@ -20,6 +20,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from kvshare_jax.cache_layout import SlotLayout
 from kvshare_jax.masks import INVALID_POS, attention_mask
 from kvshare_jax.target import target_platform
 
@@ -37,25 +38,27 @@ def xla_attention(
     *,
     strict: bool = False,
     window: int | None = None,
-    rows: bool = False,
+    cache: SlotLayout | None = None,
 ) -> jax.Array:
-    """Reference attention: ``q [b,t,n,h]``, ``k, v [b,s,k,h]`` (``[b*k,s,h]`` with
-    ``rows``) -> ``[b,t,n,h]``.
+    """Reference attention: ``q [b,t,n,h]``, ``k, v [b,s,k,h]`` (or cache slots in the
+    layout ``cache``) -> ``[b,t,n,h]``.
 
-    Softmax is computed in fp32; the output has the dtype of ``q``. ``rows`` contracts the
-    decode cache as stored, with no degenerate dimension: at batch 1 a ``[1,k,s,h]`` slot
+    Softmax is computed in fp32; the output has the dtype of ``q``. A cache slot is
+    contracted as stored, with no degenerate dimension: at batch 1 a ``[1,k,s,h]`` slot
     reached the dot through a bitcast, and XLA:CPU copied the whole slot around its
     in-place token write in every step (+13% decode speed at batch 1 without).
     """
     b, t, n, h = q.shape
-    kh = k.shape[0] // b if rows else k.shape[2]
+    kh = k.shape[0] // b if cache else k.shape[2]
     if n % kh:
         raise ValueError(f"query heads ({n}) must be a multiple of KV heads ({kh})")
-    g, s = n // kh, k.shape[1]
+    g = n // kh
+    s = k.shape[2] if cache == "HS" else k.shape[1]
     qg = q.reshape(b, t, kh, g, h)
-    if rows:
+    if cache:
+        kv = "BhS" if cache == "HS" else "BSh"
         qr = jnp.swapaxes(qg, 1, 2).reshape(b * kh, t, g, h)
-        scores = _dot("Btgh,Bsh->Bgts", qr, k).reshape(b, kh, g, t, s)
+        scores = _dot(f"Btgh,{kv}->BgtS", qr, k).reshape(b, kh, g, t, s)
     else:
         scores = _dot("btkgh,bskh->bkgts", qg, k)
     scores = scores * (h**-0.5)
@@ -66,8 +69,8 @@ def xla_attention(
     p = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = (p / jnp.where(denom > 0, denom, 1.0)).astype(v.dtype)
-    if rows:
-        out = _dot("Bgts,Bsh->Btgh", p.reshape(b * kh, g, t, s), v)
+    if cache:
+        out = _dot(f"BgtS,{kv}->Btgh", p.reshape(b * kh, g, t, s), v)
         out = jnp.swapaxes(out.reshape(b, kh, t, g, h), 1, 2)
     else:
         out = _dot("bkgts,bskh->btkgh", p, v)
@@ -104,15 +107,16 @@ def attention(
     strict: bool = False,
     window: int | None = None,
     impl: Impl = "xla",
-    rows: bool = False,
+    cache: SlotLayout | None = None,
 ) -> jax.Array:
-    """Masked multi-head attention dispatched to the chosen implementation (``rows``:
-    ``k, v [b*k,s,h]``; the Pallas kernels take them time-major)."""
+    """Masked multi-head attention dispatched to the chosen implementation (``cache``:
+    ``k, v`` are decode-cache slots in that layout, read in place by both paths)."""
     if resolve_impl(impl) == "pallas":
-        from kvshare_jax.kernels import pallas_attention
+        from kvshare_jax.kernels import pallas_attention, pallas_cache_attention
 
-        if rows:
-            b, s, h = q.shape[0], k.shape[1], k.shape[2]
-            k, v = (jnp.swapaxes(x.reshape(b, -1, s, h), 1, 2) for x in (k, v))
+        if cache:
+            return pallas_cache_attention(
+                q, k, v, q_pos, kv_pos, layout=cache, strict=strict, window=window
+            )
         return pallas_attention(q, k, v, q_pos, kv_pos, strict=strict, window=window)
-    return xla_attention(q, k, v, q_pos, kv_pos, strict=strict, window=window, rows=rows)
+    return xla_attention(q, k, v, q_pos, kv_pos, strict=strict, window=window, cache=cache)

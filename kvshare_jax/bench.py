@@ -450,7 +450,8 @@ def run_suite(spec: BenchSpec, progress: bool = True) -> dict[str, Any]:
 def compile_suite(spec: BenchSpec, topology: str, progress: bool = True) -> dict[str, Any]:
     """The max-batch column for one device of a TPU ``topology``, from the TPU compiler's
     memory account alone (nothing runs: throughput is "not measured"). Beside it, the
-    decode roofline on that chip: (params + cache) bytes / HBM bandwidth per step."""
+    decode roofline on that chip: the bytes the compiled decode step accesses at that
+    batch (`aot.decode_step_program`) / HBM bandwidth."""
     from tqdm import tqdm
 
     layouts = _check_spec(spec)
@@ -465,9 +466,16 @@ def compile_suite(spec: BenchSpec, topology: str, progress: bool = True) -> dict
         row = _row(name, cfg, params, cache_len)
         b, mem = max_batch(cfg, budget, spec.prompt_len, spec.gen_len, device=device)
         row["max_batch"], row["max_batch_memory"] = b, mem
-        if b > 0:
-            step_s = decode_step_bytes(cfg, params, b, cache_len) / chip.hbm_bandwidth
-            row["max_batch_roofline"] = {"decode_step_s": step_s, "decode_tok_s": b / step_s}
+        if b > 0:  # the roofline of the compiled decode step at that batch: its own bytes
+            step = aot.decode_step_program(cfg, device, b, cache_len)
+            step_s = step["bytes_accessed_per_device"] / chip.hbm_bandwidth
+            row["max_batch_roofline"] = {
+                "decode_step_s": step_s,
+                "decode_tok_s": b / step_s,
+                "step_bytes": step["bytes_accessed_per_device"],
+                "ratio_to_floor": step["ratio_to_floor"],
+                "cache_copies": step["cache_copies"],
+            }
         rows.append(row)
         compile_generate.cache_clear()  # TPU executables of every probed batch: GiBs
         jax.clear_caches()

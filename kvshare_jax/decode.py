@@ -7,21 +7,23 @@ n new tokens.
 ``prompts[i, :lengths[i]]`` at positions ``0..lengths[i]-1``; what follows is ignored.
 
 **Cache**: one slot per KV layer (``layout.kv_layers`` order; layer ``i`` reads slot
-``layout.slot_of_layer[i]``), each a preallocated K and V buffer of rows ``[b*k, S, h]``
-(sequence i's KV head j is row ``i*k + j``: heads before time and no degenerate
-dimension, so the decode-step attention contracts the buffer as stored), plus
-``pos [b]``, the number of positions written per sequence = its next write position.
-A layout with ``l`` KV layers has exactly ``l / L`` of the cache bytes of a standard
-transformer. Sliding-window layers keep full-length slots (no ring buffer).
+``layout.slot_of_layer[i]``), each a preallocated K and V buffer laid out per target
+(:mod:`kvshare_jax.cache_layout`: rows ``[b*k, S, h]`` on CPU/GPU, ``[b*k, h, S]`` on
+TPU; sequence i's KV head j is row ``i*k + j``), read and written in place. Every
+sequence writes a step at the same cache ``index``; ``kv_pos [b, S]`` holds the position
+stored at each index (``INVALID_POS`` for unwritten indices and prompt padding), and
+``pos [b]`` is each sequence's next position. A layout with ``l`` KV layers has exactly
+``l / L`` of the cache bytes of a standard transformer. Sliding-window layers keep
+full-length slots (no ring buffer).
 
 **Exactness** (docs/design.md §5): a decode step runs the new token through all layers bottom
 to top; a KV layer writes its K/V at ``pos`` before attending, so a layer reading a
 target at or below it sees positions ``<= pos`` and a layer reading an upward target
-sees positions ``< pos`` (the target has not run yet for this token). Prefill is the
+sees positions ``< pos`` (the target has not run yet for this token: its entry at
+``index`` is masked by position until then). Prefill is the
 iterative parallel forward on the prompt; the cache receives the final iteration's KVs,
-exact when the cyclic blocks ran at least ``t`` passes (``prefill_passes``). Cache
-entries past a sequence's ``pos`` (its prompt padding, say) are never attended: the
-causal mask hides them until decoding overwrites them.
+exact when the cyclic blocks ran at least ``t`` passes (``prefill_passes``). Prompt
+padding keeps ``INVALID_POS`` and is never attended.
 """
 
 from __future__ import annotations
@@ -30,10 +32,14 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvshare_jax import cache_layout
+from kvshare_jax.cache_layout import SlotLayout
+from kvshare_jax.masks import INVALID_POS
 from kvshare_jax.model import (
     ModelConfig,
     Params,
@@ -53,14 +59,24 @@ from kvshare_jax.sampling import GREEDY, Sampling, sample
 # experiments/results/adaptive_prefill_cpu.md.
 DEFAULT_PREFILL_PASSES: Passes = "auto"
 DEFAULT_PREFILL_TOL = 1e-4  # max abs change of the upward KVs at which "auto" stops
+PREFILL_TOKENS = 2048  # prompt tokens per prefill pass of the generation program
 
 
-class KVCache(NamedTuple):
+@flax.struct.dataclass
+class KVCache:
     """Preallocated KV cache (a pytree; donate it to the jitted program)."""
 
-    k: tuple[jax.Array, ...]  # per slot: rows [b*k, S, h]
-    v: tuple[jax.Array, ...]  # per slot: rows [b*k, S, h]
-    pos: jax.Array  # [b] int32: positions written = next write position
+    k: tuple[jax.Array, ...]  # per slot: [b*k, S, h] (SH) or [b*k, h, S] (HS)
+    v: tuple[jax.Array, ...]  # like k
+    kv_pos: jax.Array  # [b, S] int32: position held at each cache index (INVALID_POS: none)
+    pos: jax.Array  # [b] int32: next position per sequence
+    index: jax.Array  # [] int32: next cache index, the same for every sequence
+    layout: SlotLayout = flax.struct.field(pytree_node=False, default="SH")
+
+    @property
+    def length(self) -> int:
+        """Cache positions ``S``."""
+        return self.kv_pos.shape[1]
 
 
 class GenerateOutput(NamedTuple):
@@ -72,38 +88,41 @@ class GenerateOutput(NamedTuple):
 
 
 # ----------------------------------------------------------------- the cache
-def _slot_shape(cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, int, int]:
-    return (batch * cfg.num_kv_heads, max_len, cfg.hd)
-
-
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int) -> int:
-    """Bytes of the K and V buffers (``pos`` excluded): ``2 l b k S h`` x itemsize."""
-    per_slot = int(np.prod(_slot_shape(cfg, batch, max_len))) * jnp.dtype(cfg.dtype).itemsize
+    """Bytes of the K and V buffers (positions excluded): ``2 l b k S h`` x itemsize."""
+    per_slot = batch * cfg.num_kv_heads * max_len * cfg.hd * jnp.dtype(cfg.dtype).itemsize
     return 2 * cfg.layout.num_kv_layers * per_slot
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
-    """An empty cache of ``max_len`` positions for ``batch`` sequences."""
-    shape, dtype = _slot_shape(cfg, batch, max_len), jnp.dtype(cfg.dtype)
-    slots = cfg.layout.num_kv_layers
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, platform: str | None = None) -> KVCache:
+    """An empty cache of at least ``max_len`` positions for ``batch`` sequences, laid out
+    for ``platform`` (None: the target; :func:`cache_layout.cache_length` rounds the
+    length up to whole 128-position tiles on accelerators)."""
+    layout = cache_layout.for_target(platform)
+    length = cache_layout.cache_length(max_len, platform)
+    shape = cache_layout.slot_shape(layout, batch * cfg.num_kv_heads, length, cfg.hd)
+    dtype, slots = jnp.dtype(cfg.dtype), cfg.layout.num_kv_layers
     return KVCache(
         k=tuple(jnp.zeros(shape, dtype) for _ in range(slots)),
         v=tuple(jnp.zeros(shape, dtype) for _ in range(slots)),
+        kv_pos=jnp.full((batch, length), INVALID_POS, jnp.int32),
         pos=jnp.zeros((batch,), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+        layout=layout,
     )
 
 
 def cache_report(cfg: ModelConfig, batch: int, max_len: int) -> str:
     """A few lines on the cache of ``cfg``: slots, layer -> slot map, bytes vs standard."""
     layout = cfg.layout
-    (_, s, h), b, k = _slot_shape(cfg, batch, max_len), batch, cfg.num_kv_heads
+    b, k, s, h = batch, cfg.num_kv_heads, max_len, cfg.hd
     total = cache_bytes(cfg, batch, max_len)
     standard = total // layout.num_kv_layers * layout.num_layers
     return "\n".join(
         [
             f"kv cache: {layout.num_kv_layers} slots (KV layers "
-            f"{' '.join(map(str, layout.kv_layers))}) x K,V of [b*k={b}*{k}, S={s}, h={h}] "
-            f"{jnp.dtype(cfg.dtype).name}",
+            f"{' '.join(map(str, layout.kv_layers))}) x K,V of rows b*k={b}*{k} x "
+            f"S={s} x h={h} {jnp.dtype(cfg.dtype).name}",
             f"layer -> slot: {' '.join(map(str, layout.slot_of_layer))}",
             f"bytes: {total:,} = {layout.num_kv_layers}/{layout.num_layers} of standard "
             f"({standard:,}), ratio {total / standard:.4f}",
@@ -112,18 +131,19 @@ def cache_report(cfg: ModelConfig, batch: int, max_len: int) -> str:
     )
 
 
-def _write_prompt(buf: jax.Array, new: jax.Array) -> jax.Array:
-    """Writes prompt KVs ``new [b,t,k,h]`` at positions ``0..t-1`` of ``buf [b*k,S,h]``."""
-    b, t, k, h = new.shape
-    rows = jnp.swapaxes(new, 1, 2).reshape(b * k, t, h)
-    return jax.lax.dynamic_update_slice(buf, rows.astype(buf.dtype), (0, 0, 0))
+def inference_params(cfg: ModelConfig, params: Params) -> Params:
+    """``params`` with every matrix cast to the compute dtype once, as the layers cast
+    them on every use (same results); vectors (norm scales) keep their dtype. Pass these
+    to the generation program: otherwise XLA hoists the casts out of the decode loop into
+    a temporary copy of the weights (on TPU the whole weights, at every batch size)."""
+    dtype = jnp.dtype(cfg.dtype)
 
+    def cast(x):
+        if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
+            return x.astype(dtype)
+        return x
 
-def _write_token(buf: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
-    """Writes one token's KVs ``new [b,1,k,h]`` at per-sequence positions ``pos [b]``."""
-    b, _, k, h = new.shape
-    rows = jnp.arange(b * k)
-    return buf.at[rows, jnp.repeat(pos, k)].set(new.reshape(b * k, h).astype(buf.dtype))
+    return jax.tree.map(cast, params)
 
 
 # --------------------------------------------------------- step-by-step API
@@ -138,6 +158,7 @@ def prefill(
     tol: float = 0.0,
     all_logits: bool = False,
     return_passes: bool = False,
+    chunk: int | None = None,
 ) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, jax.Array]:
     """Runs the right-padded ``prompts [b,t]`` through the model once and fills the cache.
 
@@ -146,28 +167,58 @@ def prefill(
     ``return_passes`` also the passes the cyclic blocks ran (int32 scalar). ``passes``:
     ``(m, b)`` iteration counts of cyclic blocks, ``"auto"`` (until the upward KVs change
     by at most ``tol``, at most ``t`` passes), ``"exact"`` (until they stop changing, at
-    most ``t``: exact), or None for `DEFAULT_PREFILL_PASSES`.
+    most ``t``: exact), or None for `DEFAULT_PREFILL_PASSES`. ``chunk``: sequences per
+    forward pass (a loop over groups of the batch, each written into the cache in place,
+    so the activations held are those of ``chunk`` prompts; None: the whole batch). With
+    ``"auto"`` a group converges on its own sequences.
     """
-    if passes is None:
-        passes = DEFAULT_PREFILL_PASSES
+    passes = DEFAULT_PREFILL_PASSES if passes is None else passes
     b, t = prompts.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    c = b if chunk is None else max(1, min(int(chunk), b))
+    v = cfg.vocab_size
+    logits = jnp.zeros((b, t, v) if all_logits else (b, v), jnp.float32)
+    state = (cache.k, cache.v, cache.kv_pos, logits, jnp.int32(0))
+
+    def group(i, state):  # sequences start .. start+c-1 (the last group may overlap)
+        ks, vs, kv_pos, logits, ran = state
+        start = jnp.minimum(i * c, b - c)
+        rows = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=c)
+        out, kv, written, n = _prefill_rows(cfg, params, rows(prompts), rows(lengths), passes,
+                                            tol, all_logits)  # fmt: skip
+        at = start * cfg.num_kv_heads
+        ks = tuple(cache_layout.write(cache.layout, buf, kv[j][0], 0, at)
+                   for buf, j in zip(ks, cfg.layout.kv_layers, strict=True))  # fmt: skip
+        vs = tuple(cache_layout.write(cache.layout, buf, kv[j][1], 0, at)
+                   for buf, j in zip(vs, cfg.layout.kv_layers, strict=True))  # fmt: skip
+        kv_pos = jax.lax.dynamic_update_slice(kv_pos, written, (start, 0))
+        logits = jax.lax.dynamic_update_slice_in_dim(logits, out, start, 0)
+        return ks, vs, kv_pos, logits, jnp.maximum(ran, n)
+
+    groups = -(-b // c)
+    state = group(0, state) if groups == 1 else jax.lax.fori_loop(0, groups, group, state)
+    ks, vs, kv_pos, logits, ran = state
+    cache = cache.replace(
+        k=ks, v=vs, kv_pos=kv_pos, pos=lengths.astype(jnp.int32), index=jnp.int32(t)
+    )
+    return (logits, cache, ran) if return_passes else (logits, cache)
+
+
+def _prefill_rows(cfg, params, prompts, lengths, passes, tol, all_logits):
+    """The prefill forward of some sequences: logits (``[c,v]``, or ``[c,t,v]``), the KVs
+    of every KV layer (time-major), the positions they hold (``INVALID_POS`` for padding)
+    and the passes run."""
+    c, t = prompts.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (c, t))
     valid = positions < lengths[:, None]
     prompts = jnp.where(valid, prompts, 0)  # padding may hold any id (-1, say)
     x, kv, ran = forward_hidden(
         cfg, params, prompts, positions, valid, passes=passes, tol=tol, return_passes=True
     )
     if not all_logits:
-        x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [b, 1, d]
+        x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [c, 1, d]
     logits = Runner(cfg, params).logits(x)
-    layers = cfg.layout.kv_layers
-    cache = KVCache(
-        k=tuple(_write_prompt(buf, kv[j][0]) for buf, j in zip(cache.k, layers, strict=True)),
-        v=tuple(_write_prompt(buf, kv[j][1]) for buf, j in zip(cache.v, layers, strict=True)),
-        pos=lengths.astype(jnp.int32),
-    )
     logits = logits if all_logits else logits[:, 0]
-    return (logits, cache, ran) if return_passes else (logits, cache)
+    return logits, kv, jnp.where(valid, positions, INVALID_POS), ran
 
 
 def decode_step(
@@ -175,24 +226,25 @@ def decode_step(
 ) -> tuple[jax.Array, KVCache]:
     """Feeds ``tokens [b]`` at positions ``cache.pos`` -> next-token logits ``[b,v]``.
 
-    Layers run bottom to top; each KV layer writes its K/V into its slot before any
-    layer reads it, and masks by position give exactly the sequential semantics. The
-    caller keeps ``cache.pos`` below the cache length (`generate` sizes it so).
+    Layers run bottom to top; each KV layer writes its K/V into its slot at
+    ``cache.index`` (in place) before any layer reads it, and masks by position give
+    exactly the sequential semantics. The caller keeps ``cache.index`` below the cache
+    length (`generate` sizes it so).
     """
     run = Runner(cfg, params)
-    b, s = tokens.shape[0], cache.k[0].shape[1]
-    q_pos = cache.pos[:, None]
-    kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    q_pos, at, lay = cache.pos[:, None], cache.index, cache.layout
+    kv_pos = jax.lax.dynamic_update_slice(cache.kv_pos, q_pos, (0, at))
     ks, vs = list(cache.k), list(cache.v)
     x = run.embed(tokens[:, None])
     for i, slot in enumerate(cfg.layout.slot_of_layer):
         q, own = run.qkv(i, x, q_pos)
         if own is not None:
-            ks[slot] = _write_token(ks[slot], own[0], cache.pos)
-            vs[slot] = _write_token(vs[slot], own[1], cache.pos)
-        attn = run.attend(i, q, (ks[slot], vs[slot]), q_pos, kv_pos, rows=True)
+            ks[slot] = cache_layout.write(lay, ks[slot], own[0], at)
+            vs[slot] = cache_layout.write(lay, vs[slot], own[1], at)
+        attn = run.attend(i, q, (ks[slot], vs[slot]), q_pos, kv_pos, cache=lay)
         x = run.finish(i, x, attn)
-    return run.logits(x)[:, 0], KVCache(tuple(ks), tuple(vs), cache.pos + 1)
+    out = cache.replace(k=tuple(ks), v=tuple(vs), kv_pos=kv_pos, pos=cache.pos + 1, index=at + 1)
+    return run.logits(x)[:, 0], out
 
 
 # ------------------------------------------------------------ the program
@@ -207,10 +259,16 @@ def generate_fn(
     prefill_passes: Passes | None = None,
     prefill_tol: float = DEFAULT_PREFILL_TOL,
     return_logits: bool = False,
+    prefill_tokens: int = PREFILL_TOKENS,
 ) -> Callable[..., tuple[GenerateOutput, KVCache]]:
     """The jitted generation program ``(params, cache, prompts, lengths, rng)`` ->
     ``(GenerateOutput, cache)``: prefill, then a ``lax.scan`` of ``max_new_tokens - 1``
-    decode steps. The cache (length ``>= t + max_new_tokens - 1``) is donated.
+    decode steps. The cache (length ``>= t + max_new_tokens - 1``) is donated; pass the
+    params through `inference_params`.
+
+    Prefill runs groups of ``max(1, prefill_tokens // t)`` prompts at a time on one
+    device (`prefill`'s ``chunk``), so its activations stay a small part of the program's
+    memory at large batches; under a multi-device mesh the batch is prefilled at once.
 
     Sequences that emitted a stop token keep running (static shapes, no early exit)
     but emit ``pad_id`` and stop counting towards their length.
@@ -226,10 +284,12 @@ def generate_fn(
         return tok, finished, count
 
     def program(params, cache, prompts, lengths, rng):
-        b = prompts.shape[0]
+        b, t = prompts.shape
+        chunk = None if jax.sharding.get_abstract_mesh().size > 1 else prefill_tokens // t
         logits, cache = prefill(
-            cfg, params, cache, prompts, lengths, passes=prefill_passes, tol=prefill_tol
-        )
+            cfg, params, cache, prompts, lengths, passes=prefill_passes, tol=prefill_tol,
+            chunk=chunk,
+        )  # fmt: skip
         first = emit(logits, rng, 0, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
 
         def body(carry, step):
@@ -330,5 +390,7 @@ def generate(
     )
     cache = init_cache(cfg, prompts.shape[0], prompts.shape[1] + max_new_tokens - 1)
     rng = jax.random.key(0) if rng is None else rng
-    out, _ = fn(params, cache, jnp.asarray(prompts), jnp.asarray(lengths), rng)
+    out, _ = fn(
+        inference_params(cfg, params), cache, jnp.asarray(prompts), jnp.asarray(lengths), rng
+    )
     return out

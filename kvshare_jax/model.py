@@ -343,10 +343,10 @@ class Runner:
         kv: KV,
         q_pos: jax.Array,
         kv_pos: jax.Array,
-        rows: bool = False,
+        cache: str | None = None,
     ) -> jax.Array:
         """Attention of layer ``i``'s queries over its target's ``kv`` (mask by layout;
-        ``rows``: ``kv`` in the decode cache's layout ``[b*k,s,h]``)."""
+        ``cache``: ``kv`` are decode-cache slots in that layout, see `cache_layout`)."""
         strict = self.cfg.layout.is_upward(i)
         return attention(
             q,
@@ -357,7 +357,7 @@ class Runner:
             strict=strict,
             window=self.cfg.window(i),
             impl=self.cfg.attention_impl,
-            rows=rows,
+            cache=cache,
         )
 
 

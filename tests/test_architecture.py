@@ -24,7 +24,7 @@ FLOORS = [
         "hf_export",
         "workdir_lock",
     },
-    {"kernels"},
+    {"kernels", "cache_layout"},
     {"attention"},
     {"model"},
     {"config", "sharding", "decode", "hf_io"},

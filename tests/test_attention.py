@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kvshare_jax import cache_layout
 from kvshare_jax.attention import INVALID_POS, attention, resolve_impl, xla_attention
 from kvshare_jax.sampling import greedy_argmax
 
@@ -51,16 +52,18 @@ def test_masks_match_numpy(strict, window, heads, offset):
     got = np.asarray(xla_attention(q, k, v, q_pos, kv_pos, strict=strict, window=window))
     want = numpy_attention(q, k, v, q_pos, kv_pos, strict, window)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-    # the decoder's cache layout: rows [b*k,s,h], contracted as stored
-    kr, vr = (np.swapaxes(x, 1, 2).reshape(b * kh, s, h) for x in (k, v))
-    got = xla_attention(q, kr, vr, q_pos, kv_pos, strict=strict, window=window, rows=True)
-    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+    # the decoder's cache slots, rows [b*k,s,h] (SH) and [b*k,h,s] (HS), contracted as stored
+    for layout in cache_layout.LAYOUTS:
+        kr, vr = (cache_layout.to_slot(layout, x) for x in (k, v))
+        got = xla_attention(q, kr, vr, q_pos, kv_pos, strict=strict, window=window, cache=layout)
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", cache_layout.LAYOUTS)
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_cache_rows_decode_query_matches_the_definition(impl):
-    """One query per sequence (a decode step) over a cache of rows [b*k,s,h], ragged
-    positions, GQA."""
+def test_cache_slot_decode_query_matches_the_definition(impl, layout):
+    """One query per sequence (a decode step) over cache slots of either layout, ragged
+    positions with prompt padding (INVALID_POS inside the written part), GQA."""
     rng = np.random.default_rng(3)
     b, s, n, kh, h = 3, 16, 4, 2, 8
     q = rng.standard_normal((b, 1, n, h), dtype=np.float32)
@@ -68,9 +71,11 @@ def test_cache_rows_decode_query_matches_the_definition(impl):
     v = rng.standard_normal((b, s, kh, h), dtype=np.float32)
     q_pos = np.array([[3], [9], [15]], np.int32)
     kv_pos = np.tile(np.arange(s, dtype=np.int32), (b, 1))
+    kv_pos[0, 2:6] = INVALID_POS  # a short prompt's padding indices
+    kv_pos[0, 6:] -= 4
     want = numpy_attention(q, k, v, q_pos, kv_pos, False, None)
-    kr, vr = (jnp.swapaxes(x, 1, 2).reshape(b * kh, s, h) for x in (k, v))
-    got = attention(q, kr, vr, q_pos, kv_pos, impl=impl, rows=True)
+    kr, vr = (cache_layout.to_slot(layout, jnp.asarray(x)) for x in (k, v))
+    got = attention(q, kr, vr, q_pos, kv_pos, impl=impl, cache=layout)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
 

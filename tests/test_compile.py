@@ -122,14 +122,21 @@ def test_compile_command_json(tmp_path, capsys):
     assert cli.main([*argv, "--prompt-len", "16", "--gen-len", "32", "--quiet"]) == 0
     report = json.loads(path.read_text())
     assert (report["topology"], report["num_devices"], report["num_hosts"]) == ("v5e:2x2", 4, 1)
-    for name in ("train_step", "generate"):
+    for name in ("train_step", "generate", "decode_step"):
         p = report["programs"][name]
         assert p["fits"] and p["hbm_bytes_per_device"] == aot.CHIPS["TPU v5 lite"].hbm_bytes
         assert set(p["bytes_per_device"]) >= {"arguments", "temporaries", "total"}
         assert p["flops_per_device"] > 0 and p["bytes_accessed_per_device"] > 0
         assert p["roofline_step_s"] > 0
+    step = report["programs"]["decode_step"]
+    assert step["cache_copies"] == 0 and step["cache_layout"] == "HS"
+    assert step["ratio_to_floor"] == pytest.approx(
+        step["bytes_accessed_per_device"] / step["floor_bytes_per_device"]
+    )
+    assert step["cache_bytes_per_device"] > 0 and step["settings"]["cache_len"] == 16 + 32 - 1
     assert "suggestion" not in report
-    assert "| train_step | yes |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| train_step | yes |" in out and "x the in-place floor" in out
 
 
 @pytest.mark.parametrize(
@@ -181,3 +188,56 @@ def test_bench_topology_command(tmp_path, capsys):
     assert row["max_batch_memory"]["total_bytes"] <= 8 * 2**20
     assert "not measured" in capsys.readouterr().out
     assert (tmp_path / "max_batch_v5e_1x1.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------- the decode step
+def _decode_targets(path: str, layout: str, impl: str, topology: str, batch: int) -> dict:
+    """The decode-step targets for one cell: no cache-sized copy, temporaries at most 5%
+    of the cache, bytes accessed at most 1.2x the in-place floor."""
+    config = load_config(path)
+    cfg = model_config_from(config)
+    cfg = dataclasses.replace(cfg, layout=from_spec(layout, cfg.num_layers), attention_impl=impl)
+    prompt, gen = aot.generate_lengths(config, None, None)
+    out = aot.decode_step_program(cfg, aot.topology(topology)[0], batch, prompt + gen - 1)
+    assert out["cache_copies"] == 0, out
+    assert out["temporaries_over_cache"] <= 0.05, out
+    assert out["ratio_to_floor"] <= 1.2, out
+    return out
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("layout", ["standard", "lasagna-top:6"])
+def test_decode_step_is_at_the_in_place_floor(layout, impl):
+    """llama_110m on a v5e chip at batch 1: the cache is read and written in place (h = 64,
+    time-minor slots), standard and an upward layout, XLA and Pallas attention."""
+    out = _decode_targets("configs/llama_110m.py", layout, impl, "v5e:1x1", 1)
+    assert out["cache_layout"] == "HS"
+
+
+SHIPPED = ["configs/llama_110m.py", "configs/tinyllama_1b.py"]  # the accelerator models
+PRESETS = ["standard"] + [f"{p}-{q}" for p in ("pizza", "sandwich", "lasagna")
+                          for q in ("bottom", "middle", "top")]  # fmt: skip
+MAX_BATCH = {"configs/llama_110m.py": 256, "configs/tinyllama_1b.py": 160}  # about the max
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["v5e:1x1", "v6e:1x1"])
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("layout", PRESETS)
+@pytest.mark.parametrize("path", SHIPPED)
+@pytest.mark.parametrize("batch", ["1", "max"])
+def test_decode_step_targets_grid(path, layout, impl, topology, batch):
+    """Every shipped accelerator model, standard and every preset at l = L/2."""
+    num_layers = load_config(path).model.num_layers
+    spec = layout if layout == "standard" else f"{layout}:{num_layers // 2}"
+    _decode_targets(path, spec, impl, topology, 1 if batch == "1" else MAX_BATCH[path])
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_generate_program_holds_no_second_cache(impl):
+    """The whole generation program (prefill + decode loop) of llama_110m at batch 64 on
+    a v5e chip: no cache-sized copy anywhere, temporaries under 15% of the cache."""
+    cfg = model_config_from(load_config("configs/llama_110m.py"))
+    cfg = dataclasses.replace(cfg, attention_impl=impl)
+    out = aot.generate_program(cfg, aot.topology("v5e:1x1")[0], 64, 64, 960)
+    assert out["cache_copies"] == 0 and out["temporaries_over_cache"] < 0.15, out

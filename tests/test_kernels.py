@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
+from kvshare_jax import cache_layout
 from kvshare_jax.attention import INVALID_POS, attention, attention_mask, xla_attention
-from kvshare_jax.kernels import flash_attention, flash_tpu, pallas_attention
+from kvshare_jax.kernels import flash_attention, flash_cache_attention, flash_tpu, pallas_attention
 from kvshare_jax.kernels.flash import block_size, padded_head_dim
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,38 +156,46 @@ def _kernel_names(fn, *args) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "t, n, kh, h, dtype, kernel",
+    "t, n, kh, h, dtype",
     [
-        (1, 8, 2, 128, jnp.float32, "kvshare_flash_tpu_decode"),  # all heads per tile
-        (2, 8, 1, 128, jnp.bfloat16, "kvshare_flash_tpu_decode"),
-        (1, 8, 2, 64, jnp.float32, "kvshare_flash_tpu_fwd"),  # h % 128: folded kernels
+        (1, 8, 2, 128, jnp.float32),
+        (1, 12, 6, 64, jnp.bfloat16),  # llama_110m's heads: h = 64
+        (2, 8, 1, 64, jnp.float32),
     ],
 )
-def test_tpu_decode_matches_reference(t, n, kh, h, dtype, kernel):
-    """TPU variant (interpreted) at decode shapes: a cache of 300 slots in 3 key tiles
-    with per-sequence lengths; forward through the decode kernel (or the folded one), and
-    gradients at the same shapes (always the folded kernels)."""
-    s, strict, window = 300, True, 150
+def test_tpu_decode_matches_reference(t, n, kh, h, dtype):
+    """TPU variants (interpreted) at decode shapes: a cache of 384 positions in 3 key
+    tiles with per-sequence lengths. The time-minor slots go through the decode kernel,
+    the training kernels' forward and gradients run at the same shapes."""
+    s, strict, window = 384, True, 150
     q, k, v, ct = _inputs(t, s, n, kh, h, dtype)
-    lengths = np.array([300, 140, 1])
+    lengths = np.array([384, 140, 1])
     kv_pos = np.where(np.arange(s) < lengths[:, None], np.arange(s), INVALID_POS)
     q_pos = lengths[:, None] - t + np.arange(t)
     kv_pos, q_pos = kv_pos.astype(np.int32), np.maximum(q_pos, 0).astype(np.int32)
     kwargs = dict(strict=strict, window=window)
-    fa = functools.partial(flash_attention, platform="tpu", interpret=True, block_k=128)
-
-    def fwd(q, k, v):
-        return fa(q, k, v, q_pos, kv_pos, **kwargs)
-
-    assert _kernel_names(fwd, q, k, v) == {kernel}
-    got = _compile_and_run(fwd, q, k, v)
-    want = xla_attention(q, k, v, q_pos, kv_pos, **kwargs)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    want = xla_attention(q, k, v, q_pos, kv_pos, **kwargs)
+    slots = {lay: [cache_layout.to_slot(lay, x) for x in (k, v)] for lay in cache_layout.LAYOUTS}
+
+    def decode(q, k, v):  # slots viewed per batch row, as the sharded wrapper passes them
+        k, v = (x.reshape(3, kh, *x.shape[1:]) for x in (k, v))
+        return flash_cache_attention(
+            q, k, v, q_pos, kv_pos, layout="HS", platform="tpu", interpret=True, block_k=128,
+            **kwargs,
+        )  # fmt: skip
+
+    assert _kernel_names(decode, q, *slots["HS"]) == {"kvshare_flash_tpu_decode"}
+    got = _compile_and_run(decode, q, *slots["HS"])
     np.testing.assert_allclose(
         np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol
     )
     np.testing.assert_array_equal(np.asarray(got, np.float32)[2, -1], 0.0)  # sees nothing
 
+    fa = functools.partial(flash_attention, platform="tpu", interpret=True, block_k=128)
+    assert _kernel_names(lambda *a: fa(*a, q_pos, kv_pos, **kwargs), q, k, v) == {
+        "kvshare_flash_tpu_fwd"
+    }
     got = _fwd_bwd(fa, q, k, v, ct, q_pos, kv_pos, **kwargs)
     want = _fwd_bwd(xla_attention, q, k, v, ct, q_pos, kv_pos, **kwargs)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
@@ -227,15 +236,14 @@ def test_tpu_block_rules():
         "v5e",
         None,
     ]
-    db = flash_tpu.decode_block
+    db = flash_tpu.decode_block  # K tiles [kv_heads, h, keys]: h on sublanes, unpadded
     assert db(300, 8, 128, jnp.bfloat16, "TPU v5 lite") == 300  # all keys fit
     assert db(32768, 8, 128, jnp.bfloat16, "TPU v5 lite") == 512  # 1 MiB / (8 * 256 B)
+    assert db(32768, 8, 64, jnp.bfloat16, "TPU v5 lite") == 1024  # h = 64: twice the keys
     assert db(32768, 8, 128, jnp.float32, "TPU v5 lite") == 256
     assert db(3000, 1, 128, jnp.float32, None, block_k=1024) == 1024  # nothing divides
     assert db(3072, 1, 128, jnp.float32, None, block_k=1024) == 1024
     assert db(2560, 1, 128, jnp.float32, None, block_k=1024) == 640  # divides 2560
-    assert flash_tpu.use_decode_kernel(1, 32, 128) and not flash_tpu.use_decode_kernel(1, 32, 64)
-    assert not flash_tpu.use_decode_kernel(4, 32, 128)  # 128 rows > DECODE_MAX_ROWS
     with pytest.raises(ValueError, match="multiple of 128"):
         bs(100, 1000, 64, jnp.float32, None, block_k=64)
     with pytest.raises(ValueError, match="multiple of 16"):

@@ -24,7 +24,8 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kvshare_jax.kernels import flash_attention, flash_tpu, pallas_attention
+from kvshare_jax import aot
+from kvshare_jax.kernels import flash_attention, flash_cache_attention, flash_tpu, pallas_attention
 from kvshare_jax.target import target_device_kind, target_platform
 
 if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
@@ -46,8 +47,8 @@ TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6
 TPU_KERNELS = {
     "fwd": {"kvshare_flash_tpu_fwd"},
     "bwd": {"kvshare_flash_tpu_fwd", "kvshare_flash_tpu_dq", "kvshare_flash_tpu_dkv"},
-    "decode": {"kvshare_flash_tpu_fwd"},  # h % 128 != 0: the folded kernels
-    "decode128": {"kvshare_flash_tpu_decode"},  # all heads per tile
+    "decode": {"kvshare_flash_tpu_fwd"},  # time-major K/V: the folded kernels
+    "cache": {"kvshare_flash_tpu_decode"},  # time-minor cache slots, read in place
 }
 
 
@@ -59,14 +60,16 @@ def _devices(gen: str):
     return tuple(topo.devices)
 
 
-def _args(b, t, s, n, kh, h, dtype, sharding=None):
+def _args(b, t, s, n, kh, h, dtype, sharding=None, cache=None):
     def sds(shape, dt):
         return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
 
+    # cache slots viewed per batch row: HS [b, kh, h, s], SH [b, kh, s, h]
+    kv = {None: (b, s, kh, h), "HS": (b, kh, h, s), "SH": (b, kh, s, h)}[cache]
     return (
         sds((b, t, n, h), dtype),
-        sds((b, s, kh, h), dtype),
-        sds((b, s, kh, h), dtype),
+        sds(kv, dtype),
+        sds(kv, dtype),
         sds((b, t), jnp.int32),
         sds((b, s), jnp.int32),
     )
@@ -95,9 +98,13 @@ def _compile_tpu(gen, mode, b, t, s, n, kh, h, dtype, strict=False, window=None)
     """Mosaic-compile ``mode`` for one device of ``gen``; checks the kernels and the
     output shapes, returns the compiled executable."""
     dev = _devices(gen)[0]
-    args = _args(b, t, s, n, kh, h, dtype, jax.sharding.SingleDeviceSharding(dev))
+    where = jax.sharding.SingleDeviceSharding(dev)
+    args = _args(b, t, s, n, kh, h, dtype, where, cache="HS" if mode == "cache" else None)
+    attn = flash_attention
+    if mode == "cache":
+        attn = functools.partial(flash_cache_attention, layout="HS")
     fn = _fn(
-        flash_attention,
+        attn,
         mode,
         strict=strict,
         window=window,
@@ -107,8 +114,7 @@ def _compile_tpu(gen, mode, b, t, s, n, kh, h, dtype, strict=False, window=None)
     lowered = jax.jit(fn).lower(*args)
     text = lowered.as_text()
     assert "tpu_custom_call" in text, "no Mosaic kernel in the lowered program"
-    want = TPU_KERNELS["decode128" if mode == "decode" and h % 128 == 0 else mode]
-    assert _kernels(text) == want
+    assert _kernels(text) == TPU_KERNELS[mode]
     compiled = lowered.compile()  # raises on Mosaic errors, e.g. E1001 (VMEM OOM)
     outs = jax.tree.leaves(compiled.out_info)
     shapes = [(b, t, n, h)] if mode != "bwd" else [(b, t, n, h), (b, s, kh, h), (b, s, kh, h)]
@@ -134,13 +140,15 @@ def test_tpu_compiles_v5e(mode, b, t, s, n, kh, h, dtype):
 
 
 @needs_libtpu
-def test_tpu_decode_reads_cache_in_place():
-    """Decode at 32k through the all-heads kernel: compiles, and XLA allocates no
-    temporary anywhere near the cache's size (no transpose or copy of K/V)."""
-    b, s, kh, h = 8, 32768, 8, 128
-    compiled = _compile_tpu("v5e", "decode", b, 1, s, 32, kh, h, bf16, strict=True, window=4096)
+@pytest.mark.parametrize("h", [64, 128])
+def test_tpu_decode_reads_cache_in_place(h):
+    """Decode at 32k over time-minor cache slots: compiles for h = 64 and 128, and XLA
+    allocates no temporary anywhere near the cache's size and copies no slot."""
+    b, s, kh = 8, 32768, 8
+    compiled = _compile_tpu("v5e", "cache", b, 1, s, 32, kh, h, bf16, strict=True, window=4096)
     cache_bytes = 2 * b * s * kh * h * 2
     assert compiled.memory_analysis().temp_size_in_bytes < cache_bytes // 100
+    assert aot.cache_copies(compiled.as_text(), b * kh * s * h * 2 // 4, s) == 0
 
 
 GRID = [
@@ -159,12 +167,13 @@ GRID = [
     ("bwd", 1, 32768, 32768, 16, 2, 128, f32, False, 8192),
     ("fwd", 2, 16, 32768, 32, 4, 64, bf16, False, None),  # prefill chunk
     ("decode", 8, 1, 2048, 32, 4, 64, bf16, False, None),
-    ("decode", 8, 1, 1024, 12, 6, 64, bf16, True, None),
-    ("decode", 4, 1, 256, 4, 2, 32, f32, True, None),
-    ("decode", 8, 1, 32768, 8, 8, 128, bf16, False, None),
-    ("decode", 8, 1, 32768, 32, 4, 128, bf16, True, 4096),
-    ("decode", 8, 1, 32768, 32, 4, 64, bf16, False, None),
-    ("decode", 8, 1, 32768, 16, 2, 32, f32, False, 1024),
+    ("cache", 8, 1, 2048, 32, 4, 64, bf16, False, None),  # tinyllama_1b
+    ("cache", 64, 1, 1024, 12, 6, 64, bf16, True, None),  # llama_110m
+    ("cache", 4, 1, 256, 4, 2, 32, f32, True, None),
+    ("cache", 8, 1, 32768, 8, 8, 128, bf16, False, None),
+    ("cache", 8, 1, 32768, 32, 4, 128, bf16, True, 4096),
+    ("cache", 8, 1, 32768, 32, 4, 64, bf16, False, None),
+    ("cache", 8, 1, 32768, 16, 2, 32, f32, False, 1024),
 ]
 
 
@@ -225,10 +234,13 @@ def test_target_is_the_mesh_not_the_host():
 
 
 def _lower_cuda(mode, b, t, s, n, kh, h, dtype, strict=False, window=None) -> str:
-    fn = _fn(flash_attention, mode, strict=strict, window=window, platform="gpu")
-    lowered = (
-        jax.jit(fn).trace(*_args(b, t, s, n, kh, h, dtype)).lower(lowering_platforms=("cuda",))
-    )
+    """Lowers for CUDA; ``mode="cache"`` reads SH cache slots, the GPU's layout."""
+    attn = flash_attention
+    if mode == "cache":
+        attn = functools.partial(flash_cache_attention, layout="SH")
+    fn = _fn(attn, mode, strict=strict, window=window, platform="gpu")
+    args = _args(b, t, s, n, kh, h, dtype, cache="SH" if mode == "cache" else None)
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     # one Triton kernel for the forward; forward, dQ and dK/dV for the gradient
     assert text.count("xla.gpu.triton") == (3 if mode == "bwd" else 1)
@@ -239,6 +251,7 @@ def _lower_cuda(mode, b, t, s, n, kh, h, dtype, strict=False, window=None) -> st
 DEFAULT_GPU = [
     ("tinyllama-grad", "bwd", 1, 2048, 2048, 32, 4, 64, bf16),
     ("32k-fwd-h128", "fwd", 1, 32768, 32768, 8, 8, 128, bf16),
+    ("llama110m-cache", "cache", 8, 1, 1024, 12, 6, 64, bf16),
 ]
 
 

@@ -169,7 +169,7 @@ def run_cell(
     rules = sharding.logical_rules(default_config().mesh)
     batch = sharding.batch_sharding(mesh, rules)
     rows = NamedSharding(mesh, P(batch.spec[0]))
-    # cache rows [b*k, S, h]: sequences over the batch axes, KV heads within over tensor
+    # cache slot rows [b*k, ., .]: sequences over the batch axes, KV heads within over tensor
     batch_axes = batch.spec[0] if isinstance(batch.spec[0], tuple) else (batch.spec[0],)
     cache_sharding = NamedSharding(mesh, P((*batch_axes, "tensor"), None, None))
     params = jax.device_put(params, sharding.param_shardings(cfg, mesh, rules))
@@ -178,7 +178,8 @@ def run_cell(
 
     def place_cache(cache):
         kv = jax.device_put((cache.k, cache.v), cache_sharding)
-        return cache._replace(k=kv[0], v=kv[1], pos=jax.device_put(cache.pos, rows))
+        kv_pos = jax.device_put(cache.kv_pos, NamedSharding(mesh, P(batch.spec[0], None)))
+        return cache.replace(k=kv[0], v=kv[1], kv_pos=kv_pos, pos=jax.device_put(cache.pos, rows))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return _run_path(cfg, cell.path, params, seqs, prompts, lengths, place_cache)

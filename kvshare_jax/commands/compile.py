@@ -2,9 +2,11 @@
 
     kvshare compile --config configs/tinyllama_1b.py --topology v5e:4x4 [--config.a.b=v]
 
-AOT-compiles the sharded train step (and the generation program on one device) with the
-real TPU compiler and prints, per device: argument, temporary and total bytes against
-the chip's HBM, whether it fits, FLOPs, bytes accessed and a roofline step time. When
+AOT-compiles the sharded train step (and, on one device, the generation program and one
+decode step at the generate batch and cache length) with the real TPU compiler and
+prints, per device: argument, temporary and total bytes against the chip's HBM, whether
+it fits, FLOPs, bytes accessed and a roofline step time; for the decode step also its
+cache-sized copies and its bytes over the in-place floor. When
 the train step does not fit, it searches (by compiling) for the smallest change that
 does and prints the overrides. Exit status 0 when everything fits, 1 when not, 2 on bad
 input. Method: ``kvshare_jax/aot.py``.
@@ -21,14 +23,22 @@ from kvshare_jax.commands import error
 from kvshare_jax.config import ArgParser, check_output_dir, parse_with_overrides
 
 PROG = "kvshare compile"
-_ALIASES = {"train": "train_step", "train_step": "train_step", "generate": "generate"}
+_ALIASES = {
+    "train": "train_step",
+    "train_step": "train_step",
+    "generate": "generate",
+    "decode": "decode_step",
+    "decode_step": "decode_step",
+}
 
 
 def parser() -> ArgParser:
     p = ArgParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="config file (overrides: --config.a.b=v)")
     p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:4x4, v4:2x2x1")
-    p.add_argument("--programs", default="train,generate", help="train and/or generate")
+    p.add_argument(
+        "--programs", default="train,generate,decode", help="train, generate and/or decode"
+    )
     p.add_argument("--gen-batch", type=int, default=1, help="batch of the generate program")
     p.add_argument("--prompt-len", type=int, help="prompt tokens (default 512 or max_len/4)")
     p.add_argument("--gen-len", type=int, help="new tokens (default: fill the context)")
@@ -75,6 +85,22 @@ def render(report: dict[str, Any]) -> str:
             f"{p['mfu_ceiling']:.0%}" if "mfu_ceiling" in p else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    step = report["programs"].get("decode_step")
+    if step and "ratio_to_floor" in step:
+        lines += [
+            "",
+            f"decode_step ({step['cache_layout']} cache, {_gib(step['cache_bytes_per_device'])} "
+            f"GiB): {step['cache_copies']} cache copies, temporaries "
+            f"{step['temporaries_over_cache']:.1%} of the cache, bytes accessed "
+            f"{step['ratio_to_floor']:.2f}x the in-place floor "
+            f"({step['floor_bytes_per_device'] / 1e9:.2f} GB)",
+        ]
+    gen = report["programs"].get("generate")
+    if gen and "temporaries_over_cache" in gen:
+        lines.append(
+            f"generate: {gen['cache_copies']} cache copies, temporaries "
+            f"{gen['temporaries_over_cache']:.1%} of the cache"
+        )
     train = report["programs"].get("train_step")
     if train:
         mesh = " ".join(f"{k}={v}" for k, v in train["mesh"].items())
@@ -96,7 +122,9 @@ def run(argv: list[str]) -> int:
         names = [n.strip() for n in args.programs.split(",") if n.strip()]
         bad = [n for n in names if n not in _ALIASES]
         if bad or not names:
-            raise ValueError(f"--programs takes train and/or generate, got {args.programs!r}")
+            raise ValueError(
+                f"--programs takes train, generate and/or decode, got {args.programs!r}"
+            )
         if args.json and os.path.isdir(args.json):
             raise ValueError(f"--json {args.json} is a directory")
         if args.json:

@@ -2,10 +2,16 @@
 
 Shapes: b batch, t query length, s key length, n query heads, kh KV heads, h head dim.
 :func:`flash_attention` (single device; Mosaic on TPU, Triton on GPU, interpret mode on
-CPU) and :func:`pallas_attention` (per shard under a ('data', 'fsdp', 'tensor') mesh).
+CPU) and :func:`pallas_attention` (per shard under a ('data', 'fsdp', 'tensor') mesh);
+their ``*_cache_attention`` twins read decode-cache slots in place.
 """
 
-from kvshare_jax.kernels.flash import flash_attention
-from kvshare_jax.kernels.sharded import pallas_attention
+from kvshare_jax.kernels.flash import flash_attention, flash_cache_attention
+from kvshare_jax.kernels.sharded import pallas_attention, pallas_cache_attention
 
-__all__ = ["flash_attention", "pallas_attention"]
+__all__ = [
+    "flash_attention",
+    "flash_cache_attention",
+    "pallas_attention",
+    "pallas_cache_attention",
+]

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kvshare_jax.kernels.flash_tpu import flash_attention_tpu
+from kvshare_jax.kernels.flash_tpu import cache_attention_tpu, flash_attention_tpu
 from kvshare_jax.masks import INVALID_POS, visible
 from kvshare_jax.target import target_device_kind, target_platform
 
@@ -466,33 +466,84 @@ def flash_attention(
             interpret=bool(interpret),
             device_kind=target_device_kind() if device_kind is None else device_kind,
         )
-    if target == "cpu":
-        if interpret is False:
-            raise ValueError(
-                "compiled Pallas kernels are not available on 'cpu': pass interpret=True "
-                "(or a gpu/tpu platform)"
-            )
-        interpret = True
-    b, t, n, h = q.shape
+    interpret = _interpret_on(target, interpret)
     s, kh = k.shape[1], k.shape[2]
-    g = n // kh
-    cfg = _Config(
+    cfg = _triton_config(q, s, kh, strict, window, block_q, block_k, target, interpret)
+    return _flash_folded(q, k, v, q_pos, kv_pos, cfg, False)
+
+
+def _interpret_on(target: str, interpret: bool | None) -> bool:
+    if target == "cpu" and interpret is False:
+        raise ValueError(
+            "compiled Pallas kernels are not available on 'cpu': pass interpret=True "
+            "(or a gpu/tpu platform)"
+        )
+    return True if target == "cpu" else bool(interpret)
+
+
+def _triton_config(q, s, kh, strict, window, block_q, block_k, target, interpret) -> _Config:
+    b, t, n, h = q.shape
+    return _Config(
         scale=h**-0.5,
         strict=bool(strict),
         window=None if window is None else int(window),
-        block_q=block_size(block_q, t * g, target, "q"),
+        block_q=block_size(block_q, t * (n // kh), target, "q"),
         block_k=block_size(block_k, s, target, "k"),
         platform=target,
         interpret=bool(interpret),
     )
-    return _flash_folded(q, k, v, q_pos, kv_pos, cfg)
 
 
-@functools.partial(jax.jit, static_argnums=(5,))
-def _flash_folded(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
-    """Fold GQA into rows, pad, run the kernel, unfold (see the module docstring)."""
+def flash_cache_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    kv_pos: jax.Array,
+    *,
+    layout: str,
+    strict: bool = False,
+    window: int | None = None,
+    block_k: int | None = None,
+    platform: str | None = None,
+    interpret: bool | None = None,
+    device_kind: str | None = None,
+) -> jax.Array:
+    """Single-device attention of ``q [b,t,n,h]`` over decode-cache slots viewed per batch
+    row: ``k, v [b,kh,S,h]`` (``layout="SH"``) or ``[b,kh,h,S]`` (``"HS"``) -> ``[b,t,n,h]``;
+    inference only. The slot a target's kernel reads as stored: HS on TPU (the Mosaic
+    decode kernel), SH on GPU and in interpret mode (head-major Triton kernels); the other
+    layout is transposed first (a copy of the slot). Other arguments as in
+    :func:`flash_attention`."""
+    target = target_platform(platform)
+    interpret = _interpret_on(target, interpret)
+    q_pos, kv_pos = q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32)
+    if target == "tpu":
+        if layout == "HS":
+            kind = target_device_kind() if device_kind is None else device_kind
+            return cache_attention_tpu(
+                q, k, v, q_pos, kv_pos, strict=strict, window=window, block_k=block_k,
+                interpret=interpret, device_kind=kind,
+            )  # fmt: skip
+        k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # -> [b, S, kh, h]
+        return flash_attention(
+            q, k, v, q_pos, kv_pos, strict=strict, window=window, block_k=block_k,
+            platform="tpu", interpret=interpret, device_kind=device_kind,
+        )  # fmt: skip
+    if layout == "HS":
+        k, v = (x.transpose(0, 1, 3, 2) for x in (k, v))  # -> [b, kh, S, h]
+    cfg = _triton_config(q, k.shape[2], k.shape[1], strict, window, None, block_k, target,
+                         interpret)  # fmt: skip
+    return _flash_folded(q, k, v, q_pos, kv_pos, cfg, True)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _flash_folded(q, k, v, q_pos, kv_pos, cfg: _Config, heads_major: bool) -> jax.Array:
+    """Fold GQA into rows, pad, run the kernel, unfold (see the module docstring). K/V
+    come time-major ``[b,s,kh,h]``, or head-major ``[b,kh,s,h]`` with ``heads_major``
+    (decode-cache slots: then nothing of them is copied unless padding is needed)."""
     b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    s, kh = (k.shape[2], k.shape[1]) if heads_major else (k.shape[1], k.shape[2])
     g = n // kh
     hp = padded_head_dim(h, cfg.platform)
     rows = t * g
@@ -501,10 +552,11 @@ def _flash_folded(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
 
     qf = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
     qf = jnp.pad(qf, ((0, 0), (0, 0), (0, pad_rows), (0, hp - h)))
-    kf, vf = (
-        jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad_keys), (0, hp - h)))
-        for x in (k, v)
-    )
+    if not heads_major:
+        k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))
+    if pad_keys or hp != h:
+        k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad_keys), (0, hp - h))) for x in (k, v))
+    kf, vf = k, v
     qp = jnp.pad(jnp.repeat(q_pos, g, axis=1), ((0, 0), (0, pad_rows)), mode="edge")
     kp = jnp.pad(kv_pos, ((0, 0), (0, pad_keys)), constant_values=INVALID_POS)
 

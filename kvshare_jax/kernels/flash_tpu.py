@@ -197,14 +197,6 @@ def block_sizes(
     return bq, min(bk, keys)
 
 
-def use_decode_kernel(t: int, n: int, h: int) -> bool:
-    """Whether inference uses the all-heads decode kernel: ``t * n <= DECODE_MAX_ROWS``
-    and a lane-dense head dim (``h % 128 == 0``). For smaller head dims the reshape of
-    ``[b, s, kh, h]`` to ``[b, s * kh, h]`` is a relayout copy on TPU (tiled layouts),
-    and XLA's cost analysis then favours the folded kernels."""
-    return t * n <= DECODE_MAX_ROWS and h % _LANES == 0
-
-
 def decode_block(
     keys: int,
     kv_heads: int,
@@ -213,17 +205,17 @@ def decode_block(
     device_kind: str | None = None,
     block_k: int | None = None,
 ) -> int:
-    """Keys per tile of the decode kernel (its K/V tile has ``bk * kv_heads`` rows).
+    """Keys per tile of the decode kernel, whose K (or V) tile is ``[kv_heads, h, bk]``
+    (time on the lanes, ``h`` on sublanes).
 
-    The budget is the keys whose K rows fill ``decode_tile_bytes`` (a multiple of 128:
-    lanes of the key-position row), or ``block_k`` (a multiple of 128). All keys if they
-    fit; else the largest multiple of 128 within the budget that divides ``keys`` (so
-    the cache needs no padding copy), if one is at least a quarter of the budget; else
-    the budget (keys padded).
+    The budget is the keys whose tile fills ``decode_tile_bytes`` (a multiple of 128), or
+    ``block_k`` (a multiple of 128). All keys if they fit; else the largest multiple of
+    128 within the budget that divides ``keys`` (so the cache needs no padding copy), if
+    one is at least a quarter of the budget; else the budget (keys padded).
     """
     if block_k is None:
-        row_bytes = kv_heads * _row_bytes(h, dtype)
-        budget = _key_budget(_defaults(device_kind).decode_tile_bytes, row_bytes)
+        key_bytes = kv_heads * _round_up(h, row_align(dtype)) * jnp.dtype(dtype).itemsize
+        budget = _key_budget(_defaults(device_kind).decode_tile_bytes, key_bytes)
     else:
         budget = _check_block(block_k, "k", _LANES)
     if keys <= budget:
@@ -245,8 +237,7 @@ class _Config:
     strict: bool
     window: int | None
     block_q: int  # folded query rows per tile (training kernels)
-    block_k: int  # keys per tile (training kernels)
-    decode_block_k: int | None  # keys per decode tile; None: no decode kernel
+    block_k: int  # keys per tile
     interpret: bool
 
 
@@ -334,15 +325,17 @@ def _run(tiles: _Tiles, b, i, j, cfg: _Config, step) -> None:
         step(True)
 
 
-def _scores(q, k, vis, cfg: _Config):
-    """Scaled fp32 scores ``[rows, keys]``, masked where ``vis`` (if any) is False."""
-    s = _dot(q, k, _NT) * cfg.scale
+def _scores(q, k, vis, cfg: _Config, time_minor: bool = False):
+    """Scaled fp32 scores ``[rows, keys]`` from ``k [keys, h]`` (``[h, keys]`` when
+    ``time_minor``), masked where ``vis`` (if any) is False."""
+    s = _dot(q, k, _NN if time_minor else _NT) * cfg.scale
     return s if vis is None else jnp.where(vis, s, _MASKED)
 
 
-def _softmax_step(q, k, v, vis, m_scr, l_scr, acc_scr, cfg: _Config) -> None:
-    """One online-softmax update of the fp32 scratch with a K/V tile."""
-    s = _scores(q, k, vis, cfg)
+def _softmax_step(q, k, v, vis, m_scr, l_scr, acc_scr, cfg: _Config, time_minor=False) -> None:
+    """One online-softmax update of the fp32 scratch with a K/V tile (``[keys, h]``, or
+    ``[h, keys]`` when ``time_minor``)."""
+    s = _scores(q, k, vis, cfg, time_minor)
     m_prev = m_scr[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     p = jnp.exp(s - m_new)
@@ -350,7 +343,7 @@ def _softmax_step(q, k, v, vis, m_scr, l_scr, acc_scr, cfg: _Config) -> None:
         p = jnp.where(vis, p, 0.0)
     alpha = jnp.exp(m_prev - m_new)
     l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
-    acc_scr[...] = alpha * acc_scr[...] + _dot(p.astype(v.dtype), v, _NN)
+    acc_scr[...] = alpha * acc_scr[...] + _dot(p.astype(v.dtype), v, _NT if time_minor else _NN)
     m_scr[...] = m_new
 
 
@@ -453,28 +446,32 @@ def _dkv_kernel(*refs, cfg: _Config, nq: int, nk: int):
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def _decode_kernel(*refs, cfg: _Config, nk: int, kh: int):
+def _cache_kernel(*refs, cfg: _Config, nk: int, kh: int):
+    """Decode over cache slots ``[kh, h, bk]`` (time on the lanes) for all KV heads of one
+    batch row; per head ``q [r, h] @ k [h, bk]`` and ``p [r, bk] @ v[h, bk]^T``."""
     tiles = _Tiles(refs[:7], 1, nk)
-    q_ref, k_ref, v_ref, qp_ref, qh_ref, kp_ref, kh_ref, o_ref = refs[7:15]
-    scratch = refs[15:]
+    q_ref, k_ref, v_ref, qp_ref, kp_ref, o_ref = refs[7:13]
+    m_scr, l_scr, acc_scr = refs[13:]
     b, j = pl.program_id(0), pl.program_id(1)
 
     @pl.when(j == 0)
     def _():
-        _softmax_init(*scratch)
+        _softmax_init(m_scr, l_scr, acc_scr)
 
-    hit, _ = tiles.hit_full(b, 0, j, cfg)
+    def step(masked: bool):
+        vis = None
+        if masked:
+            vis = visible(qp_ref[...], kp_ref[...], strict=cfg.strict, window=cfg.window)
+        for hd in range(kh):  # static: a few KV heads per batch row
+            scratch = (m_scr.at[hd], l_scr.at[hd], acc_scr.at[hd])
+            _softmax_step(q_ref[hd], k_ref[hd], v_ref[hd], vis, *scratch, cfg, time_minor=True)
 
-    @pl.when(hit)
-    def _():
-        kp = jnp.repeat(kp_ref[...], kh, axis=1)  # [1, bk] -> [1, bk * kh], one per K/V row
-        vis = visible(qp_ref[...], kp, strict=cfg.strict, window=cfg.window)
-        vis &= qh_ref[...] == kh_ref[...]  # same KV head
-        _softmax_step(q_ref[...], k_ref[...], v_ref[...], vis, *scratch, cfg)
+    _run(tiles, b, 0, j, cfg, step)
 
     @pl.when(j == nk - 1)
     def _():
-        _softmax_finish(o_ref, None, *scratch)
+        for hd in range(kh):
+            _softmax_finish(o_ref.at[hd], None, m_scr.at[hd], l_scr.at[hd], acc_scr.at[hd])
 
 
 # ----------------------------------------------------------------------------- calls
@@ -632,64 +629,52 @@ def _backward(q, k, v, qp, kp, o, lse, do, cfg: _Config):
     return dq, dk, dv
 
 
-def _decode(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
-    """All heads of a batch row per tile (see the module docstring); original layout in
-    and out."""
+def _cache_decode(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
+    """``q [b, t, n, h]`` over time-minor slots ``k, v [b, kh, h, S]`` -> ``[b, t, n, h]``."""
     b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    kh, s = k.shape[1], k.shape[3]
     g = n // kh
-    rows = t * n
-    rp = _round_up(rows, row_align(q.dtype))
-    bk = cfg.decode_block_k
-    sp = _round_up(s, bk)
-    nk = sp // bk
-
-    # Row r = token r // n, head r % n; K/V row c = key c // kh, KV head c % kh.
-    qd = jnp.pad(q.reshape(b, rows, h), ((0, 0), (0, rp - rows), (0, 0)))
-    kd, vd = (
-        jnp.pad(x, ((0, 0), (0, sp - s), (0, 0), (0, 0))).reshape(b, sp * kh, h) for x in (k, v)
-    )
-    qp = jnp.pad(jnp.repeat(q_pos, n, axis=1), ((0, 0), (0, rp - rows)), mode="edge")
-    kp = jnp.pad(kv_pos, ((0, 0), (0, sp - s)), constant_values=INVALID_POS)
-    q_head = jnp.where(jnp.arange(rp) < rows, jnp.arange(rp) % n // g, -1).astype(jnp.int32)
-    k_head = (jnp.arange(bk * kh) % kh).astype(jnp.int32)
-    ranges, k_range, _ = _tile_ranges(qp, kp, rp, bk, cfg)
+    rows = t * g
+    bk = cfg.block_k
+    nk = s // bk
+    # Row r of KV head j: token r // g, query head j * g + r % g (a copy of q only).
+    qf = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
+    qp = jnp.repeat(q_pos, g, axis=1)
+    ranges, k_range, _ = _tile_ranges(qp, kv_pos, rows, bk, cfg)
 
     def at_kv(b, j, *refs):  # clamped key tile: skipped tiles are not fetched
         return _clamp(j, refs[5][b], refs[6][b])
 
+    q_spec = pl.BlockSpec((None, kh, rows, h), lambda b, j, *r: (b, 0, 0, 0))
+    kv_spec = pl.BlockSpec((None, kh, h, bk), lambda b, j, *r: (b, 0, 0, at_kv(b, j, *r)))
     out = _call(
-        functools.partial(_decode_kernel, cfg=cfg, nk=nk, kh=kh),
+        functools.partial(_cache_kernel, cfg=cfg, nk=nk, kh=kh),
         "kvshare_flash_tpu_decode",
         cfg,
         (b, nk),
         (*ranges, *k_range),
         [
-            pl.BlockSpec((None, rp, h), lambda b, j, *r: (b, 0, 0)),
-            pl.BlockSpec((None, bk * kh, h), lambda b, j, *r: (b, at_kv(b, j, *r), 0)),
-            pl.BlockSpec((None, bk * kh, h), lambda b, j, *r: (b, at_kv(b, j, *r), 0)),
-            pl.BlockSpec((None, rp, 1), lambda b, j, *r: (b, 0, 0)),
-            pl.BlockSpec((rp, 1), lambda b, j, *r: (0, 0)),
+            q_spec,
+            kv_spec,
+            kv_spec,
+            pl.BlockSpec((None, rows, 1), lambda b, j, *r: (b, 0, 0)),
             pl.BlockSpec((None, 1, bk), lambda b, j, *r: (b, 0, at_kv(b, j, *r))),
-            pl.BlockSpec((1, bk * kh), lambda b, j, *r: (0, 0)),
         ],
-        pl.BlockSpec((None, rp, h), lambda b, j, *r: (b, 0, 0)),
-        jax.ShapeDtypeStruct((b, rp, h), q.dtype),
+        q_spec,
+        jax.ShapeDtypeStruct(qf.shape, q.dtype),
         [
-            pltpu.VMEM((rp, 1), jnp.float32),
-            pltpu.VMEM((rp, 1), jnp.float32),
-            pltpu.VMEM((rp, h), jnp.float32),
+            pltpu.VMEM((kh, rows, 1), jnp.float32),
+            pltpu.VMEM((kh, rows, 1), jnp.float32),
+            pltpu.VMEM((kh, rows, h), jnp.float32),
         ],
-        _cost(b * rp * sp * kh, h, 2, qd, kd, vd, qd),
-        qd,
-        kd,
-        vd,
+        _cost(b * kh * rows * s, h, 2, qf, k, v, qf),
+        qf,
+        k,
+        v,
         qp[:, :, None],
-        q_head[:, None],
-        kp[:, None, :],
-        k_head[None, :],
+        kv_pos[:, None, :],
     )
-    return out[:, :rows].reshape(b, t, n, h)
+    return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -730,8 +715,6 @@ def _unfold_rows(x, t: int, n: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attend(q, k, v, q_pos, kv_pos, cfg: _Config):
-    if cfg.decode_block_k is not None:
-        return _decode(q, k, v, q_pos, kv_pos, cfg)
     o, _ = _forward(*_fold(q, k, v, q_pos, kv_pos, cfg), cfg, save_lse=False)
     return _unfold_rows(o, q.shape[1], q.shape[2])
 
@@ -778,27 +761,64 @@ def flash_attention_tpu(
 
     Inputs are validated by :func:`kvshare_jax.kernels.flash_attention`, the public
     entry point. ``block_q`` counts folded query rows (``t * n // kh`` in all),
-    ``block_k`` keys; defaults by ``device_kind`` (:func:`block_sizes`,
-    :func:`decode_block`). Inference with ``t * n <= DECODE_MAX_ROWS`` uses the decode
-    kernel. ``interpret=True`` runs the kernels in the TPU interpreter
+    ``block_k`` keys; defaults by ``device_kind`` (:func:`block_sizes`).
+    ``interpret=True`` runs the kernels in the TPU interpreter
     (``pltpu.InterpretParams``) on any backend.
     """
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     bq, bk = block_sizes(t * (n // kh), s, h, q.dtype, device_kind, block_q, block_k)
-    decode_bk = None
-    if use_decode_kernel(t, n, h):
-        decode_bk = decode_block(s, kh, h, q.dtype, device_kind, block_k)
     cfg = _Config(
         scale=h**-0.5,
         strict=bool(strict),
         window=None if window is None else int(window),
         block_q=bq,
         block_k=bk,
-        decode_block_k=decode_bk,
         interpret=bool(interpret),
     )
     return _jit_attend(q, k, v, q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32), cfg)
+
+
+def cache_attention_tpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    kv_pos: jax.Array,
+    *,
+    strict: bool = False,
+    window: int | None = None,
+    block_k: int | None = None,
+    interpret: bool = False,
+    device_kind: str | None = None,
+) -> jax.Array:
+    """Decode attention over time-minor cache slots, read in place: ``q [b,t,n,h]``,
+    ``k, v [b,kh,h,S]``, ``q_pos [b,t]``, ``kv_pos [b,S]`` -> ``[b,t,n,h]`` (inference
+    only: no gradient). ``block_k`` keys per tile (default: :func:`decode_block`); a
+    cache whose length no tile divides is padded, a copy that
+    :func:`kvshare_jax.cache_layout.cache_length` avoids."""
+    b, t, n, h = q.shape
+    kh, s = k.shape[1], k.shape[3]
+    bk = decode_block(s, kh, h, q.dtype, device_kind, block_k)
+    kv_pos = kv_pos.astype(jnp.int32)
+    if s % bk:
+        pad = _round_up(s, bk) - s
+        k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad))) for x in (k, v))
+        kv_pos = jnp.pad(kv_pos, ((0, 0), (0, pad)), constant_values=INVALID_POS)
+    cfg = _Config(
+        scale=h**-0.5,
+        strict=bool(strict),
+        window=None if window is None else int(window),
+        block_q=t * (n // kh),
+        block_k=bk,
+        interpret=bool(interpret),
+    )
+    return _jit_cache(q, k, v, q_pos.astype(jnp.int32), kv_pos, cfg)
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _jit_cache(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
+    return _cache_decode(q, k, v, q_pos, kv_pos, cfg)
 
 
 @functools.partial(jax.jit, static_argnums=(5,))

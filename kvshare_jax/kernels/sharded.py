@@ -12,11 +12,14 @@ the Mosaic kernels are built, with the blocks of the devices' generation.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 from jax.sharding import AbstractMesh, AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
-from kvshare_jax.kernels.flash import flash_attention
+from kvshare_jax.kernels.flash import flash_attention, flash_cache_attention
 from kvshare_jax.target import target_device_kind, target_platform
 
 BATCH_AXES = ("data", "fsdp")
@@ -50,49 +53,119 @@ def pallas_attention(
     is not divisible by the product of the batch axes or the query/KV heads by the
     'tensor' size.
     """
-    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    platform = target_platform(platform, mesh)
-    if device_kind is None and platform == "tpu":
-        device_kind = target_device_kind(mesh)
+    plan = _plan(mesh, platform, device_kind)
     kwargs = dict(
         strict=strict,
         window=window,
         block_q=block_q,
         block_k=block_k,
-        platform=platform,
+        platform=plan.platform,
         interpret=interpret,
-        device_kind=device_kind,
+        device_kind=plan.device_kind,
     )
+    if plan.direct:
+        return flash_attention(q, k, v, q_pos, kv_pos, **kwargs)
+    plan.check(q.shape[0], q.shape[2], k.shape[2])
+
+    def kernel(q, k, v, q_pos, kv_pos):
+        return flash_attention(q, k, v, q_pos, kv_pos, **kwargs)
+
+    heads = P(plan.batch or None, None, plan.head, None)
+    pos = P(plan.batch or None, None)
+    return jax.shard_map(
+        kernel,
+        mesh=plan.mesh,
+        in_specs=(heads, heads, heads, pos, pos),
+        out_specs=heads,
+        check_vma=False,
+    )(q, k, v, q_pos, kv_pos)
+
+
+def pallas_cache_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    kv_pos: jax.Array,
+    *,
+    layout: str,
+    strict: bool = False,
+    window: int | None = None,
+    block_k: int | None = None,
+    platform: str | None = None,
+    interpret: bool | None = None,
+    device_kind: str | None = None,
+    mesh: Mesh | AbstractMesh | None = None,
+) -> jax.Array:
+    """Attention of ``q [b,t,n,h]`` over decode-cache slots ``k, v`` (rows ``[b*kh,S,h]``
+    for ``layout="SH"``, ``[b*kh,h,S]`` for ``"HS"``) -> ``[b,t,n,h]``, per shard like
+    :func:`pallas_attention` (the slot rows split as sequences over the batch axes and KV
+    heads over 'tensor'); see :func:`~kvshare_jax.kernels.flash.flash_cache_attention`."""
+    plan = _plan(mesh, platform, device_kind)
+    b = q.shape[0]
+    k, v = (x.reshape(b, -1, *x.shape[1:]) for x in (k, v))  # [b, kh, ., .]: a bitcast
+    kwargs = dict(
+        layout=layout,
+        strict=strict,
+        window=window,
+        block_k=block_k,
+        platform=plan.platform,
+        interpret=interpret,
+        device_kind=plan.device_kind,
+    )
+    if plan.direct:
+        return flash_cache_attention(q, k, v, q_pos, kv_pos, **kwargs)
+    plan.check(b, q.shape[2], k.shape[1])
+
+    def kernel(q, k, v, q_pos, kv_pos):
+        return flash_cache_attention(q, k, v, q_pos, kv_pos, **kwargs)
+
+    heads = P(plan.batch or None, None, plan.head, None)
+    slots = P(plan.batch or None, plan.head, None, None)
+    pos = P(plan.batch or None, None)
+    return jax.shard_map(
+        kernel,
+        mesh=plan.mesh,
+        in_specs=(heads, slots, slots, pos, pos),
+        out_specs=heads,
+        check_vma=False,
+    )(q, k, v, q_pos, kv_pos)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """How attention is split over a mesh: its free batch axes and head axis."""
+
+    mesh: Mesh | AbstractMesh
+    platform: str
+    device_kind: str | None
+    batch: tuple[str, ...]
+    head: str | None
+
+    @property
+    def direct(self) -> bool:
+        """No free mesh axis: call the kernel as it is."""
+        return not self.batch and self.head is None
+
+    def check(self, b: int, n: int, kh: int) -> None:
+        batch_shards = math.prod(self.mesh.shape[a] for a in self.batch)
+        head_shards = self.mesh.shape[self.head] if self.head else 1
+        if b % batch_shards or n % head_shards or kh % head_shards:
+            raise ValueError(
+                f"cannot shard attention: batch {b} over {self.batch} (size {batch_shards}), "
+                f"query heads {n} / KV heads {kh} over {self.head!r} (size {head_shards})"
+            )
+
+
+def _plan(mesh, platform: str | None, device_kind: str | None) -> _Plan:
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    platform = target_platform(platform, mesh)
+    if device_kind is None and platform == "tpu":
+        device_kind = target_device_kind(mesh)
     free = {
         a
         for a, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
         if kind != AxisType.Manual
     }
-    batch_axes = tuple(a for a in BATCH_AXES if a in free)
-    head_axis = HEAD_AXIS if HEAD_AXIS in free else None
-    if not batch_axes and head_axis is None:
-        return flash_attention(q, k, v, q_pos, kv_pos, **kwargs)
-
-    batch_shards = 1
-    for a in batch_axes:
-        batch_shards *= mesh.shape[a]
-    head_shards = mesh.shape[head_axis] if head_axis else 1
-    b, n, kh = q.shape[0], q.shape[2], k.shape[2]
-    if b % batch_shards or n % head_shards or kh % head_shards:
-        raise ValueError(
-            f"cannot shard attention: batch {b} over {batch_axes} (size {batch_shards}), "
-            f"query heads {n} / KV heads {kh} over {head_axis!r} (size {head_shards})"
-        )
-
-    def kernel(q, k, v, q_pos, kv_pos):
-        return flash_attention(q, k, v, q_pos, kv_pos, **kwargs)
-
-    heads = P(batch_axes or None, None, head_axis, None)
-    pos = P(batch_axes or None, None)
-    return jax.shard_map(
-        kernel,
-        mesh=mesh,
-        in_specs=(heads, heads, heads, pos, pos),
-        out_specs=heads,
-        check_vma=False,
-    )(q, k, v, q_pos, kv_pos)
+    batch = tuple(a for a in BATCH_AXES if a in free)
+    return _Plan(mesh, platform, device_kind, batch, HEAD_AXIS if HEAD_AXIS in free else None)
