@@ -239,6 +239,16 @@ def executed_train_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
     return float(batch * seq_len * per_token)
 
 
+def loop_once_train_flops(cfg: ModelConfig, batch: int, seq_len: int, grad_accum: int = 1) -> float:
+    """:func:`executed_train_flops` as XLA's cost analysis counts them: each loop body
+    once, i.e. one micro-batch and at most one of the ``m`` no-gradient passes (a
+    ``fori_loop``). The compiled train step's FLOPs over this is the ratio that shows
+    work the model count does not (e.g. masked attention pairs computed anyway)."""
+    m = min(cfg.forward_passes, 1)
+    once = dataclasses.replace(cfg, forward_passes=m)
+    return executed_train_flops(once, batch // grad_accum, seq_len)
+
+
 def model_train_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
     """Model FLOPs of a train step: a standard transformer's forward + backward, each
     layer once (the MFU numerator: no iteration, no recomputation)."""
@@ -294,6 +304,10 @@ def train_program(config: ml_collections.ConfigDict, devices: Any) -> dict[str, 
         executed_flops=executed_train_flops(cfg, b, int(t.seq_len)) / n,
         model_flops=model_train_flops(cfg, b, int(t.seq_len)) / n,
     )
+    if out["flops_per_device"]:
+        once = loop_once_train_flops(cfg, b, int(t.seq_len), int(t.grad_accum)) / n
+        out["loop_once_flops_per_device"] = once
+        out["flops_ratio"] = out["flops_per_device"] / once
     out["mesh"] = dict(zip(sharding.MESH_AXES, mesh.devices.shape, strict=True))
     out["settings"] = {
         "batch_size": int(t.batch_size),
@@ -466,7 +480,12 @@ def _cache_pass(cfg: ModelConfig, layout: str) -> Any:
 def decode_floor_bytes(cfg: ModelConfig, device: Any, batch: int, cache_len: int) -> float:
     """Bytes accessed (XLA's cost analysis, per device) of the in-place floor of a decode
     step: :func:`_weights_pass` plus :func:`_cache_pass`, compiled for ``device`` with
-    the cache of the generation program."""
+    the cache of the generation program (the same for every attention implementation)."""
+    return _floor_bytes(dataclasses.replace(cfg, attention_impl="xla"), device, batch, cache_len)
+
+
+@functools.lru_cache(maxsize=64)
+def _floor_bytes(cfg: ModelConfig, device: Any, batch: int, cache_len: int) -> float:
     dtype = jnp.dtype(cfg.dtype)
     cache = _cache_shapes(cfg, batch, cache_len, device)
     g = cfg.num_heads // cfg.num_kv_heads

@@ -21,6 +21,7 @@ from kvshare_jax.decode import (
     init_cache,
     prefill,
 )
+from kvshare_jax.attention import INVALID_POS
 from kvshare_jax.layout import (
     PARTS,
     POSITIONS,
@@ -137,6 +138,53 @@ def test_converged_prefill_and_decode_equal_parallel_forward(spec):
         np.testing.assert_allclose(prompt_logits[i, :n], parallel[i, :n], atol=1e-4, rtol=0)
         np.testing.assert_allclose(step_logits[i], parallel[i, n : n + NEW], atol=1e-4, rtol=0)
     np.testing.assert_array_equal(cache.pos, lengths + NEW)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_both_slot_layouts_decode_alike(impl):
+    """A cache laid out for TPU (HS slots, length rounded up to 128) and one for CPU (SH)
+    give the same prompt and step logits, with ragged prompts and an upward layout; the
+    write index and the per-index positions are the layout's only state."""
+    cfg, params = model("lasagna-top:3")
+    cfg = dataclasses.replace(cfg, attention_impl=impl)
+    prompts, lengths = ragged_prompts(seed=4)
+    b = len(lengths)
+    got = {}
+    for platform in ("cpu", "tpu"):
+        cache = init_cache(cfg, b, PROMPT_WIDTH + NEW, platform=platform)
+        logits, cache = prefill(cfg, params, cache, jnp.asarray(prompts), jnp.asarray(lengths))
+        out = [logits]
+        for _ in range(NEW):
+            logits, cache = decode_step(cfg, params, cache, jnp.argmax(out[-1], -1))
+            out.append(logits)
+        got[platform] = (np.stack(out, 1), cache)
+    (sh, cache_sh), (hs, cache_hs) = got["cpu"], got["tpu"]
+    assert (cache_sh.layout, cache_hs.layout) == ("SH", "HS")
+    assert cache_sh.length == PROMPT_WIDTH + NEW and cache_hs.length == 128
+    assert cache_hs.k[0].shape == (b * cfg.num_kv_heads, cfg.hd, 128)
+    np.testing.assert_allclose(hs, sh, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(cache_hs.kv_pos[:, : cache_sh.length], cache_sh.kv_pos)
+    np.testing.assert_array_equal(cache_hs.kv_pos[:, cache_sh.length :], INVALID_POS)
+    assert int(cache_hs.index) == int(cache_sh.index) == PROMPT_WIDTH + NEW
+
+
+@pytest.mark.parametrize("passes", [(PROMPT_WIDTH, 1), "exact"])
+def test_prefill_in_groups_of_prompts_equals_one_pass(passes):
+    """``prefill(chunk=2)`` over 5 ragged prompts (groups 0-1, 2-3 and an overlapping last
+    group 3-4) fills the same cache and logits as one pass over the batch."""
+    cfg, params = model("sandwich-top:3")
+    prompts = np.asarray(jax.random.randint(jax.random.key(5), (5, PROMPT_WIDTH), 0, VOCAB))
+    lengths = jnp.asarray([6, 2, 4, 1, 5])
+    outs = []
+    for chunk in (None, 2):
+        cache = init_cache(cfg, 5, PROMPT_WIDTH + NEW)
+        outs.append(
+            prefill(cfg, params, cache, jnp.asarray(prompts), lengths, passes=passes, chunk=chunk)
+        )
+    (want, ref), (got, cache) = outs
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    for a, b in zip((*cache.k, *cache.v, cache.kv_pos), (*ref.k, *ref.v, ref.kv_pos), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
 
 
 def test_prompt_padding_is_never_attended():

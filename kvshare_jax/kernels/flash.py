@@ -50,7 +50,9 @@ they are for training (``arange``) and for the decoder's cache (``arange(max_len
 Decode (``t = 1`` or small, long ``s``) uses the same kernels: the query tile is the
 folded ``t * g`` rows rounded up to the backend minimum (8 rows; 16 on GPU), and the loop
 runs over all key tiles, skipping the ones that are invalid or outside the window. There
-is no split-KV (flash-decoding) parallelism.
+is no split-KV (flash-decoding) parallelism. :func:`flash_cache_attention` feeds the
+decode cache's slots to them head-major as stored (``[b, kh, S, h]``), with no transpose
+and, when the cache length is a multiple of the key tile, no padding.
 
 Verification: the Triton kernels run in interpret mode on CPU in the tests and are
 lowered for CUDA (``lowering_platforms=("cuda",)``) on a CPU host; they have not been

@@ -24,17 +24,15 @@ initialised at the first reduction step and written out at the last:
   whole query group inside the kernel. Scores are computed transposed (``[bk, bq]``),
   so the lane-dense row statistics broadcast as they are and no matmul needs a
   transposed left operand.
-- decode (inference with ``t * n <= DECODE_MAX_ROWS``, e.g. ``t = 1``, and
-  ``h % 128 == 0``, see :func:`use_decode_kernel`; never under differentiation): grid
-  ``(b, Sp // bk)``, ``("parallel", "arbitrary")``. All heads of a batch row are one
-  tile: ``q`` is read as ``[b, t * n, h]`` and K/V as ``[b, s * kh, h]`` (reshapes of
-  ``[b, t, n, h]`` and ``[b, s, kh, h]`` that keep the TPU tiled layout when ``h`` is a
-  multiple of 128, so the KV cache is not transposed or copied), scores are
-  ``[t * n, bk * kh]`` and pairs of different KV heads are masked out (key positions
-  arrive as ``[1, bk]`` and are repeated ``kh`` times in the kernel). That spends ``kh``
-  times the minimum MXU/VPU work, which is cheap while decode is bound by reading the
-  cache. Other decode shapes use the training kernels (folded rows, one query tile, long
-  key tiles; the wrapper transposes K/V to ``[b, kh, s, h]``).
+- decode over the cache (:func:`cache_attention_tpu`, inference only): K/V are the
+  decode cache's time-minor slots viewed per batch row, ``[b, kh, h, S]`` (time on the
+  128 lanes, so the slots are lane-dense for h = 64 and 128 and read as stored: no
+  transpose, no copy). Grid ``(b, S // bk)``, ``("parallel", "arbitrary")``; a tile holds
+  all ``kh`` KV heads, ``[kh, h, bk]``; per head the folded queries ``[t * g, h]`` give
+  scores ``q @ k`` ``[t * g, bk]`` and the update ``p @ v^T``, with scratch
+  ``m, l [kh, t * g, 1]`` and ``acc [kh, t * g, h]``. The key tile fills
+  ``decode_tile_bytes`` and divides the cache length when it can (:func:`decode_block`);
+  key tiles past the written positions are skipped and not fetched.
 
 Layout of the training kernels (built by the wrapper): GQA folded into query rows as in
 the Triton kernel (``q [b, kh, Rp, h]``, row ``r`` is token ``r // g``, group member
@@ -59,7 +57,8 @@ exact for any positions; it saves work when positions are sorted within tiles (t
 expected to be non-negative (``qp - window`` must not overflow int32).
 
 Block sizes come from :data:`GENERATION_BLOCKS` by ``device_kind`` (see
-:func:`block_sizes`, :func:`decode_block`).
+:func:`block_sizes`, :func:`decode_block`). Time-major K/V at decode shapes (a one-token
+prefill, say) go through the training kernels.
 
 Verification: the kernels run in the TPU interpreter (``interpret=True``) against the
 XLA reference in the tests, and compile with Mosaic for v4, v5e, v5p and v6e topologies
@@ -86,7 +85,6 @@ _INT32_MIN = -(2**31)
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _LANES = 128  # key tiles are multiples of 128 lanes unless they span all keys
-DECODE_MAX_ROWS = 64  # t * n up to which inference uses the all-heads decode kernel
 _SHORT_ROWS = 32  # folded rows up to which the training kernels take long key tiles
 
 

@@ -1,0 +1,132 @@
+"""The decode step against its in-place floor on TPU chips, from the TPU compiler (no TPU).
+
+    JAX_PLATFORMS=cpu python experiments/decode_floor.py [--configs configs/llama_110m.py]
+        [--topologies v5e:1x1,v6e:1x1] [--impls xla,pallas] [--layouts all|standard,...]
+
+For each accelerator model config, standard and the nine presets at l = L/2, each
+attention implementation and chip, it compiles one decode step at batch 1 and at the
+layout's max batch (from ``experiments/results/max_batch_<model>_v5e.json`` when present,
+else ``--max-batch``) with ``aot.decode_step_program`` and writes
+``experiments/results/decode_floor_tpu.{json,md}``: bytes accessed over the in-place floor,
+cache-sized copies, temporaries over the cache bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from importlib.metadata import version as _version
+from pathlib import Path
+
+import jax
+
+from kvshare_jax import aot, paths
+from kvshare_jax.config import load_config, model_config_from
+from kvshare_jax.layout import PRESETS, STANDARD, from_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+
+
+def max_batches(config: str) -> dict[str, int]:
+    """Layout -> max batch of the committed compile-only max-batch run, if any."""
+    path = RESULTS / f"max_batch_{Path(config).stem}_v5e.json"
+    if not path.exists():
+        return {}
+    return {r["layout"]: int(r["max_batch"]) for r in json.loads(path.read_text())["rows"]}
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"One decode step compiled by the TPU compiler (libtpu {meta['libtpu']}, jax "
+        f"{meta['jax']}) on a CPU host, per chip: bytes accessed (XLA's cost analysis) over "
+        "the in-place floor (every weight product + each KV layer's token write and one "
+        "attention read of its target's slot per layer), copies of cache data, temporaries "
+        "over the cache bytes.",
+        "",
+        "| config | layout | attention | chip | batch | cache MiB | GiB accessed | floor GiB "
+        "| ratio | cache copies | temporaries / cache |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [r["config"], r["layout"], r["impl"], r["topology"], str(r["batch"])]
+        cells += [
+            f"{r['cache_bytes'] / 2**20:.1f}",
+            f"{r['bytes_accessed'] / 2**30:.3f}",
+            f"{r['floor_bytes'] / 2**30:.3f}",
+            f"{r['ratio_to_floor']:.3f}",
+            str(r["cache_copies"]),
+            f"{r['temporaries_over_cache']:.2%}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    worst = max(rows, key=lambda r: r["ratio_to_floor"])
+    lines += [
+        "",
+        f"{len(rows)} cells; worst ratio {worst['ratio_to_floor']:.3f} ({worst['config']} "
+        f"{worst['layout']} {worst['impl']} {worst['topology']} batch {worst['batch']}); "
+        f"cache copies in all cells: {sum(r['cache_copies'] for r in rows)}; largest "
+        f"temporaries / cache: {max(r['temporaries_over_cache'] for r in rows):.2%}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="configs/llama_110m.py,configs/tinyllama_1b.py")
+    p.add_argument("--topologies", default="v5e:1x1,v6e:1x1")
+    p.add_argument("--impls", default="xla,pallas")
+    p.add_argument("--layouts", default="all", help="'all' = standard + the nine presets")
+    p.add_argument("--max-batch", type=int, default=64, help="when no max-batch result exists")
+    p.add_argument("--out", default=str(RESULTS / "decode_floor_tpu"))
+    args = p.parse_args()
+    rows = []
+    for path in args.configs.split(","):
+        base = model_config_from(load_config(path))
+        study = load_config(str(ROOT / "configs" / "study" / Path(path).name)).study
+        prompt, gen = int(study.prompt_len), int(study.gen_len)  # the max-batch lengths
+        half = base.num_layers // 2
+        specs = [STANDARD, *(f"{p}:{half}" for p in PRESETS)]
+        specs = specs if args.layouts == "all" else args.layouts.split(",")
+        best = max_batches(path)
+        for spec in specs:
+            cfg = dataclasses.replace(base, layout=from_spec(spec, base.num_layers))
+            for topology in args.topologies.split(","):
+                device = aot.topology(topology)[0]
+                for impl in args.impls.split(","):
+                    for batch in sorted({1, best.get(spec, args.max_batch)}):
+                        start = time.time()
+                        one = dataclasses.replace(cfg, attention_impl=impl)
+                        out = aot.decode_step_program(one, device, batch, prompt + gen - 1)
+                        row = {
+                            "config": path,
+                            "layout": spec,
+                            "impl": impl,
+                            "topology": topology,
+                            "batch": batch,
+                            "cache_len": prompt + gen - 1,
+                            "cache_bytes": out["cache_bytes_per_device"],
+                            "bytes_accessed": out["bytes_accessed_per_device"],
+                            "floor_bytes": out["floor_bytes_per_device"],
+                            "ratio_to_floor": out["ratio_to_floor"],
+                            "cache_copies": out["cache_copies"],
+                            "temporaries_over_cache": out["temporaries_over_cache"],
+                        }
+                        rows.append(row)
+                        print(
+                            f"{path} {spec} {impl} {topology} b={batch}: "
+                            f"ratio {row['ratio_to_floor']:.3f} copies {row['cache_copies']} "
+                            f"temps {row['temporaries_over_cache']:.2%} "
+                            f"({time.time() - start:.0f} s)",
+                            flush=True,
+                        )
+                jax.clear_caches()
+    meta = {"libtpu": _version("libtpu"), "jax": jax.__version__}
+    paths.write_json(f"{args.out}.json", {"meta": meta, "rows": rows})
+    paths.write_text(f"{args.out}.md", markdown(rows, meta))
+    print(f"wrote {args.out}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
