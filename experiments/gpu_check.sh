@@ -36,7 +36,11 @@
 #
 # Packages: the GPU image (python3 with jax[cuda13], flax, optax, orbax, ...) lacks
 # ml_collections, grain, array_record and portpicker. Carry build/gpu_wheels (cp312 wheels,
-# ignored by git) and they are installed offline into a --target dir on PYTHONPATH. Only if
+# ignored by git; make them here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d build/gpu_wheels \
+#     ml_collections grain array_record portpicker
+# ) and they are installed offline into a --target dir on PYTHONPATH. Only if
 # `import jax; jax.default_backend()=='gpu'` fails is `pip install -e ".[cuda]"` tried
 # (it needs a package index, which the GPU machine cannot reach).
 set -u -o pipefail
@@ -45,7 +49,7 @@ DRY_RUN="${DRY_RUN:-0}"
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done

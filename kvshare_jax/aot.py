@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from kvshare_jax import sharding
+from kvshare_jax import gpu_topology, sharding
 from kvshare_jax.config import model_config_from
 from kvshare_jax.model import ModelConfig, init_params
 from kvshare_jax.target import compile_only_libtpu
@@ -68,7 +68,11 @@ _HBM_OOM = (  # the TPU compiler's two wordings of "does not fit in HBM"
 
 
 def chip_of(device: Any) -> Chip:
-    """The :class:`Chip` of a TPU device; ``ValueError`` for other devices."""
+    """The :class:`Chip` of a TPU device or of a compile-only GPU (:mod:`gpu_topology`);
+    ``ValueError`` for other devices."""
+    if device.platform == "gpu":
+        kind = gpu_topology.gpu_kind_of(device)
+        return Chip(kind.name, kind.peak_bf16_flops, kind.hbm_bandwidth, kind.memory_bytes)
     try:
         return CHIPS[device.device_kind]
     except KeyError:
@@ -78,14 +82,17 @@ def chip_of(device: Any) -> Chip:
 @functools.lru_cache(maxsize=16)
 def topology(name: str) -> tuple[Any, ...]:
     """The compile-only devices of a TPU slice such as ``"v5e:4x4"`` or ``"v4:2x2x1"``
-    (generations v2, v3, v4, v5e, v5p, v6e; ``"v5e:1x1"`` is a single chip)."""
+    (generations v2, v3, v4, v5e, v5p, v6e; ``"v5e:1x1"`` is a single chip), or of one
+    host of GPUs, ``"h100:N"`` / ``"h200:N"`` (:mod:`kvshare_jax.gpu_topology`)."""
     from jax.experimental import topologies
 
+    if gpu_topology.is_gpu_topology(name):
+        return gpu_topology.gpu_devices(name)
     m = _TOPOLOGY.fullmatch(name.strip())
     if m is None or m.group(1) not in GENERATIONS:
         raise ValueError(
             f"bad topology {name!r}: expected GENERATION:AxB[xC] with GENERATION one of "
-            f"{', '.join(GENERATIONS)} (e.g. v5e:4x4, v4:2x2x1)"
+            f"{', '.join(GENERATIONS)} (e.g. v5e:4x4, v4:2x2x1), or h100:N / h200:N"
         )
     dims = tuple(int(d) for d in m.group(2).split("x"))
     compile_only_libtpu()
@@ -110,7 +117,7 @@ def num_hosts(devices: Any) -> int:
 
 
 # ---------------------------------------------------------------- program reports
-def _parse_oom(message: str) -> int | None:
+def oom_bytes(message: str) -> int | None:
     """Bytes the program needs, from the TPU compiler's HBM out-of-memory message."""
     for pattern in _HBM_OOM:
         m = pattern.search(message)
@@ -121,7 +128,7 @@ def _parse_oom(message: str) -> int | None:
 
 
 def is_hbm_oom(error: BaseException) -> bool:
-    return "RESOURCE_EXHAUSTED" in str(error) and _parse_oom(str(error)) is not None
+    return "RESOURCE_EXHAUSTED" in str(error) and oom_bytes(str(error)) is not None
 
 
 def memory_of(compiled: Any) -> dict[str, int]:
@@ -152,7 +159,7 @@ def report(
     ``executed_flops`` and ``model_flops`` are per device (see the FLOP counts below)."""
     out: dict[str, Any] = {"hbm_bytes_per_device": chip.hbm_bytes}
     if compiled is None:
-        temps = _parse_oom(error)
+        temps = oom_bytes(error)
         out |= {
             "fits": False,
             "bytes_per_device": {"arguments": None, "temporaries": temps, "total": temps},
@@ -164,12 +171,6 @@ def report(
         return out
     mem = memory_of(compiled)
     total = mem["total_bytes"]
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0))
-    nbytes = float(cost.get("bytes accessed", 0.0))
-    compute_s = max(flops, executed_flops) / chip.bf16_flops
-    roofline = max(compute_s, nbytes / chip.hbm_bandwidth)
     out |= {
         "fits": total <= chip.hbm_bytes,
         "bytes_per_device": {
@@ -179,8 +180,20 @@ def report(
             "temporaries": mem["temp_bytes"],
             "total": total,
         },
-        "flops_per_device": flops,
         "executed_flops_per_device": executed_flops,
+    }
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if not cost:  # compile-only GPUs have no cost analysis: memory only
+        out |= {"flops_per_device": None, "bytes_accessed_per_device": None}
+        out["roofline_step_s"] = executed_flops / chip.bf16_flops if executed_flops else None
+        return out
+    flops = float(cost.get("flops", 0.0))
+    nbytes = float(cost.get("bytes accessed", 0.0))
+    compute_s = max(flops, executed_flops) / chip.bf16_flops
+    roofline = max(compute_s, nbytes / chip.hbm_bandwidth)
+    out |= {
+        "flops_per_device": flops,
         "bytes_accessed_per_device": nbytes,
         "roofline_step_s": roofline,
         "bound": "compute" if compute_s >= nbytes / chip.hbm_bandwidth else "memory",
@@ -304,7 +317,7 @@ def train_program(config: ml_collections.ConfigDict, devices: Any) -> dict[str, 
         executed_flops=executed_train_flops(cfg, b, int(t.seq_len)) / n,
         model_flops=model_train_flops(cfg, b, int(t.seq_len)) / n,
     )
-    if out["flops_per_device"]:
+    if out.get("flops_per_device"):
         once = loop_once_train_flops(cfg, b, int(t.seq_len), int(t.grad_accum)) / n
         out["loop_once_flops_per_device"] = once
         out["flops_ratio"] = out["flops_per_device"] / once
@@ -529,12 +542,12 @@ def decode_step_program(
     if compiled is None:
         return out
     out |= _cache_account(compiled, _cache_shapes(cfg, batch, cache_len, device))
+    if out["bytes_accessed_per_device"] is None:  # no cost analysis (compile-only GPU)
+        out["floor_bytes_per_device"] = out["ratio_to_floor"] = None
+        return out
     floor = decode_floor_bytes(cfg, device, batch, cache_len)
     out["floor_bytes_per_device"] = floor
     out["ratio_to_floor"] = out["bytes_accessed_per_device"] / floor
-    out["temporaries_over_cache"] = (
-        out["bytes_per_device"]["temporaries"] / out["cache_bytes_per_device"]
-    )
     return out
 
 

@@ -26,6 +26,7 @@ import gc
 import os
 import platform
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,6 +40,7 @@ from kvshare_jax.decode import (
     cache_bytes,
     decode_step,
     generate_fn,
+    inference_params,
     init_cache,
     prefill,
 )
@@ -165,12 +167,7 @@ def program_memory(
 ) -> dict[str, int] | None:
     """Memory of the compiled generation program at ``batch`` (compiled, not run); None
     when the compiler refuses it for lack of device memory."""
-    try:
-        return aot.memory_of(compile_generate(cfg, batch, prompt_len, gen_len, device))
-    except Exception as e:  # noqa: BLE001 - the TPU compiler's RESOURCE_EXHAUSTED
-        if aot.is_hbm_oom(e):
-            return None
-        raise
+    return _memory_and_need(cfg, batch, prompt_len, gen_len, device)[0]
 
 
 def max_batch(
@@ -180,20 +177,26 @@ def max_batch(
     gen_len: int,
     limit: int = 1 << 16,
     device: Any = None,
+    hint: int | None = None,
 ) -> tuple[int, dict[str, int] | None]:
     """Largest batch whose compiled program fits ``budget`` bytes, and its memory.
 
-    Memory is about affine in the batch, so two compilations give a first guess; steps
-    of doubling size away from it bracket the answer and a bisection makes it exact
-    (where memory grows with the batch, as it does past the smallest batches).
+    Memory is about affine in the batch, so two compilations give a first guess (or
+    ``hint``, e.g. the answer for a layout with the same cache: each compile of a large
+    batch takes minutes on a small host); steps of doubling size away from it bracket the
+    answer and a bisection makes it exact (where memory grows with the batch, as it does
+    past the smallest batches).
     """
     known: dict[int, dict[str, int] | None] = {}
+    need: dict[int, int | None] = {}  # total bytes, also of a program refused for memory
 
     def fits(b: int) -> bool:
         if b not in known:
-            known[b] = program_memory(cfg, b, prompt_len, gen_len, device)
+            known[b], need[b] = _memory_and_need(cfg, b, prompt_len, gen_len, device)
         return known[b] is not None and known[b]["total_bytes"] <= budget
 
+    if hint is not None and 1 <= hint <= limit:
+        return _bracket(fits, known, int(hint), limit)
     if not fits(1):
         return 0, None
     # the slope from batch 1: the compiler's choices at tiny batches can make 2 cost
@@ -207,14 +210,39 @@ def max_batch(
             break
     per_seq = per_seq if per_seq > 0 else max(known[1]["total_bytes"], 1)
     guess = int(min(limit, max(1, 1 + (budget - known[1]["total_bytes"]) // per_seq)))
-    # one secant step through the first guess: the smallest batches can also skew the
-    # slope the other way (an extra cache copy at batch 1 on CPU); past them it is steady
+    # secant steps through the guesses (at most three): the smallest batches skew the
+    # slope (prefill groups fill up, an extra cache copy at batch 1 on CPU); past them it
+    # is steady, so a step or two land next to the answer. A program the compiler refuses
+    # for memory still tells the bytes it needed.
     ref = max(known)
-    fits(guess)
-    if guess != ref and known[ref] and known[guess]:
-        slope = (known[guess]["total_bytes"] - known[ref]["total_bytes"]) // (guess - ref)
-        if slope > 0:
-            guess = int(min(limit, max(1, ref + (budget - known[ref]["total_bytes"]) // slope)))
+    for _ in range(3):
+        fits(guess)
+        if guess == ref or need.get(guess) is None or need.get(ref) is None:
+            break
+        slope = (need[guess] - need[ref]) / (guess - ref)
+        if slope <= 0:
+            break
+        ref, guess = guess, int(min(limit, max(1, guess + (budget - need[guess]) // slope)))
+    return _bracket(fits, known, guess, limit)
+
+
+def _memory_and_need(
+    cfg: ModelConfig, batch: int, prompt_len: int, gen_len: int, device: Any
+) -> tuple[dict[str, int] | None, int | None]:
+    """`program_memory`, and the program's total bytes even when the compiler refused it
+    for lack of device memory (read from its message; None if it names none)."""
+    try:
+        mem = aot.memory_of(compile_generate(cfg, batch, prompt_len, gen_len, device))
+    except Exception as e:  # noqa: BLE001 - the TPU compiler's RESOURCE_EXHAUSTED
+        if aot.is_hbm_oom(e):
+            return None, aot.oom_bytes(str(e))
+        raise
+    return mem, mem["total_bytes"]
+
+
+def _bracket(fits: Callable[[int], bool], known: dict, guess: int, limit: int):
+    """Exact largest fitting batch from a first ``guess``: doubling steps away from it,
+    then a bisection."""
     lo, hi, step = 1, limit + 1, 1  # invariant: fits(lo), not fits(hi)
     if fits(guess):
         lo = guess
@@ -226,6 +254,8 @@ def max_batch(
         while hi - step > 1 and not fits(hi - step):
             hi, step = hi - step, 2 * step
         lo = max(hi - step, 1)
+        if lo == 1 and not fits(1):
+            return 0, None
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
@@ -267,6 +297,7 @@ def bench_generate(
     ``prefill_passes`` / ``prefill_tol``: the prefill iteration (default: the decoder's);
     ``prefill_passes_run`` reports the passes it ran on the benchmark's prompts.
     """
+    params = inference_params(cfg, params)  # what compile_generate's program takes
     prompts, lengths = _inputs(cfg, batch, prompt_len)
     cache_len = prompt_len + gen_len - 1
     cache_shape = jax.eval_shape(lambda: init_cache(cfg, batch, cache_len))
@@ -459,12 +490,16 @@ def compile_suite(spec: BenchSpec, topology: str, progress: bool = True) -> dict
     chip = aot.chip_of(device)
     budget = spec.memory_budget or chip.hbm_bytes
     cache_len = spec.prompt_len + spec.gen_len - 1
-    rows = []
+    rows, found = [], {}  # KV layers -> the last max batch: the next layout's first guess
     for name, layout in tqdm(layouts.items(), desc="layouts", disable=not progress):
         cfg = dataclasses.replace(spec.base, layout=layout)
         params = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
         row = _row(name, cfg, params, cache_len)
-        b, mem = max_batch(cfg, budget, spec.prompt_len, spec.gen_len, device=device)
+        hint = found.get(layout.num_kv_layers)
+        b, mem = max_batch(cfg, budget, spec.prompt_len, spec.gen_len, device=device, hint=hint)
+        found[layout.num_kv_layers] = b or None
+        if progress:
+            tqdm.write(f"{name}: max batch {b}", file=sys.stderr)
         row["max_batch"], row["max_batch_memory"] = b, mem
         if b > 0:  # the roofline of the compiled decode step at that batch: its own bytes
             step = aot.decode_step_program(cfg, device, b, cache_len)

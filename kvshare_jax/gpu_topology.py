@@ -103,7 +103,7 @@ def cuda_plugin_installed() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache  # lru_cache(maxsize=None)
 def gpu_devices(name: str) -> tuple[Any, ...]:
     """The compile-only devices of GPU topology ``name`` (e.g. ``"h200:8"``).
 

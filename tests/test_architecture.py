@@ -23,6 +23,7 @@ FLOORS = [
         "paths",
         "hf_export",
         "workdir_lock",
+        "gpu_topology",
     },
     {"kernels", "cache_layout"},
     {"attention"},

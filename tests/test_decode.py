@@ -12,6 +12,7 @@ import pytest
 from tinymodel import VOCAB
 from tinymodel import small_config as tiny_config
 
+from kvshare_jax.attention import INVALID_POS
 from kvshare_jax.commands import generate as generate_cmd
 from kvshare_jax.decode import (
     cache_bytes,
@@ -21,7 +22,6 @@ from kvshare_jax.decode import (
     init_cache,
     prefill,
 )
-from kvshare_jax.attention import INVALID_POS
 from kvshare_jax.layout import (
     PARTS,
     POSITIONS,

@@ -1,6 +1,7 @@
 """``kvshare compile``: will it fit? Compile a config for a TPU slice on any host.
 
     kvshare compile --config configs/tinyllama_1b.py --topology v5e:4x4 [--config.a.b=v]
+    kvshare compile --config configs/llama_110m.py --topology h100:1   # needs [cuda]
 
 AOT-compiles the sharded train step (and, on one device, the generation program and one
 decode step at the generate batch and cache length) with the real TPU compiler and
@@ -35,7 +36,9 @@ _ALIASES = {
 def parser() -> ArgParser:
     p = ArgParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="config file (overrides: --config.a.b=v)")
-    p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:4x4, v4:2x2x1")
+    p.add_argument(
+        "--topology", required=True, help="TPU slice (v5e:4x4, v4:2x2x1) or GPUs (h100:1, h200:8)"
+    )
     p.add_argument(
         "--programs", default="train,generate,decode", help="train, generate and/or decode"
     )
@@ -86,14 +89,18 @@ def render(report: dict[str, Any]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     step = report["programs"].get("decode_step")
-    if step and "ratio_to_floor" in step:
+    if step and "cache_copies" in step:
+        floor = (
+            f", bytes accessed {step['ratio_to_floor']:.2f}x the in-place floor "
+            f"({step['floor_bytes_per_device'] / 1e9:.2f} GB)"
+            if step.get("ratio_to_floor")
+            else " (no cost analysis for this device: no floor)"
+        )
         lines += [
             "",
             f"decode_step ({step['cache_layout']} cache, {_gib(step['cache_bytes_per_device'])} "
             f"GiB): {step['cache_copies']} cache copies, temporaries "
-            f"{step['temporaries_over_cache']:.1%} of the cache, bytes accessed "
-            f"{step['ratio_to_floor']:.2f}x the in-place floor "
-            f"({step['floor_bytes_per_device'] / 1e9:.2f} GB)",
+            f"{step['temporaries_over_cache']:.1%} of the cache{floor}",
         ]
     gen = report["programs"].get("generate")
     if gen and "temporaries_over_cache" in gen:
