@@ -470,7 +470,9 @@ def _weights_pass(cfg: ModelConfig) -> Any:
 
 def _cache_pass(cfg: ModelConfig, layout: str) -> Any:
     """The floor's cache part: one token written in place into each KV layer's K and V,
-    then one attention read of its target's slot per layer (scores, softmax, values)."""
+    then one attention read of its target's slot per layer (scores, softmax, values), in
+    layer order: as in a decode step, a layer's query depends on the layer below, so the
+    reads of a shared slot cannot be merged into one."""
     from kvshare_jax import cache_layout
 
     kv = "BhS" if layout == "HS" else "BSh"
@@ -480,12 +482,12 @@ def _cache_pass(cfg: ModelConfig, layout: str) -> Any:
         for slot in range(len(k)):
             k[slot] = cache_layout.write(layout, k[slot], new, index)
             v[slot] = cache_layout.write(layout, v[slot], new, index)
-        out = jnp.zeros(q.shape, jnp.float32)
-        for slot in cfg.layout.slot_of_layer:
+        for slot in cfg.layout.slot_of_layer:  # each layer's query depends on the last
             s = jnp.einsum(f"Bgh,{kv}->BgS", q, k[slot], preferred_element_type=jnp.float32)
             p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-            out += jnp.einsum(f"BgS,{kv}->Bgh", p, v[slot], preferred_element_type=jnp.float32)
-        return out, tuple(k), tuple(v)
+            out = jnp.einsum(f"BgS,{kv}->Bgh", p, v[slot], preferred_element_type=jnp.float32)
+            q = (q + out).astype(q.dtype)  # (else XLA merges the reads of a shared slot)
+        return q, tuple(k), tuple(v)
 
     return jax.jit(program, donate_argnums=(0, 1))
 
@@ -530,11 +532,11 @@ def lower_decode_step(cfg: ModelConfig, batch: int, cache_len: int, device: Any)
 
 
 def decode_step_program(
-    cfg: ModelConfig, device: Any, batch: int, cache_len: int
+    cfg: ModelConfig, device: Any, batch: int, cache_len: int, floor: bool = True
 ) -> dict[str, Any]:
     """Compiles one decode step for ``device`` at ``batch`` and ``cache_len`` positions and
-    reports, per device: memory, bytes accessed, its cache-sized copies, and the in-place
-    floor (:func:`decode_floor_bytes`) with the ratio to it."""
+    reports, per device: memory, bytes accessed, its cache-sized copies, and (``floor``)
+    the in-place floor (:func:`decode_floor_bytes`) with the ratio to it."""
     compiled, out = compile_or_report(
         lambda: lower_decode_step(cfg, batch, cache_len, device), chip_of(device)
     )
@@ -542,12 +544,12 @@ def decode_step_program(
     if compiled is None:
         return out
     out |= _cache_account(compiled, _cache_shapes(cfg, batch, cache_len, device))
-    if out["bytes_accessed_per_device"] is None:  # no cost analysis (compile-only GPU)
+    if not floor or out["bytes_accessed_per_device"] is None:  # (no cost analysis: GPU)
         out["floor_bytes_per_device"] = out["ratio_to_floor"] = None
         return out
-    floor = decode_floor_bytes(cfg, device, batch, cache_len)
-    out["floor_bytes_per_device"] = floor
-    out["ratio_to_floor"] = out["bytes_accessed_per_device"] / floor
+    least = decode_floor_bytes(cfg, device, batch, cache_len)
+    out["floor_bytes_per_device"] = least
+    out["ratio_to_floor"] = out["bytes_accessed_per_device"] / least
     return out
 
 

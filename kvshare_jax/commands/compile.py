@@ -112,6 +112,11 @@ def render(report: dict[str, Any]) -> str:
     if train:
         mesh = " ".join(f"{k}={v}" for k, v in train["mesh"].items())
         lines += ["", f"train_step mesh {mesh}; settings {train['settings']}"]
+        if "flops_ratio" in train:
+            lines.append(
+                f"train_step FLOPs compiled / counted from the model (loop bodies once): "
+                f"{train['flops_ratio']:.2f}"
+            )
     if "suggestion" in report:
         s = report["suggestion"]
         lines.append(
