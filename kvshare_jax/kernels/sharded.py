@@ -13,6 +13,7 @@ the Mosaic kernels are built, with the blocks of the devices' generation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -63,22 +64,8 @@ def pallas_attention(
         interpret=interpret,
         device_kind=plan.device_kind,
     )
-    if plan.direct:
-        return flash_attention(q, k, v, q_pos, kv_pos, **kwargs)
-    plan.check(q.shape[0], q.shape[2], k.shape[2])
-
-    def kernel(q, k, v, q_pos, kv_pos):
-        return flash_attention(q, k, v, q_pos, kv_pos, **kwargs)
-
-    heads = P(plan.batch or None, None, plan.head, None)
-    pos = P(plan.batch or None, None)
-    return jax.shard_map(
-        kernel,
-        mesh=plan.mesh,
-        in_specs=(heads, heads, heads, pos, pos),
-        out_specs=heads,
-        check_vma=False,
-    )(q, k, v, q_pos, kv_pos)
+    kernel = functools.partial(flash_attention, **kwargs)
+    return plan.run(kernel, (q, k, v, q_pos, kv_pos), kv_heads=k.shape[2], slots=False)
 
 
 def pallas_cache_attention(
@@ -113,23 +100,8 @@ def pallas_cache_attention(
         interpret=interpret,
         device_kind=plan.device_kind,
     )
-    if plan.direct:
-        return flash_cache_attention(q, k, v, q_pos, kv_pos, **kwargs)
-    plan.check(b, q.shape[2], k.shape[1])
-
-    def kernel(q, k, v, q_pos, kv_pos):
-        return flash_cache_attention(q, k, v, q_pos, kv_pos, **kwargs)
-
-    heads = P(plan.batch or None, None, plan.head, None)
-    slots = P(plan.batch or None, plan.head, None, None)
-    pos = P(plan.batch or None, None)
-    return jax.shard_map(
-        kernel,
-        mesh=plan.mesh,
-        in_specs=(heads, slots, slots, pos, pos),
-        out_specs=heads,
-        check_vma=False,
-    )(q, k, v, q_pos, kv_pos)
+    kernel = functools.partial(flash_cache_attention, **kwargs)
+    return plan.run(kernel, (q, k, v, q_pos, kv_pos), kv_heads=k.shape[1], slots=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +118,24 @@ class _Plan:
     def direct(self) -> bool:
         """No free mesh axis: call the kernel as it is."""
         return not self.batch and self.head is None
+
+    def run(self, kernel, args: tuple, kv_heads: int, slots: bool) -> jax.Array:
+        """``kernel(q, k, v, q_pos, kv_pos)`` called directly, or per shard (K/V time-major
+        ``[b, s, kh, h]``, or per-batch-row cache slots ``[b, kh, ., .]`` with ``slots``)."""
+        if self.direct:
+            return kernel(*args)
+        q = args[0]
+        self.check(q.shape[0], q.shape[2], kv_heads)
+        heads = P(self.batch or None, None, self.head, None)
+        kv = P(self.batch or None, self.head, None, None) if slots else heads
+        pos = P(self.batch or None, None)
+        return jax.shard_map(
+            kernel,
+            mesh=self.mesh,
+            in_specs=(heads, kv, kv, pos, pos),
+            out_specs=heads,
+            check_vma=False,
+        )(*args)
 
     def check(self, b: int, n: int, kh: int) -> None:
         batch_shards = math.prod(self.mesh.shape[a] for a in self.batch)
