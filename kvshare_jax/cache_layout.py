@@ -57,11 +57,6 @@ def slot_shape(layout: SlotLayout, rows: int, length: int, h: int) -> tuple[int,
     return (rows, length, h) if check(layout) == "SH" else (rows, h, length)
 
 
-def slot_len(layout: SlotLayout, buf: jax.Array) -> int:
-    """Cache length ``S`` of a slot."""
-    return buf.shape[1] if check(layout) == "SH" else buf.shape[2]
-
-
 def to_slot(layout: SlotLayout, new: jax.Array) -> jax.Array:
     """Time-major KVs ``[b, t, k, h]`` as slot rows (``[b*k, t, h]`` or ``[b*k, h, t]``)."""
     b, t, k, h = new.shape
@@ -79,9 +74,3 @@ def write(
     rows = to_slot(layout, new).astype(buf.dtype)
     start = (row, index, 0) if layout == "SH" else (row, 0, index)
     return jax.lax.dynamic_update_slice(buf, rows, start)
-
-
-def to_time_major(layout: SlotLayout, buf: jax.Array, batch: int) -> jax.Array:
-    """A slot as time-major ``[b, S, k, h]`` (a copy: for paths without a slot reader)."""
-    x = buf.reshape(batch, -1, *buf.shape[1:])
-    return x.transpose(0, 2, 1, 3) if check(layout) == "SH" else x.transpose(0, 3, 1, 2)
