@@ -410,7 +410,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 # ------------------------------------------------------------- bad HF input
 def tiny_hf_dir(path) -> str:
-    """A valid exported ``llama`` dir (L=2, d=8) to corrupt."""
+    """A valid exported ``llama`` dir (L=2, d=8) to corrupt (HF's files need the ``[hf]``
+    extra's safetensors: skipped without it)."""
+    pytest.importorskip("safetensors")
     from kvshare_jax.model import ModelConfig, init_params
 
     cfg = ModelConfig.create(
