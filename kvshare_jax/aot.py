@@ -182,8 +182,7 @@ def report(
         },
         "executed_flops_per_device": executed_flops,
     }
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = _cost(compiled)
     if not cost:  # compile-only GPUs have no cost analysis: memory only
         out |= {"flops_per_device": None, "bytes_accessed_per_device": None}
         out["roofline_step_s"] = executed_flops / chip.bf16_flops if executed_flops else None
@@ -445,10 +444,14 @@ def _cache_account(compiled: Any, cache: Any) -> dict[str, Any]:
     }
 
 
-def _bytes_accessed(compiled: Any) -> float:
+def _cost(compiled: Any) -> dict[str, float] | None:
+    """XLA's cost analysis of a compiled program (None where the device gives none)."""
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("bytes accessed", 0.0))
+    return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
+def _bytes_accessed(compiled: Any) -> float:
+    return float(_cost(compiled).get("bytes accessed", 0.0))
 
 
 def _weights_pass(cfg: ModelConfig) -> Any:

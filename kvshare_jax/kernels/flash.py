@@ -558,10 +558,9 @@ def _flash_folded(q, k, v, q_pos, kv_pos, cfg: _Config, heads_major: bool) -> ja
         k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))
     if pad_keys or hp != h:
         k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad_keys), (0, hp - h))) for x in (k, v))
-    kf, vf = k, v
     qp = jnp.pad(jnp.repeat(q_pos, g, axis=1), ((0, 0), (0, pad_rows)), mode="edge")
     kp = jnp.pad(kv_pos, ((0, 0), (0, pad_keys)), constant_values=INVALID_POS)
 
-    o = _flash(qf, kf, vf, qp[:, :, None], kp[:, None, :], cfg)
+    o = _flash(qf, k, v, qp[:, :, None], kp[:, None, :], cfg)
     o = o[:, :, :rows, :h].reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4)
     return o.reshape(b, t, n, h)

@@ -238,6 +238,12 @@ class _Config:
     block_k: int  # keys per tile
     interpret: bool
 
+    @classmethod
+    def of(cls, h: int, strict, window, block_q: int, block_k: int, interpret) -> _Config:
+        """The config of head dim ``h`` (scale ``h ** -0.5``) from the public arguments."""
+        window = None if window is None else int(window)
+        return cls(h**-0.5, bool(strict), window, block_q, block_k, bool(interpret))
+
 
 def _dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
     """fp32-accumulated product. 16-bit operands get an explicit default precision: Mosaic
@@ -636,7 +642,7 @@ def _cache_decode(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
     bk = cfg.block_k
     nk = s // bk
     # Row r of KV head j: token r // g, query head j * g + r % g (a copy of q only).
-    qf = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
+    qf = _fold_rows(q, kh, 0)
     qp = jnp.repeat(q_pos, g, axis=1)
     ranges, k_range, _ = _tile_ranges(qp, kv_pos, rows, bk, cfg)
 
@@ -672,7 +678,7 @@ def _cache_decode(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
         qp[:, :, None],
         kv_pos[:, None, :],
     )
-    return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+    return _unfold_rows(out, t, n)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -766,14 +772,7 @@ def flash_attention_tpu(
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     bq, bk = block_sizes(t * (n // kh), s, h, q.dtype, device_kind, block_q, block_k)
-    cfg = _Config(
-        scale=h**-0.5,
-        strict=bool(strict),
-        window=None if window is None else int(window),
-        block_q=bq,
-        block_k=bk,
-        interpret=bool(interpret),
-    )
+    cfg = _Config.of(h, strict, window, bq, bk, interpret)
     return _jit_attend(q, k, v, q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32), cfg)
 
 
@@ -803,14 +802,7 @@ def cache_attention_tpu(
         pad = _round_up(s, bk) - s
         k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad))) for x in (k, v))
         kv_pos = jnp.pad(kv_pos, ((0, 0), (0, pad)), constant_values=INVALID_POS)
-    cfg = _Config(
-        scale=h**-0.5,
-        strict=bool(strict),
-        window=None if window is None else int(window),
-        block_q=t * (n // kh),
-        block_k=bk,
-        interpret=bool(interpret),
-    )
+    cfg = _Config.of(h, strict, window, t * (n // kh), bk, interpret)
     return _jit_cache(q, k, v, q_pos.astype(jnp.int32), kv_pos, cfg)
 
 
