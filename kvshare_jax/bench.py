@@ -478,53 +478,99 @@ def run_suite(spec: BenchSpec, progress: bool = True) -> dict[str, Any]:
     return {"meta": meta, "rows": rows}
 
 
-def compile_suite(spec: BenchSpec, topology: str, progress: bool = True) -> dict[str, Any]:
+def compile_suite(
+    spec: BenchSpec,
+    topology: str,
+    progress: bool = True,
+    done: Sequence[dict[str, Any]] = (),
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """The max-batch column for one device of a TPU ``topology``, from the TPU compiler's
     memory account alone (nothing runs: throughput is "not measured"). Beside it, the
-    decode roofline on that chip: the bytes the compiled decode step accesses at that
-    batch (`aot.decode_step_program`) / HBM bandwidth."""
+    decode roofline on that chip: the HBM traffic of the compiled decode step at that
+    batch (`aot.decode_step_program`) / HBM bandwidth.
+
+    ``done``: rows of an earlier run of the same spec (kept, not recompiled; their max
+    batches seed the search). ``on_row``: called with the results so far after each
+    layout, so an interrupted search keeps what it found.
+    """
     from tqdm import tqdm
 
     layouts = _check_spec(spec)
     device = aot.topology(topology)[0]
-    chip = aot.chip_of(device)
-    budget = spec.memory_budget or chip.hbm_bytes
-    cache_len = spec.prompt_len + spec.gen_len - 1
-    rows, found = [], {}  # KV layers -> the last max batch: the next layout's first guess
+    meta = compile_meta(spec, topology)
+    budget = meta["memory_budget"]
+    kept = {row["layout"]: row for row in done if row["layout"] in layouts}
+    rows = []
     for name, layout in tqdm(layouts.items(), desc="layouts", disable=not progress):
-        cfg = dataclasses.replace(spec.base, layout=layout)
-        params = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
-        row = _row(name, cfg, params, cache_len)
-        hint = found.get(layout.num_kv_layers)
-        b, mem = max_batch(cfg, budget, spec.prompt_len, spec.gen_len, device=device, hint=hint)
-        found[layout.num_kv_layers] = b or None
+        row = kept.get(name) or _max_batch_row(name, spec, layout, device, budget, rows)
         if progress:
-            tqdm.write(f"{name}: max batch {b}", file=sys.stderr)
-        row["max_batch"], row["max_batch_memory"] = b, mem
-        if b > 0:  # the roofline of the compiled decode step at that batch: its own bytes
-            step = aot.decode_step_program(cfg, device, b, cache_len, floor=False)
-            step_s = step["bytes_accessed_per_device"] / chip.hbm_bandwidth
-            row["max_batch_roofline"] = {
-                "decode_step_s": step_s,
-                "decode_tok_s": b / step_s,
-                "step_bytes": step["bytes_accessed_per_device"],
-                "cache_copies": step["cache_copies"],
-            }
+            tqdm.write(f"{name}: max batch {row['max_batch']}", file=sys.stderr)
         rows.append(row)
-        compile_generate.cache_clear()  # TPU executables of every probed batch: GiBs
-        jax.clear_caches()
-        gc.collect()
-    meta = _meta(
+        if on_row is not None:
+            on_row({"meta": meta, "rows": [*rows]})
+    return {"meta": meta, "rows": rows}
+
+
+def compile_meta(spec: BenchSpec, topology: str) -> dict[str, Any]:
+    """The ``meta`` of `compile_suite`'s results (``memory_budget``: the one searched)."""
+    device = aot.topology(topology)[0]
+    chip = aot.chip_of(device)
+    return _meta(
         spec,
         platform="tpu",
         device_kind=device.device_kind,
         topology=topology,
         chip=vars(chip),
-        memory_budget=budget,
+        memory_budget=spec.memory_budget or chip.hbm_bytes,
         measured=False,
         jax_version=jax.__version__,
     )
-    return {"meta": meta, "rows": rows}
+
+
+def _max_batch_row(name, spec, layout, device, budget, rows) -> dict[str, Any]:
+    """One layout's row of `compile_suite`; ``rows``: those found before, for a guess."""
+    cfg = dataclasses.replace(spec.base, layout=layout)
+    params = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+    cache_len = spec.prompt_len + spec.gen_len - 1
+    row = _row(name, cfg, params, cache_len)
+    b, mem = max_batch(cfg, budget, spec.prompt_len, spec.gen_len, device=device,
+                       hint=_batch_guess(row, rows, budget))  # fmt: skip
+    row["max_batch"], row["max_batch_memory"] = b, mem
+    if b > 0:  # the roofline of the compiled decode step at that batch: its HBM traffic
+        chip = aot.chip_of(device)
+        step = aot.decode_step_program(cfg, device, b, cache_len, floor=False)
+        step_s = step["hbm_traffic_per_device"] / chip.hbm_bandwidth
+        row["max_batch_roofline"] = {
+            "decode_step_s": step_s,
+            "decode_tok_s": b / step_s,
+            "step_bytes": step["hbm_traffic_per_device"],
+            "bytes_accessed": step["bytes_accessed_per_device"],
+            "cache_copies": step["cache_copies"],
+        }
+    compile_generate.cache_clear()  # TPU executables of every probed batch: GiBs
+    jax.clear_caches()
+    gc.collect()
+    return row
+
+
+def _batch_guess(row: dict[str, Any], rows: Sequence[dict[str, Any]], budget: int) -> int | None:
+    """A first guess of ``row``'s max batch from the layouts found before: the answer of
+    one with as many KV layers, else one's memory with its per-sequence bytes scaled by
+    the cache (weights fixed). None when none fitted."""
+    found = [r for r in rows if r["max_batch"] > 0]
+    same = [r["max_batch"] for r in found if r["kv_layers"] == row["kv_layers"]]
+    if same or not found:
+        return same[-1] if same else None
+    ref = found[-1]
+    fixed = (
+        ref["max_batch_memory"].get("argument_bytes", 0)
+        - ref["max_batch"] * ref["cache_bytes_per_seq"]
+    )
+    fixed = max(0, min(fixed, ref["max_batch_memory"]["total_bytes"]))
+    per_seq = (ref["max_batch_memory"]["total_bytes"] - fixed) / ref["max_batch"]
+    per_seq *= row["cache_bytes_per_seq"] / ref["cache_bytes_per_seq"]
+    return max(1, int((budget - fixed) // per_seq)) if per_seq > 0 else None
 
 
 # ---------------------------------------------------------------- flags
@@ -558,6 +604,12 @@ def arg_parser(prog: str, config: str | None = None) -> argparse.ArgumentParser:
         "--topology",
         help="compile only, for one device of this TPU slice (e.g. v5e:1x1): the max-batch "
         "column from the TPU compiler's memory account (budget: the chip's HBM)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --topology: keep the layouts already in the report of the same search "
+        "(it is rewritten after each layout) and search only the others",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

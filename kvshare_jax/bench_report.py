@@ -32,8 +32,8 @@ def markdown_compiled(results: dict[str, Any]) -> str:
     lines = [
         f"Compiled, not run: one {meta['device_kind']} of {meta['topology']} (TPU compiler's "
         f"memory account, jax {meta['jax_version']}), budget "
-        f"{meta['memory_budget'] / 2**30:.2f} GiB; {_model_text(meta)}. Roofline: the bytes "
-        f"the compiled decode step accesses at the max batch / "
+        f"{meta['memory_budget'] / 2**30:.2f} GiB; {_model_text(meta)}. Roofline: the HBM "
+        f"traffic of the compiled decode step at the max batch / "
         f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s.",
         "",
         "| layout | KV layers | cache MiB/seq | max batch | vs standard | program GiB "

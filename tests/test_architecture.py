@@ -24,6 +24,7 @@ FLOORS = [
         "hf_export",
         "workdir_lock",
         "gpu_topology",
+        "hbm_traffic",
     },
     {"kernels", "cache_layout"},
     {"attention"},

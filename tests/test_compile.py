@@ -62,7 +62,7 @@ def test_train_step_compiles_and_fits(topology, layout, impl):
     # the roofline is a lower bound from both the FLOPs and the bytes
     chip = aot.chip_of(aot.topology(topology)[0])
     assert out["roofline_step_s"] >= out["executed_flops_per_device"] / chip.bf16_flops
-    assert out["roofline_step_s"] >= out["bytes_accessed_per_device"] / chip.hbm_bandwidth
+    assert out["roofline_step_s"] >= out["hbm_traffic_per_device"] / chip.hbm_bandwidth > 0
     assert 0 < out["mfu_ceiling"] <= 1
 
 
@@ -143,6 +143,9 @@ def test_compile_command_json(tmp_path, capsys):
     assert step["ratio_to_floor"] == pytest.approx(
         step["bytes_accessed_per_device"] / step["floor_bytes_per_device"]
     )
+    assert step["hbm_traffic_ratio_to_floor"] == pytest.approx(
+        step["hbm_traffic_per_device"] / step["hbm_traffic_floor_per_device"]
+    )
     assert step["cache_bytes_per_device"] > 0 and step["settings"]["cache_len"] == 16 + 32 - 1
     assert "suggestion" not in report
     out = capsys.readouterr().out
@@ -203,7 +206,8 @@ def test_bench_topology_command(tmp_path, capsys):
 # ----------------------------------------------------------------- the decode step
 def _decode_targets(path: str, layout: str, impl: str, topology: str, batch: int) -> dict:
     """The decode-step targets for one cell: no cache-sized copy, temporaries at most 5%
-    of the cache, bytes accessed at most 1.2x the in-place floor."""
+    of the cache, HBM traffic at most 1.2x the in-place floor's. (XLA's bytes accessed
+    also counts weights the compiler stages in VMEM, several times: test_hbm_traffic.)"""
     config = load_config(path)
     cfg = model_config_from(config)
     cfg = dataclasses.replace(cfg, layout=from_spec(layout, cfg.num_layers), attention_impl=impl)
@@ -211,7 +215,7 @@ def _decode_targets(path: str, layout: str, impl: str, topology: str, batch: int
     out = aot.decode_step_program(cfg, aot.topology(topology)[0], batch, prompt + gen - 1)
     assert out["cache_copies"] == 0, out
     assert out["temporaries_over_cache"] <= 0.05, out
-    assert out["ratio_to_floor"] <= 1.2, out
+    assert out["hbm_traffic_ratio_to_floor"] <= 1.2, out
     return out
 
 
@@ -222,6 +226,7 @@ def test_decode_step_is_at_the_in_place_floor(layout, impl):
     time-minor slots), standard and an upward layout, XLA and Pallas attention."""
     out = _decode_targets("configs/llama_110m.py", layout, impl, "v5e:1x1", 1)
     assert out["cache_layout"] == "HS"
+    assert out["ratio_to_floor"] <= 1.2, out  # here XLA's own count agrees
 
 
 SHIPPED = ["configs/llama_110m.py", "configs/tinyllama_1b.py"]  # the accelerator models

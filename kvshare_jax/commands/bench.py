@@ -29,18 +29,51 @@ def run(argv: list[str]) -> int:
         args, overrides = parse_with_overrides(argv, bench.arg_parser(PROG))
         check_output_dir(args.out_dir, "--out-dir")  # before the benchmark runs
         spec = bench.spec_from_args(args, overrides)
+        name = args.name or (
+            f"max_batch_{args.topology.replace(':', '_')}"
+            if args.topology
+            else f"throughput_{jax.default_backend()}"
+        )
         if args.topology:
-            results = bench.compile_suite(spec, args.topology, progress=not args.quiet)
+            done = _earlier_rows(args, spec, name) if args.resume else []
+            write = functools.partial(_write, args.out_dir, name)  # each layout as found
+            results = bench.compile_suite(
+                spec, args.topology, progress=not args.quiet, done=done, on_row=write
+            )
         else:
+            if args.resume:
+                raise ValueError("--resume needs --topology (a compile-only search)")
             results = bench.run_suite(spec, progress=not args.quiet)
     except (ValueError, OSError) as e:
         return _error(e)
-    default_name = (
-        f"max_batch_{args.topology.replace(':', '_')}"
-        if args.topology
-        else (f"throughput_{jax.default_backend()}")
-    )
-    paths = bench_report.write_reports(results, args.out_dir, args.name or default_name)
+    paths = bench_report.write_reports(results, args.out_dir, name)
     print(bench_report.markdown(results))
     print("wrote " + ", ".join(paths.values()))
     return 0
+
+
+def _write(out_dir: str, name: str, results: dict) -> None:
+    from kvshare_jax import bench_report
+
+    bench_report.write_reports(results, out_dir, name)
+
+
+def _earlier_rows(args, spec, name: str) -> list[dict]:
+    """The rows of ``<out-dir>/<name>.json`` when it holds a search of the same model,
+    lengths, budget and topology (else a one-line error: --resume would mix runs)."""
+    import json
+
+    from etils import epath
+
+    from kvshare_jax import bench, paths
+
+    path = paths.join(args.out_dir, f"{name}.json")
+    if not epath.Path(path).exists():
+        return []
+    old = paths.read_json(path)
+    meta = json.loads(json.dumps(bench.compile_meta(spec, args.topology)))  # as stored
+    keys = ("model", "dtype", "param_dtype", "prompt_len", "gen_len", "memory_budget", "topology")
+    differ = [k for k in keys if old.get("meta", {}).get(k) != meta[k]]
+    if differ:
+        raise ValueError(f"--resume: {path} is another search (differs in {', '.join(differ)})")
+    return old["rows"]

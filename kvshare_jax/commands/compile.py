@@ -64,9 +64,9 @@ def render(report: dict[str, Any]) -> str:
         f"{report['topology']}: {report['num_devices']} x {report['device_kind']} on "
         f"{report['num_hosts']} host(s); HBM {_gib(report['chip']['hbm_bytes'])} GiB per device",
         "",
-        "| program | fits | arguments GiB | temporaries GiB | total GiB | TFLOP | GB accessed "
-        "| roofline s | MFU ceiling |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| program | fits | arguments GiB | temporaries GiB | total GiB | TFLOP | HBM GB "
+        "| XLA GB accessed | roofline s | MFU ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = list(report["programs"].items())
     if "suggestion" in report and report["suggestion"]["overrides"]:
@@ -81,9 +81,10 @@ def render(report: dict[str, Any]) -> str:
             _gib(b["temporaries"]),
             _gib(b["total"]),
             "-" if flops is None else f"{flops / 1e12:.2f}",
-            "-"
-            if p["bytes_accessed_per_device"] is None
-            else f"{p['bytes_accessed_per_device'] / 1e9:.1f}",
+            *(
+                "-" if p.get(key) is None else f"{p[key] / 1e9:.1f}"
+                for key in ("hbm_traffic_per_device", "bytes_accessed_per_device")
+            ),
             "-" if p["roofline_step_s"] is None else f"{p['roofline_step_s']:.3g}",
             f"{p['mfu_ceiling']:.0%}" if "mfu_ceiling" in p else "-",
         ]
@@ -91,8 +92,9 @@ def render(report: dict[str, Any]) -> str:
     step = report["programs"].get("decode_step")
     if step and "cache_copies" in step:
         floor = (
-            f", bytes accessed {step['ratio_to_floor']:.2f}x the in-place floor "
-            f"({step['floor_bytes_per_device'] / 1e9:.2f} GB)"
+            f", HBM traffic {step['hbm_traffic_ratio_to_floor']:.2f}x the in-place floor "
+            f"({step['hbm_traffic_floor_per_device'] / 1e9:.2f} GB; XLA's bytes accessed "
+            f"{step['ratio_to_floor']:.2f}x its count of the floor)"
             if step.get("ratio_to_floor")
             else " (no cost analysis for this device: no floor)"
         )
