@@ -263,3 +263,28 @@ def test_generate_program_holds_no_second_cache(impl):
     cfg = dataclasses.replace(cfg, attention_impl=impl)
     out = aot.generate_program(cfg, aot.topology("v5e:1x1")[0], 64, 64, 960)
     assert out["cache_copies"] == 0 and out["temporaries_over_cache"] < 0.15, out
+
+
+def test_bench_topology_resume(tmp_path, monkeypatch, capsys):
+    """The report is written after each layout; --resume keeps the layouts in it and
+    searches only the others; a report of another search is refused in one line."""
+    argv = ["bench", "--config", TINY, "--topology", "v5e:1x1", "--prompt-len", "4"]
+    argv += ["--gen-len", "8", "--memory-budget", "8MiB", "--quiet", "--out-dir", str(tmp_path)]
+    argv += ["--config.model.attention_impl=xla"]
+    searched = []
+    search = bench.max_batch
+    monkeypatch.setattr(
+        bench, "max_batch", lambda cfg, *a, **k: searched.append(k) or search(cfg, *a, **k)
+    )
+    assert cli.main([*argv, "--layouts", "standard,cla:2"]) == 0
+    first = json.loads((tmp_path / "max_batch_v5e_1x1.json").read_text())["rows"]
+    assert len(searched) == 2 and searched[0]["hint"] is None and searched[1]["hint"] > 0
+    assert cli.main([*argv, "--layouts", "standard,cla:2,lasagna-bottom:2", "--resume"]) == 0
+    rows = json.loads((tmp_path / "max_batch_v5e_1x1.json").read_text())["rows"]
+    assert rows[:2] == first and len(searched) == 3  # one more search: the new layout
+    assert searched[2]["hint"] == first[1]["max_batch"]  # as many KV layers as cla:2
+    assert rows[2]["max_batch"] == first[1]["max_batch"]  # the same cache bytes
+    capsys.readouterr()
+    assert cli.main([*argv, "--layouts", "standard", "--resume", "--gen-len", "16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "another search (differs in gen_len)" in err
