@@ -409,7 +409,11 @@ class Checkpointer:
 
     def close(self) -> None:
         """Waits for pending saves, writes their manifests and releases the manager;
-        after a failed save it only releases the manager (the failure was raised)."""
+        after a failed save it only releases the manager (the failure was raised).
+        Closing twice is a no-op."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         try:
             if not self._failed:
                 self._finish_saves()

@@ -24,7 +24,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kvshare_jax import checkpoint, sharding
+from kvshare_jax import checkpoint, preemption, sharding
 from kvshare_jax.config import (
     check_output_dir,
     diff,
@@ -478,46 +478,56 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     bar = tqdm.tqdm(total=t.num_steps, initial=start, disable=not primary, desc="train")
     batches = trainer.batches(train_iter)
     summary: dict[str, float] = {}
-    pending: dict[int, dict[str, jax.Array]] = {}
+    # the steps since the last flush; after a preemption, those the saved run had run
+    pending: dict[int, Any] = preemption.load_pending(workdir, start) if start else {}
     clock = time.perf_counter()
     try:
-        for step in range(start + 1, t.num_steps + 1):
-            state, pending[step] = trainer.train_step(state, next(batches))
-            bar.update(1)
-            final = step == t.num_steps
-            log = step % t.log_every == 0 or final
-            do_eval = (t.eval_every > 0 and step % t.eval_every == 0) or final
-            save = step % t.checkpoint_every == 0 or final
-            if not (log or do_eval or save):
-                continue
-            records = jax.device_get(pending)  # waits for the steps so far
-            _check_finite(records, last_saved)
-            summary["step"] = step
-            if log:
-                seconds = time.perf_counter() - clock  # includes compilation at first
-                row = {
-                    "loss": float(np.mean([r["loss"] for r in records.values()])),
-                    "grad_norm": float(records[step]["grad_norm"]),
-                    "lr": float(trainer.schedule(step - 1)),  # the rate used by this step
-                    "tokens_per_sec": len(records) * t.batch_size * t.seq_len / seconds,
-                }
-                writer.write(step, row)
-                summary.update(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}")
-            if do_eval:
-                row = trainer.evaluate(state.params)
-                writer.write(step, row)
-                summary.update(row)
-                _say(f"step {step}: eval_loss {row['eval_loss']:.4f}, ppl {row['eval_ppl']:.2f}")
-            if save:
-                if not bool(trainer.all_finite(state.params)):
-                    raise NonFiniteLossError(
-                        f"non-finite parameters after step {step}; stopped without saving "
-                        f"(last good checkpoint: step {last_saved})"
+        with preemption.Guard() as guard:
+            for step in range(start + 1, t.num_steps + 1):
+                state, pending[step] = trainer.train_step(state, next(batches))
+                bar.update(1)
+                final = step == t.num_steps
+                preempted = guard.reached(step) and not final
+                log = step % t.log_every == 0 or final
+                do_eval = (t.eval_every > 0 and step % t.eval_every == 0) or final
+                save = step % t.checkpoint_every == 0 or final or preempted
+                if not (log or do_eval or save):
+                    continue
+                records = jax.device_get(pending)  # waits for the steps so far
+                _check_finite(records, last_saved)
+                summary["step"] = step
+                if log:
+                    seconds = time.perf_counter() - clock  # includes compilation at first
+                    row = {
+                        "loss": float(np.mean([r["loss"] for r in records.values()])),
+                        "grad_norm": float(records[step]["grad_norm"]),
+                        "lr": float(trainer.schedule(step - 1)),  # the rate used by this step
+                        "tokens_per_sec": len(records) * t.batch_size * t.seq_len / seconds,
+                    }
+                    writer.write(step, row)
+                    summary.update(row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+                if do_eval:
+                    row = trainer.evaluate(state.params)
+                    writer.write(step, row)
+                    summary.update(row)
+                    _say(
+                        f"step {step}: eval_loss {row['eval_loss']:.4f}, ppl {row['eval_ppl']:.2f}"
                     )
-                ckpt.save(step, state.params, state.opt_state, train_iter)
-                last_saved = step
-            pending, clock = {}, time.perf_counter()
+                if save:
+                    if not bool(trainer.all_finite(state.params)):
+                        raise NonFiniteLossError(
+                            f"non-finite parameters after step {step}; stopped without saving "
+                            f"(last good checkpoint: step {last_saved})"
+                        )
+                    ckpt.save(step, state.params, state.opt_state, train_iter)
+                    last_saved = step
+                if preempted:
+                    ckpt.close()  # waits for the save
+                    if primary and not log:  # the unlogged steps, for the resumed run
+                        preemption.save_pending(workdir, step, records)
+                    raise preemption.PreemptedError(step)
+                pending, clock = {}, time.perf_counter()
     finally:
         bar.close()
         writer.close()

@@ -199,7 +199,8 @@ def hold(workdir: str) -> Iterator[WorkdirLock]:
     """Holds the lock of ``workdir`` for the block: taken by the first process of a job
     (the others learn whether it succeeded and trust it) and released on any exit:
     exceptions, ``KeyboardInterrupt``, and SIGTERM, which becomes ``SystemExit(143)``
-    while held unless the program installed its own handler."""
+    while held unless the program installed its own handler. (In a multi-process job
+    JAX's preemption service owns SIGTERM: :mod:`kvshare_jax.preemption`.)"""
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
@@ -218,7 +219,7 @@ def hold(workdir: str) -> Iterator[WorkdirLock]:
     if error is not None:
         raise error
     previous = None
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
         if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
             previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:

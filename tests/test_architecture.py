@@ -6,6 +6,9 @@ a module may import its own package's modules and modules on lower floors only.
 """
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,11 +28,14 @@ FLOORS = [
         "workdir_lock",
         "gpu_topology",
         "hbm_traffic",
+        "preemption",
+        "progress",
+        "plotting",
     },
     {"kernels", "cache_layout"},
     {"attention"},
     {"model"},
-    {"config", "sharding", "decode", "hf_io"},
+    {"config", "sharding", "decode", "hf_io", "flops"},
     {"checkpoint"},
     {"train", "convert", "lm_eval_adapter"},
     {"aot"},
@@ -105,6 +111,20 @@ def test_no_upward_arrows(module):
 
 def test_training_does_not_import_interop():
     assert not {"kvshare_jax.convert", "kvshare_jax.hf_io"} & graph()["kvshare_jax.train"]
+
+
+def test_checkpoint_imports_no_tensorflow_datasets():
+    """TFDS (a second or more to import) loads only when a TFDS dataset is opened."""
+    code = (
+        "import sys, kvshare_jax.checkpoint; "
+        "print(sorted(m for m in sys.modules if m.startswith('tensorflow')))"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_experiments_import_no_cli_module():

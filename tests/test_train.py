@@ -7,6 +7,7 @@ import collections
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -102,6 +103,71 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     tu.assert_trees_equal(next(fresh), batch_b)
 
 
+def _train_rows(workdir: str) -> list[dict]:
+    """The logged training metrics but the timing."""
+    rows = [r for r in read_metrics(workdir) if "loss" in r]
+    return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rows]
+
+
+def _sigterm_at_random(cmd, log_path, rng, env=None, count: int = 1, signals: int = 1):
+    """Starts ``count`` trainers (``cmd``: one argv, or one per process), sends process 0
+    ``signals`` SIGTERMs at a random moment once it trains; returns their exit statuses
+    and logs."""
+    logs = [open(f"{log_path}.{i}", "w+") for i in range(count)]
+    procs = [
+        subprocess.Popen(c, env=env or tu.subprocess_env(), cwd=tu.ROOT, stdout=f,
+                         stderr=subprocess.STDOUT)
+        for c, f in zip(cmd if count > 1 else [cmd], logs, strict=True)
+    ]  # fmt: skip
+    deadline = time.monotonic() + 300
+    while procs[0].poll() is None and time.monotonic() < deadline:  # until a step is done
+        if re.search(r"train:.*\b[1-9]\d*/\d+", open(f"{log_path}.0").read()):
+            break
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.5))
+    for _ in range(signals):
+        procs[0].send_signal(signal.SIGTERM)
+        time.sleep(rng.uniform(0.0, 0.2))
+    codes = [p.wait(timeout=300) for p in procs]
+    return codes, [open(f"{log_path}.{i}").read() for i in range(count)]
+
+
+@pytest.mark.parametrize("signals", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_sigterm_saves_and_resumes_bitwise(tmp_path, signals):
+    """SIGTERM at a random step: the trainer saves that step and exits 143; the same
+    command resumes and ends with the params, optimizer state, next batch and logged
+    metrics of the uninterrupted run. A second SIGTERM stops the save at once: the run
+    resumes from the newest readable step, just as exactly."""
+    rng = np.random.default_rng(int(time.time()))
+    for attempt in range(4):  # a signal after the last step tests nothing: again
+        workdir = str(tmp_path / f"run{attempt}")
+        (code,), (log,) = _sigterm_at_random(
+            tu.train_cmd(workdir), tmp_path / "log", rng, signals=signals
+        )
+        if code == 0:
+            continue
+        assert code == 143, log
+        if signals == 1:
+            saved = int(log.split("saved step ")[1].split(";")[0])
+            assert os.path.isdir(os.path.join(workdir, "checkpoints", str(saved))), log
+            print(f"SIGTERM: saved step {saved} (attempt {attempt})")
+        break
+    else:
+        pytest.skip("the run finished before each SIGTERM")
+    resumed = tu.run_train(workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    if signals == 1:
+        assert f"from step {saved}" in resumed.stdout + resumed.stderr
+    _, params_a, opt_a, batch_a = tu.restore_newest(tu.reference_run())
+    step, params_b, opt_b, batch_b = tu.restore_newest(workdir)
+    assert step == 200
+    tu.assert_trees_equal(params_a, params_b)
+    tu.assert_trees_equal(opt_a, opt_b)
+    tu.assert_trees_equal(batch_a, batch_b)
+    if signals == 1:
+        assert _train_rows(workdir) == _train_rows(tu.reference_run())
+
+
 def test_rerun_of_finished_run_says_so(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     shutil.copytree(tu.reference_run(), workdir)
@@ -164,6 +230,49 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _two_process_cmds(workdir: str, port: int, *overrides: str) -> list[list[str]]:
+    job = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    return [tu.train_cmd(workdir, *overrides) + [*job, f"--process_id={i}"] for i in range(2)]
+
+
+@pytest.mark.slow
+def test_two_processes_sigterm_save_the_same_step_and_resume_bitwise(tmp_path):
+    """2 processes: a SIGTERM to process 0 at a random step reaches both (JAX's
+    preemption service), both save the same step and exit 143; resumed, the run ends as
+    an uninterrupted two-process run."""
+    overrides = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.num_steps=60")
+    overrides += ("train.checkpoint_every=30", "train.log_every=10")
+    env = tu.subprocess_env(devices=4)
+
+    def run(workdir):
+        procs = [subprocess.Popen(c, env=env, cwd=tu.ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+                 for c in _two_process_cmds(workdir, _free_port(), *overrides)]  # fmt: skip
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+
+    reference = str(tmp_path / "reference")
+    run(reference)
+    rng = np.random.default_rng(int(time.time()))
+    workdir = str(tmp_path / "run")
+    cmds = _two_process_cmds(workdir, _free_port(), *overrides)
+    codes, logs = _sigterm_at_random(cmds, tmp_path / "log", rng, env=env, count=2)
+    if codes == [0, 0]:
+        pytest.skip("the run finished before the SIGTERM")
+    assert codes == [143, 143], "\n".join(logs)
+    saved = {int(log.split("saved step ")[1].split(";")[0]) for log in logs}
+    assert len(saved) == 1, logs  # the same step on both
+    print(f"SIGTERM to process 0: both saved step {saved.pop()} of 60")
+    run(workdir)
+    from kvshare_jax.checkpoint import open_model
+
+    cfg, params_a, _, step_a = open_model(reference)
+    _, params_b, _, step_b = open_model(workdir)
+    assert step_a == step_b == 60
+    tu.assert_trees_equal(params_a, params_b)
+    assert _train_rows(workdir) == _train_rows(reference), saved
 
 
 @pytest.mark.slow

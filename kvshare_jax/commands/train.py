@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from collections.abc import Callable
 
 import ml_collections
@@ -83,10 +84,10 @@ def run_job(prog: str, fv: argparse.Namespace, job: Callable[[], object]) -> int
     """Joins the multi-process job the flags of `parser` name, then runs ``job``;
     bad input (including a workdir in use or with no readable checkpoint) and a failed
     checkpoint save (disk full) are a one-line error with exit status 2, a non-finite
-    loss status 1."""
+    loss status 1; a preemption (SIGTERM) saves, says so in one line and exits 143."""
     import errno
 
-    from kvshare_jax import checkpoint, sharding, train
+    from kvshare_jax import checkpoint, preemption, sharding, train
 
     try:
         sharding.init_distributed(
@@ -101,4 +102,7 @@ def run_job(prog: str, fv: argparse.Namespace, job: Callable[[], object]) -> int
         return error(prog, e)
     except train.NonFiniteLossError as e:
         return error(prog, e, status=1)
+    except preemption.PreemptedError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return preemption.EXIT_STATUS
     return 0
