@@ -355,17 +355,22 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: str) -> None:
+    """Grouped bars: tokens/s of each system at each batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from kvshare_jax import plotting
 
     names, rows = results["meta"]["systems"], results["rows"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(rows))]
-        ax.bar(xs, [r["tok_s"][name] for r in rows], width, label=LABELS[name])
+        color = f"C{i}"  # a system missing at a batch size is marked "n/a", not a 0 bar
+        values = [r["tok_s"].get(name) for r in rows]
+        plotting.bars(ax, xs, values, width, color=color, label=LABELS[name])
     ax.set_xticks(range(len(rows)), [f"batch {r['batch']}" for r in rows])
     ax.set_ylabel("tokens/s (prefill included)")
     meta = results["meta"]

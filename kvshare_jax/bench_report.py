@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from kvshare_jax import paths
+from kvshare_jax import paths, plotting
 
 MIB = 2**20
 
@@ -137,7 +137,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: str) -> None:
     """Bar charts: e2e throughput per layout for each batch size (and at max batch); for
-    compile-only results, max batch and roofline throughput."""
+    compile-only results, max batch and roofline throughput. A value not measured (the
+    baseline at max batch, a layout that fits no batch) is marked "n/a", not drawn as 0."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,13 +148,13 @@ def plot(results: dict[str, Any], path: str) -> None:
         return _plot_compiled(results, path, plt)
     rows, meta = results["rows"], results["meta"]
     names = [f"{r['layout']}\n({r['kv_layers']} KV)" for r in rows]
-    series = {f"b={run['batch']}": [] for run in rows[0]["runs"]}
+    series: dict[str, list[float | None]] = {f"b={run['batch']}": [] for run in rows[0]["runs"]}
     for r in rows:
         for run in r["runs"]:
             series[f"b={run['batch']}"].append(run["e2e_tok_s"])
     if meta["memory_budget"] is not None:
         series[f"max batch @ {meta['memory_budget'] / MIB:.0f} MiB"] = [
-            r["max_batch_run"]["e2e_tok_s"] if r["max_batch"] else 0.0 for r in rows
+            r["max_batch_run"]["e2e_tok_s"] if r["max_batch"] else None for r in rows
         ]
     series = {f"generation throughput, {k}": v for k, v in series.items()}
     colors = ["tab:blue"] * len(rows)
@@ -163,7 +164,7 @@ def plot(results: dict[str, Any], path: str) -> None:
         colors.append("tab:orange")
         for label, values in series.items():
             batch = label.rsplit("b=", 1)[-1]
-            values.append(base.get(int(batch), 0.0) if batch.isdigit() else 0.0)
+            values.append(base.get(int(batch)) if batch.isdigit() else None)
     title = (
         f"{meta['device_kind']} {meta['dtype']}, prompt {meta['prompt_len']} + "
         f"{meta['gen_len']} new tokens"
@@ -175,37 +176,42 @@ def plot(results: dict[str, Any], path: str) -> None:
 def _plot_compiled(results: dict[str, Any], path: str, plt: Any) -> None:
     rows, meta = results["rows"], results["meta"]
     names = [f"{r['layout']}\n({r['kv_layers']} KV)" for r in rows]
-    series = {
-        "max batch": [r["max_batch"] for r in rows],
+    series: dict[str, list[float | None]] = {
+        "max batch (n/a: no batch fits the budget)": [r["max_batch"] or None for r in rows],
         "roofline tokens/s at max batch": [
-            r["max_batch_roofline"]["decode_tok_s"] if r["max_batch"] else 0 for r in rows
+            r["max_batch_roofline"]["decode_tok_s"] if r["max_batch"] else None for r in rows
         ],
     }
     title = (
         f"{meta['device_kind']} ({meta['topology']}), {meta['memory_budget'] / 2**30:.1f} GiB, "
         f"prompt {meta['prompt_len']} + {meta['gen_len']} (compiled, not run)"
     )
-    _bars(plt, names, series, title, path, width=max(8, 0.9 * len(rows)), color="tab:green")
+    width = max(8, 0.9 * len(rows))
+    ylabels = ["sequences", "tokens/s (roofline)"]
+    _bars(plt, names, series, title, path, width=width, color="tab:green", ylabel=ylabels)
 
 
 def _bars(
     plt: Any,
     names: list[str],
-    series: dict[str, list[float]],
+    series: dict[str, list[float | None]],
     title: str,
     path: str,
     *,
     width: float,
     color: str | list[str] = "tab:blue",
-    ylabel: str = "",
+    ylabel: str | list[str] = "",
 ) -> None:
-    """One bar panel per series (one bar per layout), saved to ``path``."""
+    """One bar panel per series (one bar per layout; "n/a" for a missing value), saved
+    to ``path``; ``ylabel`` is one label for all panels or one per panel."""
     fig, axes = plt.subplots(len(series), 1, figsize=(width, 3 * len(series)))
-    for ax, (label, values) in zip(np.atleast_1d(axes), series.items(), strict=True):
-        ax.bar(range(len(names)), values, color=color)
-        ax.set_ylabel(ylabel)
+    ylabels = [ylabel] * len(series) if isinstance(ylabel, str) else ylabel
+    for ax, (label, values), yl in zip(np.atleast_1d(axes), series.items(), ylabels, strict=True):
+        plotting.bars(ax, range(len(names)), values, color=color)
+        ax.set_ylabel(yl)
         ax.set_title(label, fontsize=9)
         ax.set_xticks(range(len(names)), names, fontsize=7, rotation=30, ha="right")
+        ax.set_xlim(-0.6, len(names) - 0.4)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     paths.save_figure(fig, path)

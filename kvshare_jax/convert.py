@@ -64,13 +64,7 @@ def relayout(
     layers that stop being KV layers are dropped. A layout with sliding-window layers
     needs ``sliding_window`` or a window in ``cfg``.
     """
-    if kv_init not in KV_INITS:
-        raise ValueError(f"unknown kv init {kv_init!r}: expected one of {', '.join(KV_INITS)}")
-    if layout.num_layers != cfg.num_layers:
-        raise ValueError(f"layout has {layout.num_layers} layers, the model {cfg.num_layers}")
-    window = sliding_window or cfg.sliding_window
-    if any(layout.sliding) and window < 1:
-        raise ValueError(f"layout {layout} has sliding-window layers: pass --sliding-window")
+    window = check_relayout(cfg, layout, kv_init, sliding_window)
     tree = params["params"]
 
     def source_kv(i: int, name: str) -> jax.Array:  # [d, k*h]
@@ -88,6 +82,21 @@ def relayout(
             stacked = jnp.stack([source_kv(i, name) for i in readers])  # [r, d, k*h]
             new[f"layer_{j}"][name] = {"kernel": jnp.mean(stacked, axis=0)}
     return dataclasses.replace(cfg, layout=layout, sliding_window=window), {"params": new}
+
+
+def check_relayout(
+    cfg: ModelConfig, layout: KVLayout, kv_init: str, sliding_window: int | None
+) -> int:
+    """``ValueError`` when :func:`relayout` cannot move ``cfg`` to ``layout``; returns the
+    sliding window of the result."""
+    if kv_init not in KV_INITS:
+        raise ValueError(f"unknown kv init {kv_init!r}: expected one of {', '.join(KV_INITS)}")
+    if layout.num_layers != cfg.num_layers:
+        raise ValueError(f"layout has {layout.num_layers} layers, the model {cfg.num_layers}")
+    window = sliding_window or cfg.sliding_window
+    if any(layout.sliding) and window < 1:
+        raise ValueError(f"layout {layout} has sliding-window layers: pass --sliding-window")
+    return window
 
 
 # ------------------------------------------------------------------- workdirs
@@ -141,15 +150,20 @@ def import_hf(
 ) -> ModelConfig:
     """Converts a HF directory into a new workdir, optionally into another ``layout``
     (a preset or mapping string, see ``layout.from_spec``; K/V weights by ``kv_init``)
-    and with another ``sliding_window``. Returns the model config."""
+    and with another ``sliding_window``. Returns the model config. Everything that can
+    be checked is checked before the tensors are converted (with a progress bar)."""
     _check_fresh(workdir)
-    cfg, params = hf_io.read_hf(hf_dir)
-    if layout or sliding_window:
-        target = from_spec(layout, cfg.num_layers) if layout else cfg.layout
-        cfg, params = relayout(cfg, params, target, kv_init, sliding_window)
+    cfg = hf_io.model_config_from_hf(hf_io.read_config(hf_dir))
+    moved = bool(layout or sliding_window)
+    target = from_spec(layout, cfg.num_layers) if layout else cfg.layout
+    if moved:
+        check_relayout(cfg, target, kv_init, sliding_window)
     tokenizers = tokenizer_files(hf_dir)
-    if tokenizers:  # check it loads before writing anything
+    if tokenizers:  # check it loads before any work
         load_tokenizer(hf_dir)
+    params = hf_io.params_from_hf(cfg, hf_io.read_tensors(hf_dir), show_progress=True)
+    if moved:
+        cfg, params = relayout(cfg, params, target, kv_init, sliding_window)
     save_workdir(workdir, cfg, params, tokenizers)
     return cfg
 
@@ -167,7 +181,7 @@ def export_hf(workdir: str, out_dir: str) -> dict[str, Any]:
     hf = hf_io.hf_config_from_model(cfg, special)
     if not hf_io.is_standard(cfg.layout):
         hf["auto_map"] = dict(hf_export.AUTO_MAP)
-    hf_io.write_dir(out_dir, hf, hf_io.params_to_hf(cfg, params))
+    hf_io.write_dir(out_dir, hf, hf_io.params_to_hf(cfg, params, show_progress=True))
     if not hf_io.is_standard(cfg.layout):
         for path in hf_export.paths():
             shutil.copyfile(path, os.path.join(out_dir, os.path.basename(path)))

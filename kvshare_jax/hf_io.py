@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvshare_jax import progress
 from kvshare_jax.layout import KVLayout
 from kvshare_jax.model import ModelConfig, Params
 
@@ -285,69 +286,85 @@ def hf_config_from_model(cfg: ModelConfig, special_ids: dict[str, int] | None = 
 
 
 # ------------------------------------------------------------------- tensors
-def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Params:
-    """Our params tree from HF tensors; raises ``ValueError`` on a missing, misshaped or
-    unexpected tensor."""
-    tensors = dict(tensors)
+def tensor_map(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[int, ...]]]:
+    """``(path in our params tree, HF name, HF shape)`` of every tensor of ``cfg``, in
+    checkpoint order; a path ending in ``kernel`` holds the transpose of the HF matrix.
+    Non-KV layers have no ``k/v_proj``; a tied model has no ``lm_head``."""
     d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
     qh, kvh = cfg.num_heads * cfg.hd, cfg.num_kv_heads * cfg.hd
-
-    def take(name: str, shape: tuple[int, ...]) -> jax.Array:
-        if name not in tensors:
-            raise ValueError(f"tensor {name} is missing from the checkpoint")
-        t = tensors.pop(name)
-        if t.shape != shape:
-            raise ValueError(f"tensor {name} has shape {t.shape}, expected {shape}")
-        return jnp.asarray(t, jnp.float32)
-
-    def kernel(name: str, out_in: tuple[int, int]) -> dict[str, jax.Array]:
-        return {"kernel": take(name, out_in).T}
-
-    tree: dict[str, Any] = {"embed": {"embedding": take("model.embed_tokens.weight", (v, d))}}
     shapes = {"q_proj": (qh, d), "k_proj": (kvh, d), "v_proj": (kvh, d), "o_proj": (d, qh)}
     shapes |= {"gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+    out = [(("embed", "embedding"), "model.embed_tokens.weight", (v, d))]
     for i in range(cfg.num_layers):
-        p = _LAYER.format(i)
-        layer = {ours: {"scale": take(f"{p}{hf}.weight", (d,))} for ours, hf in _NORMS}
+        p, layer = _LAYER.format(i), f"layer_{i}"
+        out += [((layer, ours, "scale"), f"{p}{hf}.weight", (d,)) for ours, hf in _NORMS]
         for name in _ATTN:
-            if name in ("k_proj", "v_proj") and not cfg.layout.is_kv_layer(i):
-                continue
-            layer[name] = kernel(f"{p}self_attn.{name}.weight", shapes[name])
-        for name in _MLP:
-            layer[name] = kernel(f"{p}mlp.{name}.weight", shapes[name])
-        tree[f"layer_{i}"] = layer
-    tree["final_norm"] = {"scale": take("model.norm.weight", (d,))}
-    if cfg.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
-    else:
-        tree["lm_head"] = kernel("lm_head.weight", (v, d))
-    extra = sorted(k for k in tensors if not k.endswith("rotary_emb.inv_freq"))
+            if name not in ("k_proj", "v_proj") or cfg.layout.is_kv_layer(i):
+                out.append(((layer, name, "kernel"), f"{p}self_attn.{name}.weight", shapes[name]))
+        out += [((layer, n, "kernel"), f"{p}mlp.{n}.weight", shapes[n]) for n in _MLP]
+    out.append((("final_norm", "scale"), "model.norm.weight", (d,)))
+    if not cfg.tie_embeddings:
+        out.append((("lm_head", "kernel"), "lm_head.weight", (v, d)))
+    return out
+
+
+def check_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> None:
+    """``ValueError`` naming the first missing or misshaped tensor, or the unexpected
+    ones, of ``tensors`` for ``cfg`` (before any conversion)."""
+    wanted = tensor_map(cfg)
+    for _, name, shape in wanted:
+        if name not in tensors:
+            raise ValueError(f"tensor {name} is missing from the checkpoint")
+        if tensors[name].shape != shape:
+            raise ValueError(f"tensor {name} has shape {tensors[name].shape}, expected {shape}")
+    known = {name for _, name, _ in wanted} | ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    extra = sorted(k for k in tensors if k not in known and not k.endswith("rotary_emb.inv_freq"))
     if extra:
         more = f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""
         raise ValueError(f"unexpected tensors for this config: {', '.join(extra[:3])}{more}")
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def params_from_hf(
+    cfg: ModelConfig, tensors: dict[str, np.ndarray], show_progress: bool = False
+) -> Params:
+    """Our params tree from HF tensors (checked first: ``ValueError`` on a missing,
+    misshaped or unexpected tensor); ``show_progress``: a bar over the tensors."""
+    check_tensors(cfg, tensors)
+    wanted, tree = tensor_map(cfg), {}
+    with progress.bar(wanted, desc="import", unit="tensor", disable=not show_progress) as bar:
+        for path, name, _ in bar:
+            value = jnp.asarray(tensors[name], jnp.float32)
+            _set(tree, path, value.T if path[-1] == "kernel" else value)
     return {"params": tree}
 
 
-def params_to_hf(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
-    """HF tensors (fp32 numpy) of our params tree; non-KV layers get no ``k/v_proj``."""
-    tree = jax.device_get(params["params"])
-    out = {"model.embed_tokens.weight": tree["embed"]["embedding"]}
-    for i in range(cfg.num_layers):
-        p, layer = _LAYER.format(i), tree[f"layer_{i}"]
-        for ours, hf in _NORMS:
-            out[f"{p}{hf}.weight"] = layer[ours]["scale"]
-        for name in _ATTN:
-            if name in layer:
-                out[f"{p}self_attn.{name}.weight"] = layer[name]["kernel"].T
-        for name in _MLP:
-            out[f"{p}mlp.{name}.weight"] = layer[name]["kernel"].T
-    out["model.norm.weight"] = tree["final_norm"]["scale"]
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = tree["lm_head"]["kernel"].T
-    return {k: np.asarray(x, np.float32) for k, x in out.items()}
+def params_to_hf(
+    cfg: ModelConfig, params: Params, show_progress: bool = False
+) -> dict[str, np.ndarray]:
+    """HF tensors (fp32 numpy) of our params tree, in checkpoint order; non-KV layers
+    get no ``k/v_proj``; ``show_progress``: a bar over the tensors."""
+    out, wanted = {}, tensor_map(cfg)
+    with progress.bar(wanted, desc="export", unit="tensor", disable=not show_progress) as bar:
+        for path, name, _ in bar:
+            value = np.asarray(jax.device_get(_get(params["params"], path)), np.float32)
+            out[name] = value.T if path[-1] == "kernel" else value
+    return out
 
 
-def read_hf(hf_dir: str) -> tuple[ModelConfig, Params]:
-    """``(ModelConfig, params)`` of a HF ``llama``/``lckv-llama`` directory (fp32)."""
+def read_hf(hf_dir: str, show_progress: bool = False) -> tuple[ModelConfig, Params]:
+    """``(ModelConfig, params)`` of a HF ``llama``/``lckv-llama`` directory (fp32);
+    ``show_progress``: a bar over the tensors converted."""
     cfg = model_config_from_hf(read_config(hf_dir))
-    return cfg, params_from_hf(cfg, read_tensors(hf_dir))
+    return cfg, params_from_hf(cfg, read_tensors(hf_dir), show_progress)

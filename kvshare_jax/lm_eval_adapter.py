@@ -28,6 +28,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from kvshare_jax import progress
 from kvshare_jax.decode import generate
 from kvshare_jax.model import ModelConfig, Params, forward
 
@@ -191,19 +192,29 @@ class KVShareLM(TemplateLM):
             out[r, : len(row)] = row
         return out
 
-    def _score_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def _progress(self, count: int, desc: str, disable: bool) -> progress.Progress:
+        """A bar over the batches of ``count`` requests."""
+        batches = -(-count // self.batch_size)
+        return progress.bar(total=batches, desc=desc, unit="batch", disable=disable)
+
+    def _score_pairs(
+        self, pairs: list[tuple[list[int], list[int]]], desc: str, disable_tqdm: bool = False
+    ) -> list[tuple[float, bool]]:
         """``(log p(continuation | context), continuation is greedy)`` per token pair,
-        keeping the last ``max_len + 1`` tokens of ``context + continuation``."""
+        keeping the last ``max_len + 1`` tokens of ``context + continuation``; a bar
+        (``desc``) over the batches unless ``disable_tqdm``."""
         seqs = [(ctx + cont)[-(self.max_length + 1) :] for ctx, cont in pairs]
         out: list[tuple[float, bool]] = [(0.0, True)] * len(seqs)
-        for idx, width in self._batches([len(s) - 1 for s in seqs]):
-            inputs = self._pad([seqs[i][:-1] for i in idx], width)
-            targets = self._pad([seqs[i][1:] for i in idx], width)
-            logp, greedy = jax.device_get(_score(self.cfg, self.params, inputs, targets))
-            for r, i in enumerate(idx):
-                end = len(seqs[i]) - 1
-                start = end - min(len(pairs[i][1]), end)
-                out[i] = (float(logp[r, start:end].sum()), bool(greedy[r, start:end].all()))
+        with self._progress(len(seqs), desc, disable_tqdm) as bar:
+            for idx, width in self._batches([len(s) - 1 for s in seqs]):
+                inputs = self._pad([seqs[i][:-1] for i in idx], width)
+                targets = self._pad([seqs[i][1:] for i in idx], width)
+                logp, greedy = jax.device_get(_score(self.cfg, self.params, inputs, targets))
+                for r, i in enumerate(idx):
+                    end = len(seqs[i]) - 1
+                    start = end - min(len(pairs[i][1]), end)
+                    out[i] = (float(logp[r, start:end].sum()), bool(greedy[r, start:end].all()))
+                bar.update(1)
         return out
 
     def _generate(self, specs: list[tuple[list[int], list[str], int]]) -> list[str]:
@@ -240,9 +251,13 @@ class KVShareLM(TemplateLM):
 
     # ------------------------------------------------------------ lm-eval API
     def _loglikelihood_tokens(
-        self, requests: list[tuple[tuple[str, str], list[int], list[int]]], **_
+        self,
+        requests: list[tuple[tuple[str, str], list[int], list[int]]],
+        disable_tqdm: bool = False,
+        **_,
     ) -> list[tuple[float, bool]]:
-        results = self._score_pairs([(ctx, cont) for _, ctx, cont in requests])
+        pairs = [(ctx, cont) for _, ctx, cont in requests]
+        results = self._score_pairs(pairs, "loglikelihood", disable_tqdm)
         for (key, _, _), res in zip(requests, results, strict=True):
             self.cache_hook.add_partial("loglikelihood", key, res)
         return results
@@ -261,7 +276,8 @@ class KVShareLM(TemplateLM):
                 windows.append(window)
                 owner.append(k)
         totals = [0.0] * len(requests)
-        for k, (logp, _) in zip(owner, self._score_pairs(windows), strict=True):
+        scores = self._score_pairs(windows, "loglikelihood_rolling", disable_tqdm)
+        for k, (logp, _) in zip(owner, scores, strict=True):
             totals[k] += logp
         for req, total in zip(requests, totals, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
@@ -280,9 +296,11 @@ class KVShareLM(TemplateLM):
             prompt = self.tok_encode(context) or [self.prefix_token_id]
             specs.append((prompt, until, min(max(limit, 1), self.max_length - 1)))
         out = [""] * len(specs)
-        for idx, _ in self._batches([len(p) for p, _, _ in specs]):
-            for i, text in zip(idx, self._generate([specs[i] for i in idx]), strict=True):
-                out[i] = text
+        with self._progress(len(specs), "generate_until", disable_tqdm) as bar:
+            for idx, _ in self._batches([len(p) for p, _, _ in specs]):
+                for i, text in zip(idx, self._generate([specs[i] for i in idx]), strict=True):
+                    out[i] = text
+                bar.update(1)
         for req, text in zip(requests, out, strict=True):
             self.cache_hook.add_partial("generate_until", req.args, text)
         return out

@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from kvshare_jax import paths
+from kvshare_jax import paths, plotting
 from kvshare_jax.bench import device_info
 from kvshare_jax.layout import STANDARD
 from kvshare_jax.stats import mean_ci, paired
@@ -386,85 +386,176 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------- figures
+METRICS = (("tok_s", "tokens/s at max batch"), ("eval_ppl", "validation perplexity"))
+_L = "$l$"  # an italic l, which no font draws like a 1 or an I
+
+
 def _style(layout: str) -> dict[str, Any]:
     if layout == STANDARD:
         return {"color": "black", "marker": "*", "markersize": 12}
     part, _, position = layout.partition("-")
-    return {"color": _COLORS[part], "marker": _MARKERS[position], "markersize": 8}
+    return {"color": _COLORS[part], "marker": _MARKERS[position], "markersize": 7}
+
+
+def _value(row: dict[str, Any], key: str) -> float | None:
+    """``row[key]``, None where it was not measured (no throughput when no batch fits)."""
+    if key == "tok_s" and not row.get("max_batch"):
+        return None
+    return row.get(key)
+
+
+def _seeds(results: dict[str, Any]) -> int:
+    return int(results["rows"][0].get("seeds") or 1)
+
+
+def figure_title(results: dict[str, Any]) -> str:
+    """The model, training, budget and seeds of a study, for the figures' titles."""
+    meta = results["meta"]
+    m, t, s = meta["model"], meta["train"], meta["study"]
+    seeds = _seeds(results)
+    stats = " (means, bars: 95% t intervals, dots: the seeds)" if seeds > 1 else ""
+    return (
+        f"KV sharing study: L={m['num_layers']} d={m['d_model']} heads {m['num_heads']}/"
+        f"{m['num_kv_heads']} vocab {meta['vocab_size']}, {t['num_steps']} steps on "
+        f"{meta['dataset']}; {seeds} seed{'s' if seeds > 1 else ''}\n"
+        f"throughput: the max batch under {s['memory_budget']}, {s['prompt_len']} + "
+        f"{s['gen_len']} tokens{stats}"
+    )
+
+
+def _label(row: dict[str, Any]) -> str:
+    return row["layout"] + (f" (= {row['same_as']})" if row.get("same_as") else "")
+
+
+def _figure(plt: Any, panels: int, width: float) -> tuple[Any, list[Any]]:
+    """A figure of ``panels`` axes side by side, room on the right for the legend."""
+    fig, axes = plt.subplots(
+        1, panels, figsize=(width * panels + 2.6, 4.6), squeeze=False, layout="constrained"
+    )
+    return fig, list(axes[0])
+
+
+def _finish(fig: Any, axes: list[Any], results: dict[str, Any], path: str, plt: Any) -> None:
+    """The legend outside the panels (right), the study's title, saved to ``path``."""
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False)
+    fig.suptitle(figure_title(results), fontsize=9)
+    paths.save_figure(fig, path)
+    plt.close(fig)
 
 
 def plot_tradeoff(results: dict[str, Any], path: str) -> None:
-    """Throughput vs perplexity, one marker per layout, one panel per l (the paper's plot)."""
+    """Throughput vs perplexity, one marker per layout, one panel per l (the paper's plot);
+    the dashed line joins the Pareto front."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     kvs = results["meta"]["study"]["kv_layers"]
-    fig, axes = plt.subplots(1, len(kvs), figsize=(5.5 * len(kvs), 4.5), squeeze=False)
-    for ax, kv in zip(axes[0], kvs, strict=True):
+    fig, axes = _figure(plt, len(kvs), 5.0)
+    for ax, kv in zip(axes, kvs, strict=True):
         rows = rows_at(results, kv)
         for r in rows:
-            label = r["layout"] + (f" (= {r['same_as']})" if r["same_as"] else "")
             style = _style(r["layout"])
-            ax.plot(r["tok_s"], r["eval_ppl"], linestyle="none", label=label, **style)
-            if r["eval_ppl_ci"] is not None:  # 95% intervals over the seeds
+            x, y = _value(r, "tok_s"), r["eval_ppl"]
+            if x is None:  # no batch fits: no throughput to place it at
+                ax.plot([], [], linestyle="none", label=f"{_label(r)}: n/a", **style)
+                continue
+            ax.plot(x, y, linestyle="none", label=_label(r), **style)
+            _seed_dots(ax, r, style["color"])
+            if r.get("eval_ppl_ci") is not None:  # 95% intervals over the seeds
                 ax.errorbar(
-                    r["tok_s"],
-                    r["eval_ppl"],
-                    xerr=r["tok_s_ci"],
+                    x,
+                    y,
+                    xerr=r.get("tok_s_ci"),
                     yerr=r["eval_ppl_ci"],
                     fmt="none",
                     ecolor=style["color"],
+                    alpha=0.6,
                     lw=0.8,
                     capsize=2,
                 )
-        front = pareto_front(rows)
+        front = [r for r in pareto_front(rows) if _value(r, "tok_s") is not None]
         ax.plot([r["tok_s"] for r in front], [r["eval_ppl"] for r in front], "k--", lw=0.8)
-        ax.set_title(f"l = {kv} KV layers (cache {rows[-1]['cache_fraction']:.0%})")
-        ax.set_xlabel(f"tokens/s at max batch ({results['meta']['study']['memory_budget']})")
+        cache = rows[-1]["cache_fraction"]
+        ax.set_title(f"{_L} = {kv} KV layers (cache {cache:.0%} of standard)", fontsize=10)
+        ax.set_xlabel("tokens/s at max batch")
         ax.set_ylabel("validation perplexity")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    paths.save_figure(fig, path)
-    plt.close(fig)
+    _finish(fig, axes, results, path, plt)
+
+
+def _seed_dots(ax: Any, row: dict[str, Any], color: str) -> None:
+    """Each seed's (tokens/s, perplexity) as a small dot, when there are several."""
+    seeds = row.get("per_seed") or {}
+    if len(seeds.get("tok_s") or []) > 1 and row.get("max_batch"):
+        dots = {"linestyle": "none", "marker": ".", "markersize": 3, "alpha": 0.6}
+        ax.plot(seeds["tok_s"], seeds["eval_ppl"], color=color, **dots)
+
+
+def _point(ax: Any, x: float, row: dict[str, Any], key: str, label: str | None) -> None:
+    """One row's mean (marker), 95% interval (bar) and seeds (small dots) at ``x``; an
+    "n/a" mark at the foot of the panel where the value is missing."""
+    style, value = _style(row["layout"]), _value(row, key)
+    if value is None:
+        ax.plot([], [], linestyle="none", label=label and f"{label}: n/a", **style)
+        where = {"xycoords": ("data", "axes fraction"), "ha": "center", "fontsize": 7}
+        ax.annotate("n/a", (x, 0.02), color=style["color"], **where)
+        return
+    if row.get(f"{key}_ci") is not None:
+        ax.errorbar(x, value, yerr=row[f"{key}_ci"], fmt="none", ecolor=style["color"], lw=1)
+    seeds = (row.get("per_seed") or {}).get(key) or []
+    if len(seeds) > 1:
+        dots = {"linestyle": "none", "marker": ".", "markersize": 3, "alpha": 0.6}
+        ax.plot([x] * len(seeds), seeds, color=style["color"], **dots)
+    ax.plot(x, value, linestyle="none", label=label, **style)
+
+
+def _line(ax: Any, xs: list[float], rows: list[dict[str, Any]], key: str) -> None:
+    """A thin line through the present means of one layout's rows."""
+    points = [(x, _value(r, key)) for x, r in zip(xs, rows, strict=True)]
+    points = [(x, v) for x, v in points if v is not None]
+    color = _style(rows[0]["layout"])["color"]
+    ax.plot([x for x, _ in points], [v for _, v in points], lw=0.8, alpha=0.45, color=color)
 
 
 def plot_vs_kv_layers(results: dict[str, Any], path: str) -> None:
-    """Throughput and perplexity against the number of KV layers, one line per layout;
-    every line ends at standard (any preset with ``l = L`` is the standard layout)."""
+    """Throughput and perplexity (one panel each) against the number of KV layers, one
+    series per layout, the series side by side at each l; every series' line ends at
+    standard (any preset with ``l = L`` is the standard layout)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows, std = results["rows"], results["rows"][0]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, label in (
-        (axes[0], "tok_s", "tokens/s at max batch"),
-        (axes[1], "eval_ppl", "validation perplexity"),
-    ):
-        for layout in dict.fromkeys(r["layout"] for r in rows[1:]):
-            points = sorted(
-                (r["kv_layers"], r[key], r[f"{key}_ci"] or 0.0)
-                for r in [*(r for r in rows[1:] if r["layout"] == layout), std]
-            )
-            xs, ys, errs = zip(*points, strict=True)
-            style = _style(layout)
-            ax.plot(xs, ys, label=layout, lw=1, **style)
-            if any(errs):  # 95% intervals over the seeds
-                ax.errorbar(xs, ys, yerr=errs, fmt="none", ecolor=style["color"], capsize=2)
-        ax.plot(std["kv_layers"], std[key], linestyle="none", label=STANDARD, **_style(STANDARD))
-        ax.axhline(std[key], color="black", lw=0.6, ls=":")
-        ax.set_xlabel("KV layers l")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+    layouts = list(dict.fromkeys(r["layout"] for r in rows[1:]))
+    kvs = sorted({r["kv_layers"] for r in rows})
+    offset = dict(zip(layouts, plotting.dodge(len(layouts), fill=0.75), strict=True))
+    fig, axes = _figure(plt, len(METRICS), 5.0)
+    for ax, (key, label) in zip(axes, METRICS, strict=True):
+        if _value(std, key) is not None:
+            ax.axhline(std[key], color="black", lw=0.6, ls=":")
+        for layout in layouts:
+            own = sorted((r for r in rows[1:] if r["layout"] == layout), key=_kv)
+            xs = [kvs.index(r["kv_layers"]) + offset[layout] for r in own]
+            _line(ax, [*xs, kvs.index(std["kv_layers"])], [*own, std], key)
+            for i, (x, r) in enumerate(zip(xs, own, strict=True)):
+                name = _label(r) if len(own) == 1 else layout  # same_as is per l
+                _point(ax, x, r, key, name if i == 0 else None)
+        _point(ax, kvs.index(std["kv_layers"]), std, key, STANDARD)
+        ticks = [f"{_L} = {kv}" + (" (standard)" if kv == std["kv_layers"] else "") for kv in kvs]
+        ax.set_xticks(range(len(kvs)), ticks)
+        ax.set_xlim(-0.6, len(kvs) - 0.4)
+        ax.set_xlabel(f"KV layers {_L}")
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    paths.save_figure(fig, path)
-    plt.close(fig)
+        ax.grid(alpha=0.3, axis="y")
+    _finish(fig, axes, results, path, plt)
+
+
+def _kv(row: dict[str, Any]) -> int:
+    return row["kv_layers"]
 
 
 def write_report(results: dict[str, Any], out_dir: str) -> list[str]:

@@ -30,7 +30,7 @@ import tqdm
 from etils import epath
 from jax.experimental import multihost_utils
 
-from kvshare_jax import bench, paths, report
+from kvshare_jax import bench, paths, progress, report
 from kvshare_jax.checkpoint import open_model
 from kvshare_jax.config import validate_config
 from kvshare_jax.data import get_tokenizer
@@ -236,7 +236,8 @@ def _shared_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs every unfinished cell of the study config, then writes the report.
+    """Runs every unfinished cell of the study config, then writes the report; a
+    progress bar counts the cells done out of those to train, with an ETA.
 
     Returns the results written to ``<workdir>/results.json``.
     """
@@ -249,37 +250,60 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
         f"({len(cells) - len(to_train)} share a mapping) in {workdir}"
     )
     results: dict[str, dict[str, Any]] = {}
+    finished = [c for c in to_train if epath.Path(_result_path(workdir, c)).exists()]
     first_seed = {c.point: c.trained for c in reversed(cells)}  # the lowest seed's cell
-    for i, cell in enumerate(to_train, 1):
-        cell_dir = paths.join(workdir, "cells", cell.name)
-        path = paths.join(cell_dir, RESULT_FILE)
-        tag = f"[cell {i}/{len(to_train)}] {cell.name}"
-        if epath.Path(path).exists():
-            results[cell.name] = paths.read_json(path)
-            _say(f"{tag}: finished earlier, skipped")
-            continue
-        _say(f"{tag}: layout {cell.spec} ({cell.mapping})")
-        first = first_seed.get(cell.point)
-        known = None
-        if first in results:  # the max batch is a memory fit: the same for every seed
-            b = results[first]["bench"]
-            known = (b["max_batch"], b.get("max_batch_memory"))
-        result = run_cell(cell_config(config, cell), cell, cell_dir, known)
-        write_json(path, result)
-        results[cell.name] = result
-        run = result["bench"]["max_batch_run"] or {}
-        _say(
-            f"{tag}: ppl {result['train']['eval_ppl']:.2f}, max batch "
-            f"{result['bench']['max_batch']} at {run.get('e2e_tok_s', 0.0):.0f} tok/s, "
-            f"train step {result['train_step']['min_s'] * 1e3:.0f} ms "
-            f"({result['wall_s']:.0f} s)"
-        )
-        jax.clear_caches()
-        if i < len(to_train):
-            write_results(config, cells, results, workdir)  # the report so far
+    cells_bar = progress.bar(
+        total=len(to_train),
+        initial=len(finished),  # the ETA counts only the cells run now
+        desc="study",
+        unit="cell",
+        every=1,
+        disable=jax.process_index() != 0,
+    )
+    with cells_bar:
+        for i, cell in enumerate(to_train, 1):
+            tag = f"[cell {i}/{len(to_train)}] {cell.name}"
+            if cell in finished:
+                results[cell.name] = paths.read_json(_result_path(workdir, cell))
+                _say(f"{tag}: finished earlier, skipped")
+                continue
+            _say(f"{tag}: layout {cell.spec} ({cell.mapping})")
+            cells_bar.set_postfix(cell=cell.name)
+            first = first_seed.get(cell.point)
+            known = None
+            if first in results:  # the max batch is a memory fit: the same for every seed
+                b = results[first]["bench"]
+                known = (b["max_batch"], b.get("max_batch_memory"))
+            results[cell.name] = _run_and_save(config, cell, workdir, known, tag)
+            cells_bar.update(1)
+            if i < len(to_train):
+                write_results(config, cells, results, workdir)  # the report so far
     out, written = write_results(config, cells, results, workdir)
     _say(f"wrote {workdir}/results.json, " + ", ".join(written))
     return out
+
+
+def _result_path(workdir: str, cell: Cell) -> str:
+    return paths.join(workdir, "cells", cell.name, RESULT_FILE)
+
+
+def _run_and_save(
+    config: ml_collections.ConfigDict, cell: Cell, workdir: str, known: Any, tag: str
+) -> dict[str, Any]:
+    """Runs ``cell`` (``known``: its max batch from another seed), writes its
+    ``result.json`` and prints its numbers; returns the result."""
+    cell_dir = paths.join(workdir, "cells", cell.name)
+    result = run_cell(cell_config(config, cell), cell, cell_dir, known)
+    write_json(_result_path(workdir, cell), result)
+    run = result["bench"]["max_batch_run"] or {}
+    _say(
+        f"{tag}: ppl {result['train']['eval_ppl']:.2f}, max batch "
+        f"{result['bench']['max_batch']} at {run.get('e2e_tok_s', 0.0):.0f} tok/s, "
+        f"train step {result['train_step']['min_s'] * 1e3:.0f} ms "
+        f"({result['wall_s']:.0f} s)"
+    )
+    jax.clear_caches()
+    return result
 
 
 def write_results(

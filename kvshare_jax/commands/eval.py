@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from typing import Any
 
 from kvshare_jax.commands import ArgParser, error
 
@@ -52,13 +53,35 @@ def _set_passes(config, text: str) -> None:
     config.model.forward_passes, config.model.backward_passes = passes
 
 
+def _evaluate(config: Any, workdir: str, num_batches: int | None) -> dict[str, float]:
+    """``train.evaluate_workdir`` with a progress bar over the eval batches: each call of
+    the trainer's ``eval_step`` is waited for, then counted."""
+    import jax
+
+    from kvshare_jax import checkpoint, progress, train
+
+    trainer = train.Trainer(config, workdir)
+    _, params, _, step = checkpoint.open_model(workdir, shardings=trainer.shardings.params)
+    num_batches = num_batches or int(config.train.eval_steps)
+    eval_step = trainer.eval_step
+    with progress.bar(total=num_batches, desc="eval", unit="batch") as bar:
+
+        def counted(*args: Any) -> Any:
+            out = jax.device_get(eval_step(*args))
+            bar.update(1)
+            return out
+
+        trainer.eval_step = counted
+        return {"step": step, **trainer.evaluate(params, num_batches)}
+
+
 def run(argv: list[str]) -> int:
     try:
         args = parser().parse_args(argv)
         if args.eval_steps is not None and args.eval_steps < 1:
             raise ValueError(f"--eval-steps must be >= 1, got {args.eval_steps}")
         mesh = _mesh_sizes(args.mesh)
-        from kvshare_jax import checkpoint, train
+        from kvshare_jax import checkpoint
 
         config = checkpoint.load_run_config(args.workdir)
         if args.split:
@@ -66,7 +89,7 @@ def run(argv: list[str]) -> int:
         config.mesh.update(mesh)
         if args.prefill_passes:
             _set_passes(config, args.prefill_passes)
-        result = train.evaluate_workdir(config, args.workdir, args.eval_steps)
+        result = _evaluate(config, args.workdir, args.eval_steps)
     except (ValueError, OSError) as e:
         return _error(e)
     if args.json:
