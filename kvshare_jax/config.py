@@ -87,6 +87,8 @@ def default_config() -> ml_collections.ConfigDict:
     t.eval_steps = 10  # batches per eval
     t.checkpoint_every = 200  # steps between checkpoints
     t.max_to_keep = 3  # checkpoints kept
+    t.profile_steps = ()  # (a, b): a jax.profiler trace of steps a..b in <workdir>/profile
+    t.wandb_project = ""  # log scalars and config to this Weights & Biases project ([wandb])
 
     config.mesh = mesh = ml_collections.ConfigDict()
     mesh.data = -1  # data-parallel axis size (-1 = all remaining devices)
@@ -270,6 +272,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for name in ("warmup_steps", "eval_every", "seed"):
         _check(t, f"train.{name}", t[name] >= 0, ">= 0")
     _check(t, "train.learning_rate", 0 <= t.learning_rate < math.inf, ">= 0 and finite")
+    steps = tuple(t.profile_steps)
+    ok = not steps or (len(steps) == 2 and all(isinstance(s, int) for s in steps))
+    _check(t, "train.profile_steps", ok and (not steps or 1 <= steps[0] <= steps[1]),
+           "() or (a, b) with 1 <= a <= b")  # fmt: skip
     _check(t, "train.min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "in [0, 1]")
     _check(t, "train.weight_decay", 0 <= t.weight_decay < math.inf, ">= 0")
     _check(t, "train.grad_clip", 0 <= t.grad_clip < math.inf, ">= 0 (0 = off)")

@@ -1,5 +1,8 @@
-"""Scalar metrics of a run: ``<workdir>/metrics.jsonl`` (one JSON object per write) and
-TensorBoard event files under ``<workdir>/tensorboard`` (local or ``gs://`` workdirs).
+"""Scalar metrics of a run: ``<workdir>/metrics.jsonl`` (one JSON object per write),
+TensorBoard event files under ``<workdir>/tensorboard`` (local or ``gs://`` workdirs),
+and, with a project name and the ``[wandb]`` extra, a Weights & Biases run (resumed
+with the workdir: its id is kept in ``<workdir>/wandb_id``; ``WANDB_MODE=offline``
+writes it locally).
 
 A run that (re)starts from step ``s`` first drops the records of steps after ``s`` (work
 that its checkpoints no longer hold) with :func:`trim_metrics`, so ``metrics.jsonl``
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from typing import Any
 
 from absl import logging
@@ -22,8 +26,9 @@ class MetricWriter:
     """Appends ``{"step": s, name: value, ...}`` records; a no-op when not ``enabled``
     (every process but the first in a multi-process job)."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, wandb_project: str = ""):
         self.enabled = enabled
+        self._wandb = None
         if not enabled:
             return
         from tensorboardX import SummaryWriter  # imports torch if installed: ~2 s
@@ -36,6 +41,18 @@ class MetricWriter:
         if "://" in workdir:
             self._text = self._path.read_text() if self._path.exists() else ""
         self._tb = SummaryWriter(str(root / "tensorboard"))
+        if wandb_project:
+            self._wandb = _wandb_run(root, wandb_project)
+
+    def write_config(self, config: Any) -> None:
+        """The run config as text in TensorBoard (and as the W&B run's config)."""
+        if not self.enabled:
+            return
+        text = config.to_json_best_effort(indent=2) if hasattr(config, "to_json") else str(config)
+        self._tb.add_text("config", f"```\n{text}\n```", 0)
+        self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.config.update(json.loads(text), allow_val_change=True)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -52,10 +69,29 @@ class MetricWriter:
             if math.isfinite(value):
                 self._tb.add_scalar(name, value, step)
         self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: float(v) for k, v in metrics.items()}, step=int(step))
 
     def close(self) -> None:
         if self.enabled:
             self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+
+
+def _wandb_run(root: epath.Path, project: str) -> Any:
+    """A W&B run of ``project``, the same one for every (re)start of the workdir."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(
+            f"train.wandb_project={project!r} needs wandb: pip install -e '.[wandb]'"
+        ) from None
+    id_file = root / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    local = str(root) if "://" not in str(root) else None
+    return wandb.init(project=project, id=run_id, resume="allow", dir=local)
 
 
 def _parse(path: epath.Path) -> tuple[list[dict[str, Any]], int]:

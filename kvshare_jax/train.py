@@ -24,7 +24,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kvshare_jax import checkpoint, preemption, sharding
+from kvshare_jax import checkpoint, flops, preemption, progress, sharding
 from kvshare_jax.config import (
     check_output_dir,
     diff,
@@ -280,7 +280,8 @@ def _check_same_params(workdir: str, cfg: ModelConfig) -> None:
 # Any other difference (model, data, tokenizer, optimizer, seed) makes it another run.
 RESUMABLE_FIELDS = (
     "train.num_steps", "train.log_every", "train.eval_every", "train.eval_steps",
-    "train.checkpoint_every", "train.max_to_keep", "train.grad_accum",
+    "train.checkpoint_every", "train.max_to_keep", "train.grad_accum", "train.profile_steps",
+    "train.wandb_project",
     "model.attention_impl", "model.matvec_impl", "model.remat", "data.tfds_data_dir",
 )  # fmt: skip
 RESUMABLE_SECTIONS = ("mesh.",)
@@ -474,46 +475,51 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         _say(f"resuming {workdir} from step {start}")
 
     primary = jax.process_index() == 0
-    writer = MetricWriter(workdir, enabled=primary)
-    bar = tqdm.tqdm(total=t.num_steps, initial=start, disable=not primary, desc="train")
+    writer = MetricWriter(workdir, enabled=primary, wandb_project=t.wandb_project)
+    writer.write_config(config)
+    bar = progress.bar(total=t.num_steps, initial=start, desc="train", every=t.log_every,
+                       disable=not primary)  # fmt: skip
     batches = trainer.batches(train_iter)
     summary: dict[str, float] = {}
     # the steps since the last flush; after a preemption, those the saved run had run
     pending: dict[int, Any] = preemption.load_pending(workdir, start) if start else {}
-    clock = time.perf_counter()
+    speed = StepSpeed(trainer.cfg, t.batch_size, t.seq_len)
+    profile = Profile(workdir, t.profile_steps)
     try:
         with preemption.Guard() as guard:
             for step in range(start + 1, t.num_steps + 1):
+                profile.before(step)
                 state, pending[step] = trainer.train_step(state, next(batches))
-                bar.update(1)
+                profile.after(step, pending[step])
+                speed.started(step, pending[step])
                 final = step == t.num_steps
                 preempted = guard.reached(step) and not final
                 log = step % t.log_every == 0 or final
                 do_eval = (t.eval_every > 0 and step % t.eval_every == 0) or final
                 save = step % t.checkpoint_every == 0 or final or preempted
                 if not (log or do_eval or save):
+                    bar.update(1)
                     continue
                 records = jax.device_get(pending)  # waits for the steps so far
                 _check_finite(records, last_saved)
                 summary["step"] = step
                 if log:
-                    seconds = time.perf_counter() - clock  # includes compilation at first
                     row = {
                         "loss": float(np.mean([r["loss"] for r in records.values()])),
                         "grad_norm": float(records[step]["grad_norm"]),
                         "lr": float(trainer.schedule(step - 1)),  # the rate used by this step
-                        "tokens_per_sec": len(records) * t.batch_size * t.seq_len / seconds,
+                        **speed.since_flush(step),
                     }
                     writer.write(step, row)
                     summary.update(row)
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+                    bar.set_postfix(speed.postfix(row))
+                bar.update(1)
                 if do_eval:
                     row = trainer.evaluate(state.params)
                     writer.write(step, row)
                     summary.update(row)
-                    _say(
-                        f"step {step}: eval_loss {row['eval_loss']:.4f}, ppl {row['eval_ppl']:.2f}"
-                    )
+                    loss, ppl = row["eval_loss"], row["eval_ppl"]
+                    _say(f"step {step}: eval_loss {loss:.4f}, ppl {ppl:.2f}")
                 if save:
                     if not bool(trainer.all_finite(state.params)):
                         raise NonFiniteLossError(
@@ -527,12 +533,90 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                     if primary and not log:  # the unlogged steps, for the resumed run
                         preemption.save_pending(workdir, step, records)
                     raise preemption.PreemptedError(step)
-                pending, clock = {}, time.perf_counter()
+                pending = {}
+                speed.flushed(step)
     finally:
+        profile.close()
         bar.close()
         writer.close()
         ckpt.close()
     return summary
+
+
+class StepSpeed:
+    """Step time, tokens/s, executed TFLOP/s per device and MFU over the steps since the
+    last flush, timed from the end of the first step (compilation excluded). Executed
+    FLOPs: `flops.executed_train_flops` (cyclic blocks m + b times); MFU: model FLOPs
+    (`flops.model_train_flops`) over the devices' peak, left out where no peak is known
+    (CPUs)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, seq_len: int):
+        self.tokens = batch_size * seq_len
+        self.devices = jax.device_count()
+        self.executed = flops.executed_train_flops(cfg, batch_size, seq_len)
+        self.model = flops.model_train_flops(cfg, batch_size, seq_len)
+        self.peak = flops.peak_flops(jax.devices()[0])
+        self.clock, self.since = time.perf_counter(), None
+
+    def started(self, step: int, out: Any) -> None:
+        """After each step is dispatched: the first one of the run starts the clock."""
+        if self.since is None:
+            jax.block_until_ready(out)
+            self.clock, self.since = time.perf_counter(), step
+
+    def flushed(self, step: int) -> None:
+        self.clock, self.since = time.perf_counter(), step
+
+    def since_flush(self, step: int) -> dict[str, float]:
+        """The figures of steps ``since+1 .. step`` (results fetched); those of the
+        first step, compilation included, if it is the only one."""
+        steps = step - self.since
+        seconds = time.perf_counter() - self.clock
+        if steps == 0:  # (the run's first step is a log step)
+            steps = 1
+        step_s = seconds / steps
+        row = {
+            "step_time_s": step_s,
+            "tokens_per_sec": self.tokens / step_s,
+            "tflops_per_device": self.executed / step_s / self.devices / 1e12,
+        }
+        if self.peak:
+            row["mfu"] = self.model / step_s / (self.devices * self.peak)
+        return row
+
+    @staticmethod
+    def postfix(row: dict[str, float]) -> dict[str, str]:
+        out = {"loss": f"{row['loss']:.3f}", "tok_s": f"{row['tokens_per_sec']:.0f}"}
+        out["tflop_s"] = f"{row['tflops_per_device']:.3g}"
+        if "mfu" in row:
+            out["mfu"] = f"{row['mfu']:.1%}"
+        return out
+
+
+class Profile:
+    """A ``jax.profiler`` trace of steps ``a..b`` (``train.profile_steps``) under
+    ``<workdir>/profile`` (TensorBoard's profile plugin or Perfetto read it); a no-op
+    for ``()``. The trace is written by the first process."""
+
+    def __init__(self, workdir: str, steps: Any):
+        self.steps = tuple(int(s) for s in steps) if steps else ()
+        self.dir = str(epath.Path(workdir) / "profile")
+        self.on = False
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0] and jax.process_index() == 0:
+            jax.profiler.start_trace(self.dir)
+            self.on = True
+
+    def after(self, step: int, out: Any) -> None:
+        if self.on and step == self.steps[1]:
+            jax.block_until_ready(out)
+            self.close()
+
+    def close(self) -> None:
+        if self.on:
+            jax.profiler.stop_trace()
+            self.on = False
 
 
 def evaluate_workdir(

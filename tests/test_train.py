@@ -4,14 +4,20 @@ multi-process training."""
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import json
 import math
 import os
+import pty
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
+import termios
+import threading
 import time
 
 import jax
@@ -19,8 +25,10 @@ import numpy as np
 import pytest
 import trainutil as tu
 
+from kvshare_jax import flops
 from kvshare_jax.commands import eval as eval_command
 from kvshare_jax.commands import train as train_command
+from kvshare_jax.config import model_config_from
 from kvshare_jax.data import Tokenizer, make_iterator, open_source
 from kvshare_jax.metrics import latest_metrics, read_metrics
 from kvshare_jax.train import train_and_evaluate
@@ -106,22 +114,36 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
 def _train_rows(workdir: str) -> list[dict]:
     """The logged training metrics but the timing."""
     rows = [r for r in read_metrics(workdir) if "loss" in r]
-    return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rows]
+    timing = {"tokens_per_sec", "step_time_s", "tflops_per_device", "mfu"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
 
 def _sigterm_at_random(cmd, log_path, rng, env=None, count: int = 1, signals: int = 1):
     """Starts ``count`` trainers (``cmd``: one argv, or one per process), sends process 0
     ``signals`` SIGTERMs at a random moment once it trains; returns their exit statuses
-    and logs."""
+    and logs. Process 0 writes to a terminal (a pty), so its bar shows every step."""
+    master, terminal = pty.openpty()
+    size = struct.pack("HHHH", 24, 160, 0, 0)  # rows, columns (tqdm draws no bar in 0)
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, size)
     logs = [open(f"{log_path}.{i}", "w+") for i in range(count)]
     procs = [
-        subprocess.Popen(c, env=env or tu.subprocess_env(), cwd=tu.ROOT, stdout=f,
-                         stderr=subprocess.STDOUT)
-        for c, f in zip(cmd if count > 1 else [cmd], logs, strict=True)
+        subprocess.Popen(c, env=env or tu.subprocess_env(), cwd=tu.ROOT,
+                         stdout=terminal if i == 0 else f, stderr=subprocess.STDOUT)
+        for i, (c, f) in enumerate(zip(cmd if count > 1 else [cmd], logs, strict=True))
     ]  # fmt: skip
+    os.close(terminal)
+    seen = []
+
+    def read():  # the terminal's output, until process 0 exits
+        with contextlib.suppress(OSError):
+            while chunk := os.read(master, 4096):
+                seen.append(chunk.decode(errors="replace"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     deadline = time.monotonic() + 300
     while procs[0].poll() is None and time.monotonic() < deadline:  # until a step is done
-        if re.search(r"train:.*\b[1-9]\d*/\d+", open(f"{log_path}.0").read()):
+        if re.search(r"train:.*\b[1-9]\d*/\d+", "".join(seen)):
             break
         time.sleep(0.01)
     time.sleep(rng.uniform(0.0, 0.5))
@@ -129,7 +151,9 @@ def _sigterm_at_random(cmd, log_path, rng, env=None, count: int = 1, signals: in
         procs[0].send_signal(signal.SIGTERM)
         time.sleep(rng.uniform(0.0, 0.2))
     codes = [p.wait(timeout=300) for p in procs]
-    return codes, [open(f"{log_path}.{i}").read() for i in range(count)]
+    reader.join(timeout=10)
+    os.close(master)
+    return codes, ["".join(seen)] + [open(f"{log_path}.{i}").read() for i in range(1, count)]
 
 
 @pytest.mark.parametrize("signals", [1, pytest.param(2, marks=pytest.mark.slow)])
@@ -191,17 +215,57 @@ def test_metrics_file_has_train_and_eval_fields():
     records = read_metrics(tu.reference_run())
     train_rows = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_rows] == [100, 200]
-    for row in train_rows:
-        assert set(row) == {"step", "loss", "lr", "grad_norm", "tokens_per_sec"}
-        assert row["tokens_per_sec"] > 0
+    cfg = model_config_from(tu.tiny_config())
+    executed = flops.executed_train_flops(cfg, 8, 32)  # the tiny run's batch and length
+    for row in train_rows:  # no MFU on CPU: no peak FLOP/s known
+        assert set(row) == {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "step_time_s",
+                            "tflops_per_device"}  # fmt: skip
+        assert row["tokens_per_sec"] == pytest.approx(8 * 32 / row["step_time_s"])
+        assert row["tflops_per_device"] == pytest.approx(executed / row["step_time_s"] / 1e12)
     assert set(records[-1]) == {"step", "eval_loss", "eval_ppl"}
     # cosine decay ends at learning_rate * min_lr_ratio after the last update
     assert train_rows[-1]["lr"] == pytest.approx(3e-4, rel=0.05)
 
 
+def test_profile_trace_config_text_and_wandb_offline(tmp_path, monkeypatch):
+    """train.profile_steps writes a jax.profiler trace; TensorBoard gets the config as
+    text; train.wandb_project logs the scalars and the config to an (offline) W&B run,
+    the same run when the workdir resumes; MFU is logged where a peak is known."""
+    wandb = pytest.importorskip("wandb", reason="the [wandb] extra")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(flops, "peak_flops", lambda device: 1e12)  # as on an accelerator
+    workdir = str(tmp_path / "run")
+    overrides = ("train.num_steps=4", "train.log_every=2", "train.profile_steps=(2, 3)")
+    config = tu.tiny_config(*overrides, "train.wandb_project=kvshare-test")
+    train_and_evaluate(config, workdir)
+    traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
+    events = b"".join(p.read_bytes() for p in (tmp_path / "run" / "tensorboard").rglob("*"))
+    assert b"wandb_project" in events and b"profile_steps" in events  # the config text
+    row = [r for r in read_metrics(workdir) if "loss" in r][-1]
+    assert (
+        0
+        < row["mfu"]
+        == pytest.approx(
+            flops.model_train_flops(model_config_from(config), 8, 32) / row["step_time_s"] / 1e12
+        )
+    )
+    run_id = (tmp_path / "run" / "wandb_id").read_text()
+    (run,) = (tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}")
+    record = (run / f"run-{run_id}.wandb").read_bytes()  # (W&B's log of the run)
+    assert b"wandb_project" in record and b"tflops_per_device" in record  # config, scalars
+    config = tu.tiny_config(*overrides, "train.num_steps=6", "train.wandb_project=kvshare-test")
+    train_and_evaluate(config, workdir)  # resumed: the same W&B run
+    assert (tmp_path / "run" / "wandb_id").read_text() == run_id
+    assert len(list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    del wandb
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
+        (["train.profile_steps=(5, 2)"], "train.profile_steps must be () or (a, b)"),
         (["model.layout=pizza-sideways:2"], "pizza-sideways"),
         (["train.seq_len=128"], "train.seq_len (128) exceeds model.max_len (64)"),
         (["train.grad_accum=3"], "not divisible by train.grad_accum (3)"),
