@@ -477,8 +477,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     primary = jax.process_index() == 0
     writer = MetricWriter(workdir, enabled=primary, wandb_project=t.wandb_project)
     writer.write_config(config)
-    bar = progress.bar(total=t.num_steps, initial=start, desc="train", every=t.log_every,
-                       disable=not primary)  # fmt: skip
+    bar = progress.bar(total=t.num_steps, initial=start, desc="train", unit="step",
+                       every=t.log_every, disable=not primary)  # fmt: skip
     batches = trainer.batches(train_iter)
     summary: dict[str, float] = {}
     # the steps since the last flush; after a preemption, those the saved run had run
