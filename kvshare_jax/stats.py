@@ -1,5 +1,6 @@
 """Small-sample statistics for seeded studies: means with t confidence intervals and
-paired t-tests (two layouts trained on the same seeds and data order)."""
+paired t-tests (two layouts trained on the same seeds and data order), from
+``scipy.stats``."""
 
 from __future__ import annotations
 
@@ -11,19 +12,16 @@ from typing import Any
 LEVEL = 0.95  # confidence level of every interval and test (two-sided)
 
 
-def _t_quantile(dof: int, level: float = LEVEL) -> float:
-    from scipy import stats  # a dependency of jax
-
-    return float(stats.t.ppf(0.5 + level / 2, dof))
-
-
 def mean_ci(xs: Sequence[float], level: float = LEVEL) -> tuple[float, float | None]:
     """``(mean, half-width)`` of the ``level`` t interval of the mean; the half-width is
     None for fewer than two values (no spread to estimate)."""
     mean = statistics.fmean(xs)
     if len(xs) < 2:
         return mean, None
-    return mean, _t_quantile(len(xs) - 1, level) * statistics.stdev(xs) / math.sqrt(len(xs))
+    from scipy import stats  # imported on use: scipy.stats takes a second or two to load
+
+    t = float(stats.t.ppf(0.5 + level / 2, len(xs) - 1))
+    return mean, t * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
 def paired(xs: Sequence[float], ys: Sequence[float], level: float = LEVEL) -> dict[str, Any]:
@@ -37,12 +35,10 @@ def paired(xs: Sequence[float], ys: Sequence[float], level: float = LEVEL) -> di
     out = {"n": len(diffs), "mean_diff": mean, "ci": ci, "p": None, "significant": False}
     if ci is None:
         return out
-    sd = statistics.stdev(diffs)
-    if sd == 0:  # every pair differs by the same amount
+    if statistics.stdev(diffs) == 0:  # every pair differs by the same amount (scipy: nan)
         p = 1.0 if mean == 0 else 0.0
     else:
         from scipy import stats
 
-        t = mean / (sd / math.sqrt(len(diffs)))
-        p = float(2 * stats.t.sf(abs(t), len(diffs) - 1))
+        p = float(stats.ttest_rel(xs, ys).pvalue)
     return {**out, "p": p, "significant": p < 1 - level}

@@ -8,6 +8,9 @@ file (the text is kept byte for byte). The files are split into ``train`` and
 ``validation`` by a stable hash of their relative paths (``corpus.split_by_hash``);
 at least two files are needed so that neither split is empty. Split one large file
 into several if needed.
+
+Only ``open_source`` (for a ``text:`` or TFDS dataset spec) and the lazy names of
+``kvshare_jax.data`` import this module: TensorFlow Datasets takes a while to import.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tensorflow_datasets.core import read_only_builder
 from tensorflow_datasets.core.utils import conversion_utils
 
 from kvshare_jax.data.corpus import split_by_hash
+from kvshare_jax.data.text_source import TextSource
 
 ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
 
@@ -43,24 +47,6 @@ def list_text_files(pattern: str) -> list[str]:
     else:
         found = glob.glob(path, recursive=True)
     return sorted(f for f in found if os.path.isfile(f))
-
-
-class TextSource:
-    """Random-access view ``{"text": str}`` of a sequence of records holding text."""
-
-    def __init__(self, records: Sequence[Any], text_key: str = "text"):
-        self._records = records
-        self._text_key = text_key
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __getitem__(self, index: int) -> dict[str, str]:
-        text = self._records[index][self._text_key]
-        return {"text": text.decode("utf-8") if isinstance(text, bytes) else str(text)}
-
-    def __repr__(self) -> str:
-        return f"TextSource({self._records!r}, text_key={self._text_key!r})"
 
 
 class LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
