@@ -67,6 +67,18 @@ def test_tiny_run_beats_unigram_entropy(layout, tmp_path):
     assert final["eval_loss"] < math.log(512) - 1, final
 
 
+def _assert_ends_as_the_reference(workdir: str) -> dict:
+    """The newest step of ``workdir`` is the reference run's last: params, optimizer
+    state and next batch bitwise equal; returns that batch."""
+    _, params_a, opt_a, batch_a = tu.restore_newest(tu.reference_run())
+    step, params_b, opt_b, batch_b = tu.restore_newest(workdir)
+    assert step == 200
+    tu.assert_trees_equal(params_a, params_b)
+    tu.assert_trees_equal(opt_a, opt_b)
+    tu.assert_trees_equal(batch_a, batch_b)
+    return batch_b
+
+
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     """A run killed (SIGKILL) after its step-100 checkpoint, then restarted, ends with
     the params, optimizer state and next batch of the uninterrupted run."""
@@ -91,12 +103,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     resumed = tu.run_train(workdir)
     assert resumed.returncode == 0, resumed.stderr
     assert "from step 100" in resumed.stdout
-    _, params_a, opt_a, batch_a = tu.restore_newest(tu.reference_run())
-    step, params_b, opt_b, batch_b = tu.restore_newest(workdir)
-    assert step == 200
-    tu.assert_trees_equal(params_a, params_b)
-    tu.assert_trees_equal(opt_a, opt_b)
-    tu.assert_trees_equal(batch_a, batch_b)
+    batch_b = _assert_ends_as_the_reference(workdir)
     # ... and the saved data position is really "200 batches consumed"
     config = tu.tiny_config()
     fresh = make_iterator(
@@ -182,12 +189,7 @@ def test_sigterm_saves_and_resumes_bitwise(tmp_path, signals):
     assert resumed.returncode == 0, resumed.stderr
     if signals == 1:
         assert f"from step {saved}" in resumed.stdout + resumed.stderr
-    _, params_a, opt_a, batch_a = tu.restore_newest(tu.reference_run())
-    step, params_b, opt_b, batch_b = tu.restore_newest(workdir)
-    assert step == 200
-    tu.assert_trees_equal(params_a, params_b)
-    tu.assert_trees_equal(opt_a, opt_b)
-    tu.assert_trees_equal(batch_a, batch_b)
+    _assert_ends_as_the_reference(workdir)
     if signals == 1:
         assert _train_rows(workdir) == _train_rows(tu.reference_run())
 
