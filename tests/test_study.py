@@ -279,3 +279,26 @@ def test_micro_study_runs_reports_and_skips_finished_cells(tmp_path, capsys, mon
         assert os.stat(os.path.join(workdir, "cells", name, study.RESULT_FILE)).st_mtime_ns == mtime
     with open(os.path.join(workdir, "results.json")) as f:
         assert json.load(f)["rows"] == results["rows"]
+
+
+def test_preempted_study_saves_the_cell_in_progress_and_resumes(tmp_path, capsys, monkeypatch):
+    """A preemption notice during the first cell's training: the study saves that cell's
+    step and exits 143; the same command resumes the cell from it and finishes."""
+    from kvshare_jax import preemption
+
+    workdir = str(tmp_path / "study")
+    noticed = []
+
+    def reached(self, step):  # the notice arrives at step 2 of the first cell
+        noticed.append(step)
+        return len(noticed) == 2
+
+    monkeypatch.setattr(preemption.Guard, "reached", reached)
+    assert study_command.run(micro_argv(workdir)) == preemption.EXIT_STATUS
+    assert "preempted (SIGTERM): saved step 2" in capsys.readouterr().err
+    (cell,) = os.listdir(os.path.join(workdir, "cells"))
+    assert not os.path.exists(os.path.join(workdir, "cells", cell, study.RESULT_FILE))
+    monkeypatch.undo()
+    assert study_command.run(micro_argv(workdir)) == 0
+    assert "from step 2" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(workdir, "cells", cell, study.RESULT_FILE))
