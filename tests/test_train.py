@@ -120,9 +120,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
 
 def _train_rows(workdir: str) -> list[dict]:
     """The logged training metrics but the timing."""
-    rows = [r for r in read_metrics(workdir) if "loss" in r]
-    timing = {"tokens_per_sec", "step_time_s", "tflops_per_device", "mfu"}
-    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+    return tu.without_timing([r for r in read_metrics(workdir) if "loss" in r])
 
 
 def _sigterm_at_random(cmd, log_path, rng, env=None, count: int = 1, signals: int = 1):

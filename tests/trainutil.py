@@ -132,6 +132,14 @@ def subprocess_env(devices: int = 1) -> dict[str, str]:
     return env
 
 
+TIMING = ("tokens_per_sec", "step_time_s", "tflops_per_device", "mfu")  # per-run speed
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    """Metric records without the fields that time the run (the rest is deterministic)."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
 def train_cmd(workdir: str, *overrides: str) -> list[str]:
     """argv of ``kvshare train`` on the tiny config with ``overrides``."""
     argv = [sys.executable, "-c", _CLI, "train", f"--workdir={workdir}", f"--config={TINY_CONFIG}"]
