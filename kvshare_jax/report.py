@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -390,11 +391,25 @@ METRICS = (("tok_s", "tokens/s at max batch"), ("eval_ppl", "validation perplexi
 _L = "$l$"  # an italic l, which no font draws like a 1 or an I
 
 
+_OTHER_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:red")
+_OTHER_MARKERS = ("s", "D", "P", "X", "h", "p")
+
+
 def _style(layout: str) -> dict[str, Any]:
+    """Colour and marker of a layout: one colour per preset family and one marker per
+    position; any other layout (a named method such as ``cla:2``, a mapping string) a
+    colour and marker of its own, the same in every figure (from a hash of its name)."""
     if layout == STANDARD:
         return {"color": "black", "marker": "*", "markersize": 12}
     part, _, position = layout.partition("-")
-    return {"color": _COLORS[part], "marker": _MARKERS[position], "markersize": 7}
+    if part in _COLORS and position in _MARKERS:
+        return {"color": _COLORS[part], "marker": _MARKERS[position], "markersize": 7}
+    h = zlib.crc32(layout.encode())
+    return {
+        "color": _OTHER_COLORS[h % len(_OTHER_COLORS)],
+        "marker": _OTHER_MARKERS[(h // len(_OTHER_COLORS)) % len(_OTHER_MARKERS)],
+        "markersize": 7,
+    }
 
 
 def _value(row: dict[str, Any], key: str) -> float | None:
