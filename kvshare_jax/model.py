@@ -285,7 +285,12 @@ class Transformer(nn.Module):
         return out.astype(jnp.float32)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Touches every parameter once (used by ``init``); not the real forward."""
+        """Touches every parameter once, for ``init`` only: it is not the forward."""
+        if not self.is_initializing():
+            raise TypeError(
+                "Transformer.apply is not the forward (it only creates the parameters): use "
+                "model.forward(cfg, params, tokens), or decode.generate_fn to generate"
+            )
         x = self.embed_tokens(tokens)
         pos = jnp.zeros(tokens.shape, jnp.int32)
         for i in range(self.cfg.num_layers):

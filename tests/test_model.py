@@ -13,6 +13,7 @@ from tinymodel import VOCAB, L, small_config
 from kvshare_jax.layout import from_spec
 from kvshare_jax.model import (
     ModelConfig,
+    Transformer,
     count_params,
     forward,
     init_params,
@@ -83,6 +84,13 @@ def test_standard_layout_equals_plain_transformer(tie):
     toks = tokens()
     ours = jitted_forward(cfg)(params, toks)
     np.testing.assert_allclose(ours, plain_llama(cfg, params, toks), atol=1e-5, rtol=1e-5)
+
+
+def test_transformer_apply_is_refused_with_the_entry_points():
+    cfg = small_config("standard")
+    params = init_params(cfg, jax.random.key(0))
+    with pytest.raises(TypeError, match=r"model\.forward\(cfg, params, tokens\)"):
+        Transformer(cfg).apply(params, tokens())
 
 
 def test_parameter_counts():
