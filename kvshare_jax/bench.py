@@ -59,7 +59,6 @@ from kvshare_jax.target import target_platform
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-MIB = 2**20
 
 
 def parse_bytes(text: str) -> int:

@@ -16,7 +16,6 @@ PARTS = ("pizza", "sandwich", "lasagna")
 POSITIONS = ("bottom", "top", "middle")
 STANDARD = "standard"
 PRESETS = tuple(f"{p}-{q}" for p in PARTS for q in POSITIONS)  # the nine, without ':l'
-METHODS = ("cla:K", "lckv:W", "yoco", "mlkv:K")  # named methods of the paper (from_spec)
 
 
 def preset_specs(num_kv_layers: int) -> list[str]:
