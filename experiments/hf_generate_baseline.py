@@ -5,8 +5,7 @@ The baseline that ``experiments/throughput.py`` compares against. Needs the ``[h
 
     .venv/bin/pip install -e ".[hf]"
     .venv/bin/python experiments/hf_generate_baseline.py --batch-sizes 1,32
-    .venv/bin/python experiments/throughput.py --layouts standard \
-        --baseline experiments/results/throughput_hf_baseline.json --name throughput_cpu_vs_hf
+    .venv/bin/python experiments/throughput.py  # its table and plot include this baseline
 
 Greedy decoding with the KV cache (``use_cache=True``), random weights, fp32, every
 sequence forced to generate exactly ``--gen-len`` tokens; tokens/s = batch * gen_len /
