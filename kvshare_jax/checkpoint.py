@@ -37,7 +37,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from kvshare_jax import hf_io
+from kvshare_jax import hf_io, paths
 from kvshare_jax.data import Tokenizer, checkpoint_args
 from kvshare_jax.layout import KVLayout
 from kvshare_jax.model import ModelConfig, Params, init_params
@@ -75,9 +75,7 @@ def model_config_from_dict(fields: dict[str, Any]) -> ModelConfig:
 
 
 def _write_json(path: epath.Path, obj: Any) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    paths.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def save_configs(workdir: str, config: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
@@ -142,7 +140,7 @@ def _step_files(step_dir: epath.Path) -> list[epath.Path]:
     for p in step_dir.iterdir():  # no rglob: GCS paths refuse recursive patterns
         if p.is_dir():
             out += _step_files(p)
-        elif not p.name.endswith(CHECKSUM_FILE) and not p.name.endswith(f"{CHECKSUM_FILE}.tmp"):
+        elif CHECKSUM_FILE not in p.name:  # (a temporary one: .NAME.<id>.tmp)
             out.append(p)
     return sorted(out)
 

@@ -19,6 +19,8 @@ from typing import Any
 from absl import logging
 from etils import epath
 
+from kvshare_jax import paths
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -135,9 +137,7 @@ def trim_metrics(workdir: str, step: int) -> int:
     kept = [r for r in records if r["step"] <= step]
     if len(kept) == len(records) and not bad:
         return 0
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(path)
+    paths.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(records) - len(kept)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import uuid
 from typing import Any
 
 from etils import epath
@@ -43,15 +44,21 @@ def absolute(path: str) -> str:
 
 
 def write_text(path: str | epath.Path, text: str) -> None:
-    """Writes ``text``; locally through a temporary file and a rename (atomic), remote
-    objects are replaced whole by the store."""
+    """Writes ``text`` whole (see :func:`write_bytes`)."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str | epath.Path, data: bytes) -> None:
+    """Writes ``data`` whole: locally through a temporary file of a unique name and a
+    rename (atomic, also beside concurrent writers), while remote objects are replaced
+    whole by the store. Creates the parent directory."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if is_remote(path):
-        path.write_text(text)
+        path.write_bytes(data)
         return
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(text)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp.write_bytes(data)
     tmp.replace(path)
 
 

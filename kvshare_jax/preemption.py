@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from etils import epath
 
+from kvshare_jax import paths
+
 EXIT_STATUS = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM
 PENDING_FILE = "preempted.json"  # per-step metrics not yet logged, at the saved step
 
@@ -78,10 +80,7 @@ def save_pending(workdir: str, step: int, records: dict[int, dict[str, Any]]) ->
     """Keeps the per-step metrics of the steps not yet logged at the preemption save, so
     the resumed run logs the means an uninterrupted run would (first process only)."""
     rows = {str(s): {k: float(v) for k, v in r.items()} for s, r in records.items()}
-    path = epath.Path(workdir) / PENDING_FILE
-    tmp = path.parent / f"{path.name}.tmp"
-    tmp.write_text(json.dumps({"step": step, "records": rows}))
-    tmp.replace(path)
+    paths.write_json(epath.Path(workdir) / PENDING_FILE, {"step": step, "records": rows})
 
 
 def load_pending(workdir: str, step: int) -> dict[int, dict[str, np.ndarray]]:

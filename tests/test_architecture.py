@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = [
+    {"paths"},  # atomic writes, remote paths: under everything that writes files
     {
         "layout",
         "masks",
@@ -23,7 +24,6 @@ FLOORS = [
         "metrics",
         "data",
         "stats",
-        "paths",
         "hf_export",
         "workdir_lock",
         "gpu_topology",

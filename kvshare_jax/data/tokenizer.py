@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ import ml_collections
 import sentencepiece as spm
 from etils import epath
 
+from kvshare_jax import paths
 from kvshare_jax.data.sources import open_source
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
@@ -61,11 +61,7 @@ class Tokenizer:
 
     def save(self, path: str | epath.Path) -> None:
         """Writes the model to ``path`` atomically (temporary file, then rename)."""
-        path = epath.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        tmp.write_bytes(self.model_proto)
-        tmp.replace(path)
+        paths.write_bytes(path, self.model_proto)
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -129,11 +125,7 @@ class JsonTokenizer:
             raise ValueError(f"{path}: {e}") from None
 
     def save(self, path: str | epath.Path) -> None:
-        path = epath.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(self.data)
-        tmp.replace(path)
+        paths.write_text(path, self.data)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
