@@ -536,9 +536,9 @@ def _max_batch_row(name, spec, layout, device, budget, rows) -> dict[str, Any]:
     b, mem = max_batch(cfg, budget, spec.prompt_len, spec.gen_len, device=device,
                        hint=_batch_guess(row, rows, budget))  # fmt: skip
     row["max_batch"], row["max_batch_memory"] = b, mem
-    if b > 0:  # the roofline of the compiled decode step at that batch: its HBM traffic
+    step = aot.decode_step_program(cfg, device, b, cache_len, floor=False) if b > 0 else {}
+    if step.get("hbm_traffic_per_device"):  # the decode step's roofline (none on GPUs)
         chip = aot.chip_of(device)
-        step = aot.decode_step_program(cfg, device, b, cache_len, floor=False)
         step_s = step["hbm_traffic_per_device"] / chip.hbm_bandwidth
         row["max_batch_roofline"] = {
             "decode_step_s": step_s,

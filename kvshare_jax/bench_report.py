@@ -45,10 +45,13 @@ def markdown_compiled(results: dict[str, Any]) -> str:
         cells.append(str(r["max_batch"]))
         cells.append(f"{r['max_batch'] / std['max_batch']:.2f}x" if std else "-")
         if r["max_batch"]:
-            roof = r["max_batch_roofline"]
+            roof = r.get("max_batch_roofline")  # (none where XLA gives no cost: GPUs)
             cells += [f"{r['max_batch_memory']['total_bytes'] / 2**30:.2f}", "not measured"]
-            cells += [f"{roof['decode_step_s'] * 1e3:.2f}", f"{roof['decode_tok_s']:.0f}"]
-            cells.append(str(roof["cache_copies"]) if "cache_copies" in roof else "-")
+            if roof:
+                cells += [f"{roof['decode_step_s'] * 1e3:.2f}", f"{roof['decode_tok_s']:.0f}"]
+                cells.append(str(roof.get("cache_copies", "-")))
+            else:
+                cells += ["-", "-", "-"]
         else:
             cells += ["-", "not measured", "-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -179,7 +182,7 @@ def _plot_compiled(results: dict[str, Any], path: str, plt: Any) -> None:
     series: dict[str, list[float | None]] = {
         "max batch (n/a: no batch fits the budget)": [r["max_batch"] or None for r in rows],
         "roofline tokens/s at max batch": [
-            r["max_batch_roofline"]["decode_tok_s"] if r["max_batch"] else None for r in rows
+            (r.get("max_batch_roofline") or {}).get("decode_tok_s") for r in rows
         ],
     }
     title = (

@@ -197,3 +197,20 @@ def test_gpu_decode_step_reads_the_cache_through_triton(default_precision):
     assert cache.layout == "SH" and cache.length == 1024
     account = aot._cache_account(compiled, cache)
     assert account["cache_copies"] == 0 and account["temporaries_over_cache"] < 0.05
+
+
+def test_bench_max_batch_on_a_gpu(tmp_path, capsys, default_precision):
+    """``kvshare bench --topology h100:1``: the max-batch column from the GPU compiler's
+    memory account; no decode roofline (no cost analysis), shown as "-"."""
+    import json
+
+    from kvshare_jax import cli
+
+    argv = ["bench", "--config", "configs/tiny.py", "--topology", "h100:1", "--layouts"]
+    argv += ["standard", "--prompt-len", "4", "--gen-len", "8", "--memory-budget", "64MiB"]
+    argv += ["--quiet", "--out-dir", str(tmp_path), "--config.model.dtype=bfloat16"]
+    assert cli.main(argv) == 0
+    (row,) = json.loads((tmp_path / "max_batch_h100_1.json").read_text())["rows"]
+    assert row["max_batch"] > 0 and "max_batch_roofline" not in row
+    assert row["max_batch_memory"]["total_bytes"] <= 64 * 2**20
+    assert "| standard |" in capsys.readouterr().out
