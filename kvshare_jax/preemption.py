@@ -5,7 +5,9 @@ One process: the first SIGTERM sets a flag and the next step saves; a second SIG
 stops at once (``SystemExit(143)``; the checkpointer's fallback keeps the newest readable
 step). Several processes (``jax.distributed``): JAX's preemption service owns SIGTERM, a
 notice to any process reaches all, and ``reached_preemption_sync_point`` names the same
-step on each (what MaxText does).
+step on each (what MaxText does). (With that service turned off,
+``jax_enable_preemption_service=False``, each process only sees its own notice: send it
+to every process.)
 """
 
 from __future__ import annotations
