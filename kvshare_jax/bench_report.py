@@ -182,7 +182,8 @@ def _plot_compiled(results: dict[str, Any], path: str, plt: Any) -> None:
     series: dict[str, list[float | None]] = {
         "max batch (n/a: no batch fits the budget)": [r["max_batch"] or None for r in rows],
         "roofline tokens/s at max batch": [
-            (r.get("max_batch_roofline") or {}).get("decode_tok_s") for r in rows
+            (r.get("max_batch_roofline") or {}).get("decode_tok_s") if r["max_batch"] else None
+            for r in rows
         ],
     }
     title = (
