@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import io
-import os
 
 import pytest
 import tqdm
 import trainutil as tu
 
-from kvshare_jax import progress, study
+from kvshare_jax import progress
 from kvshare_jax.commands import eval as eval_command
-from kvshare_jax.config import load_config
 
 
 class Terminal(io.StringIO):
@@ -100,26 +98,14 @@ def test_tqdm_disable_silences_both_modes(monkeypatch, value, silent):
 
 
 def test_study_prints_a_line_per_cell_with_an_eta(tmp_path, monkeypatch, capsys):
-    config = load_config(
-        os.path.join(tu.ROOT, "configs", "study", "cpu.py"),
-        (
-            "study.layouts=('standard','pizza-bottom','lasagna-top')",
-            f"data.tokenizer_path={tu.tokenizer_path()}",
-        ),
-    )
-
-    def fake_cell(cell_config, cell, cell_dir, known_max_batch=None):
-        os.makedirs(cell_dir)
-        return tu.fake_study_result(cell, 20.0, 100.0)
-
-    monkeypatch.setattr(study, "run_cell", fake_cell)
-    study.run_study(config, str(tmp_path / "study"))
+    layouts = "('standard','pizza-bottom','lasagna-top')"
+    tu.run_fake_study(monkeypatch, str(tmp_path / "study"), layouts)
     out = lines(capsys.readouterr().err, "study:")
     assert [x.split(" [")[0] for x in out] == [
         f"study: {i}/3 cell ({i / 3:.0%})" for i in (1, 2, 3)
     ]
     assert "<" in out[0] and out[0].endswith("cell=standard-l6]")
-    study.run_study(config, str(tmp_path / "study"))  # every cell finished: no line
+    tu.run_fake_study(monkeypatch, str(tmp_path / "study"), layouts)  # all finished: no line
     assert lines(capsys.readouterr().err, "study:") == []
 
 

@@ -307,20 +307,8 @@ def test_preempted_study_saves_the_cell_in_progress_and_resumes(tmp_path, capsys
 def test_report_plots_named_methods_and_mapping_strings(tmp_path, monkeypatch):
     """The figures draw rows of named methods and mapping strings (no preset colour or
     marker), each with a style of its own."""
-    config = load_config(
-        CPU_STUDY,
-        (
-            "study.layouts=('standard','pizza-bottom','lasagna-top','sandwich-top')",
-            f"data.tokenizer_path={tu.tokenizer_path()}",
-        ),
-    )
-
-    def fake_cell(cell_config, cell, cell_dir, known_max_batch=None):
-        os.makedirs(cell_dir)
-        return tu.fake_study_result(cell, 20.0, 100.0)
-
-    monkeypatch.setattr(study, "run_cell", fake_cell)
-    out = study.run_study(config, str(tmp_path / "study"))
+    layouts = "('standard','pizza-bottom','lasagna-top','sandwich-top')"
+    out = tu.run_fake_study(monkeypatch, str(tmp_path / "study"), layouts)
     for row, name in zip(out["rows"][1:], ("cla:2", "yoco", "0_0_2_2_4_4"), strict=True):
         row["layout"] = name
     report.plot_tradeoff(out, str(tmp_path / "tradeoff.png"))

@@ -201,6 +201,25 @@ def fake_study_result(cell, ppl: float, tok_s: float, step_s: float = 0.1) -> di
     }
 
 
+def run_fake_study(monkeypatch, workdir: str, layouts: str) -> dict:
+    """``study.run_study`` of configs/study/cpu.py over ``layouts`` (a tuple literal)
+    with every cell's training replaced by :func:`fake_study_result`; its results."""
+    from kvshare_jax import study
+    from kvshare_jax.config import load_config
+
+    config = load_config(
+        os.path.join(ROOT, "configs", "study", "cpu.py"),
+        (f"study.layouts={layouts}", f"data.tokenizer_path={tokenizer_path()}"),
+    )
+
+    def fake_cell(cell_config, cell, cell_dir, known_max_batch=None):
+        os.makedirs(cell_dir)
+        return fake_study_result(cell, 20.0, 100.0)
+
+    monkeypatch.setattr(study, "run_cell", fake_cell)
+    return study.run_study(config, workdir)
+
+
 def copy_run(tmp_path, keep_steps: tuple[int, ...] = (100, 200)) -> str:
     """A copy of the reference run under ``tmp_path`` keeping checkpoints ``keep_steps``."""
     workdir = str(tmp_path / "run")
