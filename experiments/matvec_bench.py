@@ -8,14 +8,18 @@ warm-up, every timing ended with ``jax.block_until_ready``:
    distinct weights, far beyond the last-level cache), each input depending on the
    previous output, at ``M`` rows: the kernel (``matvec``) vs ``x @ w``; GB/s of
    weights read.
-2. **Batch-1 decode**: ``decode.generate_fn`` on a random llama_tiny-shaped model,
-   16-token prompt + 128 greedy tokens, ``matvec_impl="auto"`` vs ``"xla"``; tok/s and
-   whether the tokens are identical.
+2. **Decode** at each of ``--batches``: ``decode.generate_fn`` on a random
+   llama_tiny-shaped model, 16-token prompts + 128 greedy tokens, ``matvec_impl="auto"``
+   vs ``"xla"``; tok/s and whether the tokens are identical.
 
 The streaming read bandwidth (`kvshare_jax.bench.read_bandwidth`: an XLA sum, an XLA
 row-wise product and the kernel over 1 GiB) is measured in the same run for reference::
 
     python experiments/matvec_bench.py            # -> experiments/results/matvec_bench_cpu.*
+
+On an AVX-512 host, ``--isa avx2`` caps both sides at AVX2: XLA with
+``--xla_cpu_max_isa=AVX2`` and the kernel built with ``KVSHARE_CPU_ISA=avx2`` (set before
+JAX starts, so this flag re-executes the script with them).
 """
 
 from __future__ import annotations
@@ -80,26 +84,28 @@ def weight_chain(rows: list[int], repeats: int) -> list[dict]:
     return out
 
 
-def batch1_decode(repeats: int, prompt_len: int = 16, gen_len: int = 128) -> dict:
+def decode_speed(batch: int, repeats: int, prompt_len: int = 16, gen_len: int = 128) -> dict:
     params = init_params(ModelConfig.create("standard", **SHAPE), jax.random.key(0))
-    prompts = jnp.asarray(np.random.default_rng(0).integers(3, 32000, (1, prompt_len)), jnp.int32)
-    lengths = jnp.full((1,), prompt_len, jnp.int32)
+    rng = np.random.default_rng(0)
+    prompts = jnp.asarray(rng.integers(3, 32000, (batch, prompt_len)), jnp.int32)
+    lengths = jnp.full((batch,), prompt_len, jnp.int32)
     runs, tokens, best = {}, {}, {}
     for impl in ("auto", "xla"):
         cfg = ModelConfig.create("standard", matvec_impl=impl, **SHAPE)
         fn = decode.generate_fn(cfg, max_new_tokens=gen_len)
 
         def run(cfg=cfg, fn=fn):
-            cache = decode.init_cache(cfg, 1, prompt_len + gen_len - 1)
+            cache = decode.init_cache(cfg, batch, prompt_len + gen_len - 1)
             return fn(params, cache, prompts, lengths, jax.random.key(0))[0].tokens
 
         runs[impl], tokens[impl], best[impl] = run, np.asarray(run()), float("inf")
     for _ in range(3):
         for impl, run in runs.items():
             best[impl] = min(best[impl], best_time(run, warmup=0, repeats=repeats))
-    tok_s = {k: gen_len / v for k, v in best.items()}
-    print("batch-1 decode tok/s: " + ", ".join(f"{k} {v:.0f}" for k, v in tok_s.items()))
+    tok_s = {k: batch * gen_len / v for k, v in best.items()}
+    print(f"batch-{batch} decode tok/s: " + ", ".join(f"{k} {v:.0f}" for k, v in tok_s.items()))
     return {
+        "batch": batch,
         "prompt_len": prompt_len,
         "gen_len": gen_len,
         "tok_s": tok_s,
@@ -110,7 +116,7 @@ def batch1_decode(repeats: int, prompt_len: int = 16, gen_len: int = 128) -> dic
 
 def markdown(res: dict) -> str:
     lines = [
-        f"# CPU matvec kernel vs XLA dot (fp32), {res['machine']}",
+        f"# CPU matvec kernel vs XLA dot (fp32), {res['machine']}, {res['isa']}",
         "",
         "Streaming read of 1 GiB in this run (GB/s): "
         + ", ".join(f"{k} {v:.1f}" for k, v in res["read_gb_s"].items())
@@ -127,37 +133,59 @@ def markdown(res: dict) -> str:
             f"| {r['rows']} | {r['ms']['xla']:.3f} | {r['ms']['kernel']:.3f} | "
             f"{r['gb_s']['xla']:.1f} | {r['gb_s']['kernel']:.1f} | {r['speedup']:.2f}x |"
         )
-    d = res["decode"]
+    d = res["decode"][0]
     lines += [
         "",
-        f"Batch-1 decode, random llama_tiny shape, {d['prompt_len']}-token prompt + "
-        f"{d['gen_len']} greedy tokens (prefill included): matvec_impl='auto' "
-        f"{d['tok_s']['auto']:.0f} tok/s, 'xla' {d['tok_s']['xla']:.0f} tok/s "
-        f"({d['speedup']:.2f}x), same tokens: {'yes' if d['same_tokens'] else 'NO'}.",
+        f"Decode, random llama_tiny shape, {d['prompt_len']}-token prompts + {d['gen_len']} "
+        "greedy tokens (prefill included), tok/s:",
         "",
-        f"The model routes only single-row products to the kernel (MAX_ROWS = "
-        f"{cpu_matvec.MAX_ROWS}).",
+        "| batch | matvec_impl='auto' | 'xla' | auto vs xla | same tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for d in res["decode"]:
+        lines.append(
+            f"| {d['batch']} | {d['tok_s']['auto']:.0f} | {d['tok_s']['xla']:.0f} | "
+            f"{d['speedup']:.2f}x | {'yes' if d['same_tokens'] else 'NO'} |"
+        )
+    lines += [
+        "",
+        f"The model routes products of up to MAX_ROWS = {cpu_matvec.MAX_ROWS} rows to the "
+        f"kernel. ISA: {res['isa']}; 1-minute load average {res['load'][0]:.2f} before, "
+        f"{res['load'][1]:.2f} after.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", default="1,2,4")
+    p.add_argument("--rows", default="1,2,4,8,16,32,64")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--isa", choices=("native", "avx2"), default="native")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out-dir", default="experiments/results")
     p.add_argument("--name", default=f"matvec_bench_{jax.default_backend()}")
     args = p.parse_args(argv)
+    if args.isa == "avx2" and os.environ.get("KVSHARE_CPU_ISA") != "avx2":
+        env = dict(os.environ, KVSHARE_CPU_ISA="avx2")
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX2").strip()
+        os.execvpe(sys.executable, [sys.executable, __file__, *argv], env)
     if not cpu_matvec.available():
         print("the CPU matvec kernel is not available (see the warning above)", file=sys.stderr)
         return 1
     res = {
         "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "jax": jax.__version__,
-        "chain": weight_chain([int(r) for r in args.rows.split(",")], args.repeats),
-        "decode": batch1_decode(max(3, args.repeats // 3)),
-        "read_gb_s": {k: v / 1e9 for k, v in read_bandwidth().items()},
+        "isa": "AVX2 (XLA --xla_cpu_max_isa=AVX2, kernel -mno-avx512f)"
+        if args.isa == "avx2"
+        else "native",
     }
+    load = os.getloadavg()[0]
+    res["chain"] = weight_chain([int(r) for r in args.rows.split(",")], args.repeats)
+    res["decode"] = [
+        decode_speed(int(b), max(3, args.repeats // 3)) for b in args.batches.split(",")
+    ]
+    res["read_gb_s"] = {k: v / 1e9 for k, v in read_bandwidth().items()}
+    res["load"] = [load, os.getloadavg()[0]]
     base = paths.join(args.out_dir, args.name)
     paths.write_json(f"{base}.json", res)
     paths.write_text(f"{base}.md", markdown(res))

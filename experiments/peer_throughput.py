@@ -38,6 +38,24 @@ import numpy as np
 SYSTEMS = ("hf", "ct2", "kvshare")
 LABELS = {"hf": "HF generate", "ct2": "CTranslate2", "kvshare": "kvshare_jax"}
 LLAMA_TINY = dict(layers=8, d_model=512, heads=8, kv_heads=8, d_ff=1376, vocab=32000)
+# --isa avx2: every system capped at AVX2 on an AVX-512 host (the runners inherit these)
+AVX2_ENV = {
+    "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",  # XLA:CPU codegen and its dot kernels
+    "KVSHARE_CPU_ISA": "avx2",  # the CPU matvec kernel built with -mno-avx512f
+    "CT2_FORCE_CPU_ISA": "AVX2",  # CTranslate2's own kernels
+    "DNNL_MAX_CPU_ISA": "AVX2",  # oneDNN, CTranslate2's SGEMM backend (and torch's)
+    "ATEN_CPU_CAPABILITY": "avx2",  # torch's vectorized kernels
+}
+
+
+def cap_isa(isa: str) -> str:
+    """Sets the environment of ``--isa`` for this process and the runners; its label."""
+    if isa == "native":
+        return "native"
+    for key, value in AVX2_ENV.items():
+        old = os.environ.get(key, "")
+        os.environ[key] = f"{old} {value}".strip() if key == "XLA_FLAGS" else value
+    return "AVX2 cap (" + ", ".join(f"{k}={v}" for k, v in AVX2_ENV.items()) + ")"
 
 
 # ------------------------------------------------------------- checkpoints
@@ -321,7 +339,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{meta['gen_len']} greedy tokens, prefill included, best of {meta['repeats']} "
         f"interleaved rounds, one process per system, {meta.get('pause_s', 0):g} s idle before "
         "each timed run; "
-        f"{meta.get('cpu_model', 'CPU')}, {meta['cpu_count']} cores, {meta['threads']} threads; "
+        f"{meta.get('cpu_model', 'CPU')}, {meta['cpu_count']} cores, {meta['threads']} threads, "
+        f"ISA {meta.get('isa', 'native')}; "
         f"1-min load average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after.",
         "",
         f"| batch | {head} | " + " | ".join(ratio) + " | same tokens |",
@@ -405,7 +424,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "peer_throughput"))
     p.add_argument("--out-dir", default="experiments/results")
     p.add_argument("--name", default="peer_throughput_cpu")
+    p.add_argument(
+        "--isa", choices=("native", "avx2"), default="native", help="avx2: cap every system at AVX2"
+    )
     args = p.parse_args(argv)
+    isa = cap_isa(args.isa)
     systems = [s for s in args.systems.split(",") if s]
     if not systems or any(s not in SYSTEMS for s in systems):
         p.error(f"--systems must name some of {', '.join(SYSTEMS)}")
@@ -446,6 +469,7 @@ def main(argv: list[str]) -> int:
         "threads": args.threads,
         "pause_s": args.pause,
         "cpu_model": cpu_model(),
+        "isa": isa,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "load_before": load_before,

@@ -4,18 +4,22 @@
 the model sends it products of at most :data:`MAX_ROWS` rows. At batch 1 a decode step
 is bound by reading the weights; XLA:CPU's dot reaches about 40 GB/s on those shapes
 where a row-split streaming loop reaches the ~50 GB/s of a plain read on the same 2 cores
-(``cpu_matvec.cc`` says how). :func:`dot_general` is the drop-in ``dot_general`` of the
-model's ``nn.Dense`` layers (``matvec_impl="auto"``): it takes the kernel when the
-product is ``[.., K] x [K, N]`` in fp32 with at most ``MAX_ROWS`` rows, the target
-platform is the CPU and no multi-device mesh is active; everything else, and a program
-lowered for another platform, is ``lax.dot_general``. The kernel has a custom VJP with
-XLA dots, so gradients through it are the usual ones.
+(``cpu_matvec.cc`` says how). Batch decode (8..32 rows) is bound by the FMAs, where
+XLA's dot runs near the core's peak: a register-blocked small-M kernel was measured and
+was not faster (``experiments/results/matvec_bench_cpu.md``). :func:`dot_general` is the
+drop-in ``dot_general`` of the model's ``nn.Dense`` layers (``matvec_impl="auto"``): it
+takes the kernel when the product is ``[.., K] x [K, N]`` in fp32 with at most
+``MAX_ROWS`` rows, the target platform is the CPU and no multi-device mesh is active;
+everything else, and a program lowered for another platform, is ``lax.dot_general``.
+The kernel has a custom VJP with XLA dots, so gradients through it are the usual ones.
 
 The library is compiled at first use from ``cpu_matvec.cc`` with the host C++ compiler
-(``$CXX``, else ``c++``; ``-O3 -march=native``) into ``$XDG_CACHE_HOME/kvshare_jax`` (else
-``~/.cache/kvshare_jax``), keyed by the source, the compiler, JAX and the CPU. Without a
-compiler, or with ``KVSHARE_CPU_MATVEC=0``, :func:`available` is False and every product
-stays on XLA (one warning says why). ``KVSHARE_MATVEC_THREADS`` sets its threads.
+(``$CXX``, else ``c++``; ``-O3 -march=native``, with ``KVSHARE_CPU_ISA=avx2`` also
+``-mno-avx512f``: the AVX2 build on an AVX-512 host) into ``$XDG_CACHE_HOME/kvshare_jax``
+(else ``~/.cache/kvshare_jax``), keyed by the source, the flags, the compiler, JAX and
+the CPU. Without a compiler, or with ``KVSHARE_CPU_MATVEC=0``, :func:`available` is False
+and every product stays on XLA (one warning says why). ``KVSHARE_MATVEC_THREADS`` sets
+its threads.
 """
 
 from __future__ import annotations
@@ -58,11 +62,20 @@ def _cache_dir() -> Path:
     return Path(root) / "kvshare_jax"
 
 
+def isa_flags() -> list[str]:
+    """The ISA flags of the build: ``-march=native``, capped by ``KVSHARE_CPU_ISA``."""
+    isa = os.environ.get("KVSHARE_CPU_ISA", "native").lower()
+    if isa not in ("native", "avx2"):
+        raise RuntimeError(f"KVSHARE_CPU_ISA={isa!r}: expected native or avx2")
+    return ["-march=native"] + (["-mno-avx512f"] if isa == "avx2" else [])
+
+
 def _build(cxx: str) -> Path:
-    """Compiles the kernel library (once per source/compiler/JAX/CPU) and returns it."""
+    """Compiles the kernel library (once per source/flags/compiler/JAX/CPU), returns it."""
     include = jax.ffi.include_dir()
+    flags = isa_flags()
     key = hashlib.sha256(
-        "\0".join([_SOURCE.read_text(), cxx, jax.__version__, _cpu_id()]).encode()
+        "\0".join([_SOURCE.read_text(), cxx, *flags, jax.__version__, _cpu_id()]).encode()
     ).hexdigest()[:16]
     lib = _cache_dir() / f"cpu_matvec-{key}.so"
     if lib.exists():
@@ -70,7 +83,7 @@ def _build(cxx: str) -> Path:
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         out = Path(tmp) / lib.name
-        cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
+        cmd = [cxx, "-O3", *flags, "-std=c++17", "-shared", "-fPIC"]
         cmd += ["-I", include, str(_SOURCE), "-o", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
