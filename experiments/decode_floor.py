@@ -88,6 +88,10 @@ def main() -> None:
     p.add_argument("--layouts", default="all", help="'all' = standard + the nine presets")
     p.add_argument("--max-batch", type=int, default=64, help="when no max-batch result exists")
     p.add_argument("--out", default=str(RESULTS / "decode_floor_tpu"))
+    p.add_argument("--only-max", action="store_true", help="skip the batch-1 cells")
+    p.add_argument(
+        "--merge", action="store_true", help="replace only the re-run cells of --out's report"
+    )
     args = p.parse_args()
     rows = []
     for path in args.configs.split(","):
@@ -103,7 +107,8 @@ def main() -> None:
             for topology in args.topologies.split(","):
                 device = aot.topology(topology)[0]
                 for impl in args.impls.split(","):
-                    for batch in sorted({1, best.get(spec, args.max_batch)}):
+                    batches = {best.get(spec, args.max_batch)} | (set() if args.only_max else {1})
+                    for batch in sorted(batches):
                         start = time.time()
                         one = dataclasses.replace(cfg, attention_impl=impl)
                         out = aot.decode_step_program(one, device, batch, prompt + gen - 1)
@@ -134,6 +139,17 @@ def main() -> None:
                             flush=True,
                         )
                 jax.clear_caches()
+    if args.merge and Path(f"{args.out}.json").exists():
+        configs = set(args.configs.split(","))
+
+        def stale(r: dict) -> bool:  # a cell of a re-run config that this run replaces
+            return r["config"] in configs and (r["batch"] != 1 or not args.only_max)
+
+        old = json.loads(Path(f"{args.out}.json").read_text())["rows"]
+        rows = [r for r in old if not stale(r)] + rows
+        fields = ("config", "layout", "topology", "impl")  # the loop order above
+        first = {f: list(dict.fromkeys(r[f] for r in rows)) for f in fields}
+        rows.sort(key=lambda r: (*(first[f].index(r[f]) for f in fields), r["batch"]))
     meta = {"libtpu": _version("libtpu"), "jax": jax.__version__}
     paths.write_json(f"{args.out}.json", {"meta": meta, "rows": rows})
     paths.write_text(f"{args.out}.md", markdown(rows, meta))
