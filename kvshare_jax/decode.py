@@ -41,10 +41,10 @@ from kvshare_jax import cache_layout
 from kvshare_jax.cache_layout import SlotLayout
 from kvshare_jax.masks import INVALID_POS
 from kvshare_jax.model import (
+    BoundModel,
     ModelConfig,
     Params,
     Passes,
-    Runner,
     check_prefill_passes,
     check_tol,
     forward_hidden,
@@ -206,7 +206,7 @@ def prefill(
 def _prefill_rows(cfg, params, prompts, lengths, passes, tol, all_logits):
     """The prefill forward of some sequences: logits (``[c,v]``, or ``[c,t,v]``), the KVs
     of every KV layer (time-major), the positions they hold (``INVALID_POS`` for padding)
-    and the passes run."""
+    and the passes bound."""
     c, t = prompts.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (c, t))
     valid = positions < lengths[:, None]
@@ -216,7 +216,7 @@ def _prefill_rows(cfg, params, prompts, lengths, passes, tol, all_logits):
     )
     if not all_logits:
         x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [c, 1, d]
-    logits = Runner(cfg, params).logits(x)
+    logits = BoundModel(cfg, params).logits(x)
     logits = logits if all_logits else logits[:, 0]
     return logits, kv, jnp.where(valid, positions, INVALID_POS), ran
 
@@ -231,20 +231,20 @@ def decode_step(
     exactly the sequential semantics. The caller keeps ``cache.index`` below the cache
     length (`generate` sizes it so).
     """
-    run = Runner(cfg, params)
+    bound = BoundModel(cfg, params)
     q_pos, at, lay = cache.pos[:, None], cache.index, cache.layout
     kv_pos = jax.lax.dynamic_update_slice(cache.kv_pos, q_pos, (0, at))
     ks, vs = list(cache.k), list(cache.v)
-    x = run.embed(tokens[:, None])
+    x = bound.embed(tokens[:, None])
     for i, slot in enumerate(cfg.layout.slot_of_layer):
-        q, own = run.qkv(i, x, q_pos)
+        q, own = bound.qkv(i, x, q_pos)
         if own is not None:
             ks[slot] = cache_layout.write(lay, ks[slot], own[0], at)
             vs[slot] = cache_layout.write(lay, vs[slot], own[1], at)
-        attn = run.attend(i, q, (ks[slot], vs[slot]), q_pos, kv_pos, cache=lay)
-        x = run.finish(i, x, attn)
+        attn = bound.attend(i, q, (ks[slot], vs[slot]), q_pos, kv_pos, cache=lay)
+        x = bound.finish(i, x, attn)
     out = cache.replace(k=tuple(ks), v=tuple(vs), kv_pos=kv_pos, pos=cache.pos + 1, index=at + 1)
-    return run.logits(x)[:, 0], out
+    return bound.logits(x)[:, 0], out
 
 
 # ------------------------------------------------------------ the program

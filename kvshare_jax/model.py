@@ -318,7 +318,7 @@ def count_params(params: Params) -> int:
 
 
 # ----------------------------------------------------------------- layers
-class Runner:
+class BoundModel:
     """Binds a config and params to the per-layer pieces (all pure ``apply`` calls)."""
 
     def __init__(self, cfg: ModelConfig, params: Params):
@@ -368,7 +368,7 @@ class Runner:
 
 # ---------------------------------------------------------------- forward
 def _run_layers(
-    run: Runner,
+    bound: BoundModel,
     layers: range,
     x: jax.Array,
     pos: jax.Array,
@@ -379,12 +379,12 @@ def _run_layers(
     """Runs ``layers`` once. Targets below/at a layer come from ``done`` (updated in
     place order), upward targets from ``prev`` (the previous iteration). Returns the
     output and the KVs computed by these layers."""
-    targets = run.cfg.layout.targets
+    targets = bound.cfg.layout.targets
     new: dict[int, KV] = {}
     for i in layers:
         j = targets[i]
         other = None if j == i else (new[j] if j in new else (prev[j] if j > i else done[j]))
-        x, own = _layer(run.cfg, i)(run.params, x, pos, kv_pos, other)
+        x, own = _layer(bound.cfg, i)(bound.params, x, pos, kv_pos, other)
         if own is not None:
             new[i] = own
     return x, new
@@ -396,16 +396,16 @@ def _layer(cfg: ModelConfig, i: int) -> Callable:
     backward pass when ``cfg.remat``."""
 
     def layer(params, x, pos, kv_pos, other):
-        run = Runner(cfg, params)
-        q, own = run.qkv(i, x, pos)
+        bound = BoundModel(cfg, params)
+        q, own = bound.qkv(i, x, pos)
         kv = own if other is None else other
-        return run.finish(i, x, run.attend(i, q, kv, pos, kv_pos)), own
+        return bound.finish(i, x, bound.attend(i, q, kv, pos, kv_pos)), own
 
     return jax.checkpoint(layer) if cfg.remat else layer
 
 
 def _no_grad_pass(
-    run: Runner,
+    bound: BoundModel,
     layers: range,
     x: jax.Array,
     pos: jax.Array,
@@ -415,13 +415,13 @@ def _no_grad_pass(
     """One pass of ``layers`` from given upward KVs, on stopped inputs and parameters (a
     loop of such passes stores nothing for the backward pass)."""
     sg = jax.lax.stop_gradient
-    frozen = Runner(run.cfg, sg(run.params))
+    frozen = BoundModel(bound.cfg, sg(bound.params))
     xs, done_s = sg(x), sg(done)
     return lambda prev: _run_layers(frozen, layers, xs, pos, kv_pos, done_s, prev)
 
 
 def _iterate_block(
-    run: Runner,
+    bound: BoundModel,
     layers: range,
     x: jax.Array,
     pos: jax.Array,
@@ -439,17 +439,17 @@ def _iterate_block(
     where given, else from zeros. Returns the output, the block's KVs and the number of
     passes run (int32 scalar).
     """
-    targets = run.cfg.layout.targets
+    targets = bound.cfg.layout.targets
     upward = sorted({targets[i] for i in layers if targets[i] > i})
-    kh, h = run.cfg.num_kv_heads, run.cfg.hd
+    kh, h = bound.cfg.num_kv_heads, bound.cfg.hd
     zero = jnp.zeros((*x.shape[:2], kh, h), x.dtype)
     prev = {j: init_kv.get(j, (zero, zero)) for j in upward}
     if isinstance(passes, str):
-        return _converge_block(run, layers, x, pos, kv_pos, done, prev, tol)
+        return _converge_block(bound, layers, x, pos, kv_pos, done, prev, tol)
     m, b = passes
 
     if m > 0:
-        no_grad_pass = _no_grad_pass(run, layers, x, pos, kv_pos, done)
+        no_grad_pass = _no_grad_pass(bound, layers, x, pos, kv_pos, done)
 
         def body(_, p):
             _, new = no_grad_pass(p)
@@ -458,13 +458,13 @@ def _iterate_block(
         prev = jax.lax.fori_loop(0, m, body, prev)
     out, new = x, {}
     for _ in range(b):
-        out, new = _run_layers(run, layers, x, pos, kv_pos, done, prev)
+        out, new = _run_layers(bound, layers, x, pos, kv_pos, done, prev)
         prev = {j: new[j] for j in upward}
     return out, new, jnp.int32(m + b)
 
 
 def _converge_block(
-    run: Runner,
+    bound: BoundModel,
     layers: range,
     x: jax.Array,
     pos: jax.Array,
@@ -483,7 +483,7 @@ def _converge_block(
     ``tol = 0`` ("exact") stops only at a fixed point, which is the exact result. Inference
     only: no gradient flows through the loop.
     """
-    no_grad_pass = _no_grad_pass(run, layers, x, pos, kv_pos, done)
+    no_grad_pass = _no_grad_pass(bound, layers, x, pos, kv_pos, done)
     upward = sorted(prev)
     cap = x.shape[1]
 
@@ -500,7 +500,7 @@ def _converge_block(
 
     # Never fewer passes than the config's fixed m + b (so never less exact than them),
     # unless a pass changes nothing at all: a fixed point is the exact result.
-    floor = min(run.cfg.forward_passes + run.cfg.backward_passes, cap)
+    floor = min(bound.cfg.forward_passes + bound.cfg.backward_passes, cap)
 
     def cond(carry):
         n, _, _, change = carry
@@ -535,7 +535,7 @@ def forward(
     With ``return_kv`` also returns the final KVs of every KV layer, ``{layer: (k, v)}``.
     """
     x, done = forward_hidden(cfg, params, tokens, positions, valid, passes=passes, init_kv=init_kv)
-    logits = Runner(cfg, params).logits(x)
+    logits = BoundModel(cfg, params).logits(x)
     return (logits, done) if return_kv else logits
 
 
@@ -569,19 +569,19 @@ def forward_hidden(
         passes = (cfg.forward_passes, cfg.backward_passes)
     passes = check_prefill_passes(passes, "passes")
     tol = 0.0 if passes == "exact" else check_tol(tol, "tol")
-    run = Runner(cfg, params)
-    x = run.embed(tokens)
+    bound = BoundModel(cfg, params)
+    x = bound.embed(tokens)
     done: dict[int, KV] = {}
     ran = jnp.int32(0)
     for start, end, iterated in cfg.layout.segments:
         layers = range(start, end + 1)
         if iterated:
             x, new, n = _iterate_block(
-                run, layers, x, positions, kv_pos, done, passes, init_kv or {}, tol
+                bound, layers, x, positions, kv_pos, done, passes, init_kv or {}, tol
             )
             ran = jnp.maximum(ran, n)
         else:
-            x, new = _run_layers(run, layers, x, positions, kv_pos, done, {})
+            x, new = _run_layers(bound, layers, x, positions, kv_pos, done, {})
         done.update(new)
     return (x, done, ran) if return_passes else (x, done)
 
@@ -602,19 +602,19 @@ def sequential_logits(cfg: ModelConfig, params: Params, tokens: jax.Array) -> ja
 
     @jax.jit
     def step(params, cache, token, p):
-        run = Runner(cfg, params)
+        bound = BoundModel(cfg, params)
         pos = jnp.full((b, 1), p, jnp.int32)
-        x = run.embed(token)
+        x = bound.embed(token)
         for i, j in enumerate(cfg.layout.targets):
-            q, own = run.qkv(i, x, pos)
+            q, own = bound.qkv(i, x, pos)
             if own is not None:
                 k, v = cache[i]
                 cache[i] = (k.at[:, p].set(own[0][:, 0]), v.at[:, p].set(own[1][:, 0]))
             written = p + 1 if j <= i else p
             kv_pos = jnp.where(slots < written, slots, INVALID_POS)
             kv_pos = jnp.broadcast_to(kv_pos, (b, total))
-            x = run.finish(i, x, run.attend(i, q, cache[j], pos, kv_pos))
-        return run.logits(x)[:, 0], cache
+            x = bound.finish(i, x, bound.attend(i, q, cache[j], pos, kv_pos))
+        return bound.logits(x)[:, 0], cache
 
     out = []
     for p in range(total):
