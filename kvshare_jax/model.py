@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 
 from kvshare_jax.attention import INVALID_POS, attention
-from kvshare_jax.kernels import cpu_matvec
 from kvshare_jax.layout import KVLayout, from_spec, mapping_length
 
 Params = Any
@@ -175,10 +174,17 @@ def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str) ->
         dtype=jnp.dtype(cfg.dtype),
         param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=_init(cfg, axes),
-        # batch-1 decode on CPU: the FFI matvec (kernels/cpu_matvec.py)
-        dot_general=cpu_matvec.dot_general if cfg.matvec_impl == "auto" else None,
+        dot_general=_matvec_dot() if cfg.matvec_impl == "auto" else None,
         name=name,
     )
+
+
+def _matvec_dot() -> Callable:
+    """The products of batch-1 decode on CPU: the FFI matvec (kernels/cpu_matvec.py),
+    imported when a model first needs it, so importing the model loads no kernel."""
+    from kvshare_jax.kernels import cpu_matvec
+
+    return cpu_matvec.dot_general
 
 
 class RMSNorm(nn.Module):

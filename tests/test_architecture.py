@@ -113,18 +113,28 @@ def test_training_does_not_import_interop():
     assert not {"kvshare_jax.convert", "kvshare_jax.hf_io"} & graph()["kvshare_jax.train"]
 
 
-def test_checkpoint_imports_no_tensorflow_datasets():
-    """TFDS (a second or more to import) loads only when a TFDS dataset is opened."""
+def _loaded_after_import(module: str, prefix: str) -> str:
+    """The modules named ``prefix...`` that importing ``module`` loads, in a fresh process."""
     code = (
-        "import sys, kvshare_jax.checkpoint; "
-        "print(sorted(m for m in sys.modules if m.startswith('tensorflow')))"
+        f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith({prefix!r})))"
     )
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    return out.stdout.strip()
+
+
+def test_checkpoint_imports_no_tensorflow_datasets():
+    """TFDS (a second or more to import) loads only when a TFDS dataset is opened."""
+    assert _loaded_after_import("kvshare_jax.checkpoint", "tensorflow") == "[]"
+
+
+def test_model_imports_no_kernel():
+    """The kernels load where they are first used (the attention dispatch, a model's
+    matvec), not with the model."""
+    assert _loaded_after_import("kvshare_jax.model", "kvshare_jax.kernels") == "[]"
 
 
 def test_experiments_import_no_cli_module():
