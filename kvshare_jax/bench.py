@@ -36,7 +36,6 @@ import jax.numpy as jnp
 
 from kvshare_jax import aot
 from kvshare_jax.decode import (
-    DEFAULT_PREFILL_TOL,
     cache_bytes,
     decode_step,
     generate_fn,
@@ -45,15 +44,9 @@ from kvshare_jax.decode import (
     prefill,
 )
 from kvshare_jax.kernels import cpu_matvec
-from kvshare_jax.model import (
-    ModelConfig,
-    Params,
-    Passes,
-    check_prefill_passes,
-    check_tol,
-    count_params,
-    init_params,
-)
+from kvshare_jax.model import ModelConfig, Params, count_params, init_params
+from kvshare_jax.prefill import DEFAULT as DEFAULT_PREFILL
+from kvshare_jax.prefill import Prefill
 from kvshare_jax.sampling import greedy_argmax
 from kvshare_jax.target import target_platform
 
@@ -287,13 +280,12 @@ def bench_generate(
     gen_len: int,
     warmup: int = 1,
     repeats: int = 3,
-    prefill_passes: Passes | None = None,
-    prefill_tol: float = DEFAULT_PREFILL_TOL,
+    prefill_settings: Prefill = DEFAULT_PREFILL,
 ) -> dict[str, Any]:
     """Times the generation program, prefill alone and the decode scan alone at ``batch``.
 
     All three are compiled ahead of time, so no timing includes compilation.
-    ``prefill_passes`` / ``prefill_tol``: the prefill iteration (default: the decoder's);
+    ``prefill_settings``: the prefill iteration (default: the decoder's);
     ``prefill_passes_run`` reports the passes it ran on the benchmark's prompts.
     """
     params = inference_params(cfg, params)  # what compile_generate's program takes
@@ -302,14 +294,12 @@ def bench_generate(
     cache_shape = jax.eval_shape(lambda: init_cache(cfg, batch, cache_len))
     tokens = jax.ShapeDtypeStruct((batch,), jnp.int32)
     rng = jax.random.key(0)
-    if prefill_passes is None:
+    if prefill_settings == DEFAULT_PREFILL:  # the program the max-batch search compiled
         gen = compile_generate(cfg, batch, prompt_len, gen_len)
     else:
-        program = generate_fn(
-            cfg, max_new_tokens=gen_len, prefill_passes=prefill_passes, prefill_tol=prefill_tol
-        )
+        program = generate_fn(cfg, max_new_tokens=gen_len, prefill_settings=prefill_settings)
         gen = program.lower(params, cache_shape, prompts, lengths, rng).compile()
-    options = dict(passes=prefill_passes, tol=prefill_tol, return_passes=True)
+    options = dict(**prefill_settings.iteration(), return_passes=True)
     run_prefill = jax.jit(lambda p, c, x, n: prefill(cfg, p, c, x, n, **options), donate_argnums=1)
     run_prefill = run_prefill.lower(params, cache_shape, prompts, lengths).compile()
     run_decode = _decode_scan(cfg, gen_len - 1).lower(params, cache_shape, tokens).compile()
@@ -361,8 +351,7 @@ class BenchSpec:
     warmup: int = 1
     repeats: int = 3
     seed: int = 0
-    prefill_passes: Passes | None = None  # None = the decoder's default (see decode.py)
-    prefill_tol: float = DEFAULT_PREFILL_TOL  # tolerance of prefill_passes="auto"
+    prefill_settings: Prefill = DEFAULT_PREFILL  # the prompt's iteration (kvshare_jax/prefill.py)
 
 
 def _check_spec(spec: BenchSpec) -> dict[str, Any]:
@@ -440,8 +429,7 @@ def measure_layout(
         gen_len=spec.gen_len,
         warmup=spec.warmup,
         repeats=spec.repeats,
-        prefill_passes=spec.prefill_passes,
-        prefill_tol=spec.prefill_tol,
+        prefill_settings=spec.prefill_settings,
     )
     for b in spec.batch_sizes:
         result = timed(batch=b)
@@ -640,12 +628,7 @@ def spec_from_args(args: argparse.Namespace, overrides: tuple[str, ...]) -> Benc
         memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
         warmup=args.warmup,
         repeats=args.repeats,
-        prefill_passes=(
-            check_prefill_passes(args.prefill_passes, "--prefill-passes")
-            if args.prefill_passes
-            else None
-        ),
-        prefill_tol=check_tol(
-            DEFAULT_PREFILL_TOL if args.prefill_tol is None else args.prefill_tol, "--prefill-tol"
+        prefill_settings=Prefill.parse(
+            args.prefill_passes, args.prefill_tol, ("--prefill-passes", "--prefill-tol")
         ),
     )

@@ -13,7 +13,6 @@ layers lives in the drivers (`forward` here, `sequential_logits`, `decode.py`).
 from __future__ import annotations
 
 import dataclasses
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -23,53 +22,11 @@ import jax.numpy as jnp
 
 from kvshare_jax.attention import INVALID_POS, attention
 from kvshare_jax.layout import KVLayout, from_spec, mapping_length
+from kvshare_jax.prefill import Passes, check_passes, check_tol, parse_passes
 
 Params = Any
 KV = tuple[jax.Array, jax.Array]  # k, v: [b, s, k, h]
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def check_passes(passes: object, what: str = "passes") -> tuple[int, int]:
-    """``passes`` as ``(m, b)``; ``ValueError`` unless two integers with m >= 0, b >= 1
-    (b = 0 would skip the cyclic blocks' layers altogether)."""
-    try:
-        m, b = (operator.index(p) for p in passes)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        m, b = -1, -1
-    if m < 0 or b < 1:
-        raise ValueError(f"{what} (m, b) needs two integers m >= 0 and b >= 1, got {passes!r}")
-    return m, b
-
-
-PREFILL_MODES = ("auto", "exact")
-Passes = tuple[int, int] | str  # (m, b) fixed iteration counts, or "auto" / "exact"
-
-
-def check_prefill_passes(passes: object, what: str = "prefill_passes") -> Passes:
-    """``passes`` as ``(m, b)`` (see `check_passes`), ``"auto"`` or ``"exact"``; also parses
-    the command-line text ``"m,b"``. ``ValueError`` otherwise."""
-    if isinstance(passes, str):
-        text = passes.strip().lower()
-        if text in PREFILL_MODES:
-            return text
-        parts = text.split(",")
-        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
-            return check_passes(tuple(int(p) for p in parts), what)
-        raise ValueError(
-            f"{what} (m, b) needs two integers m >= 0 and b >= 1 (or auto, exact), got {passes!r}"
-        )
-    return check_passes(passes, what)
-
-
-def check_tol(tol: object, what: str = "prefill_tol") -> float:
-    """A finite tolerance ``>= 0`` as a float; ``ValueError`` otherwise."""
-    try:
-        value = float(tol)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise ValueError(f"{what} must be a finite number >= 0, got {tol!r}")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -573,7 +530,7 @@ def forward_hidden(
     kv_pos = positions if valid is None else jnp.where(valid, positions, INVALID_POS)
     if passes is None:
         passes = (cfg.forward_passes, cfg.backward_passes)
-    passes = check_prefill_passes(passes, "passes")
+    passes = parse_passes(passes, "passes")
     tol = 0.0 if passes == "exact" else check_tol(tol, "tol")
     bound = BoundModel(cfg, params)
     x = bound.embed(tokens)

@@ -31,6 +31,7 @@ FLOORS = [
         "preemption",
         "progress",
         "plotting",
+        "prefill",
     },
     {"kernels", "cache_layout"},
     {"attention"},
