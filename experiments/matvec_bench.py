@@ -12,7 +12,7 @@ warm-up, every timing ended with ``jax.block_until_ready``:
    16-token prompt + 128 greedy tokens, ``matvec_impl="auto"`` vs ``"xla"``; tok/s and
    whether the tokens are identical.
 
-The streaming read bandwidth (`kvshare_jax.bench.read_bandwidth`: an XLA sum, an XLA
+The streaming read bandwidth (`kvshare_jax.probes.read_bandwidth`: an XLA sum, an XLA
 row-wise product and the kernel over 1 GiB) is measured in the same run for reference::
 
     python experiments/matvec_bench.py            # -> experiments/results/matvec_bench_cpu.*
@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvshare_jax import decode, paths
-from kvshare_jax.bench import best_time, cpu_model, read_bandwidth
 from kvshare_jax.kernels import cpu_matvec
 from kvshare_jax.model import ModelConfig, init_params
+from kvshare_jax.probes import best_time, cpu_model, read_bandwidth
 
 LAYER = [(512, 512)] * 4 + [(512, 1376)] * 2 + [(1376, 512)]
 SHAPE = dict(num_layers=8, vocab_size=32000, d_model=512, num_heads=8, num_kv_heads=8, d_ff=1376)

@@ -239,12 +239,12 @@ def roofline(hf_dir: str, cache_dir: str, row: dict[str, Any], meta: dict[str, A
     bytes a decode step must read (every weight but the embedding table, plus the cache;
     `kvshare_jax.bench.decode_step_bytes`) over the best streaming read bandwidth. The
     measured time per token includes the prefill, so the fraction is a lower bound."""
-    from kvshare_jax import bench, checkpoint
+    from kvshare_jax import bench, checkpoint, probes
 
     cfg, params, _, _ = checkpoint.open_model(system_dir(cache_dir, hf_dir, "kvshare"))
     b, cache_len = row["batch"], meta["prompt_len"] + meta["gen_len"] - 1
     step_bytes = bench.decode_step_bytes(cfg, params, b, cache_len)
-    bandwidth = bench.read_bandwidth()
+    bandwidth = probes.read_bandwidth()
     roof_tok_s = b * bandwidth["best"] / step_bytes
     return {
         "batch": b,
@@ -429,7 +429,7 @@ def main(argv: list[str]) -> int:
     finally:
         for runner in runners.values():
             runner.close()
-    from kvshare_jax.bench import cpu_model
+    from kvshare_jax.probes import cpu_model
 
     model_text = (
         f"random Llama L={shape['layers']}, d={shape['d_model']}, "

@@ -13,8 +13,8 @@ runs all ``gen_len`` steps (the decoder has no early exit anyway).
   outputs - donated aliases + temporaries, i.e. params + cache + work space.
 - The max batch under a budget is found by compiling (never running) candidates.
 - Roofline of a decode step = (params read + each cache slot read once) / measured
-  streaming read bandwidth (:func:`read_bandwidth`: the best of an XLA sum, an XLA
-  matrix-vector product and the CPU matvec kernel over 1 GiB).
+  streaming read bandwidth (:func:`probes.read_bandwidth`: the best of an XLA sum, an
+  XLA matrix-vector product and the CPU matvec kernel over 1 GiB).
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import argparse
 import dataclasses
 import functools
 import gc
-import os
-import platform
 import re
 import sys
 import time
@@ -43,10 +41,10 @@ from kvshare_jax.decode import (
     init_cache,
     prefill,
 )
-from kvshare_jax.kernels import cpu_matvec
 from kvshare_jax.model import ModelConfig, Params, count_params, init_params
 from kvshare_jax.prefill import DEFAULT as DEFAULT_PREFILL
 from kvshare_jax.prefill import Prefill
+from kvshare_jax.probes import device_info, read_bandwidth
 from kvshare_jax.sampling import greedy_argmax
 from kvshare_jax.target import target_platform
 
@@ -66,59 +64,6 @@ def default_lengths(platform: str | None = None) -> tuple[int, int]:
     """(prompt, generated) tokens: 16 + 128 on CPU, 512 + 1024 on accelerators (the
     target ``platform``, default: see :mod:`kvshare_jax.target`)."""
     return (16, 128) if target_platform(platform) == "cpu" else (512, 1024)
-
-
-def device_info() -> dict[str, Any]:
-    dev = jax.devices()[0]
-    return {
-        "platform": dev.platform,
-        "device_kind": dev.device_kind,
-        "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "jax_version": jax.__version__,
-    }
-
-
-# ---------------------------------------------------------------- timing
-def best_time(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
-    """Best wall time of ``fn()`` (blocked until ready) over ``repeats`` calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
-    """Streaming read bandwidth in bytes/s over ``nbytes`` of fp32 (far beyond any cache),
-    best of ``repeats`` per program: an XLA column sum, an XLA row-wise matrix-vector
-    product and, on CPU, the matvec kernel of batch-1 decode (``kernels/cpu_matvec.py``).
-    ``best`` is the largest: the bandwidth of the decode roofline."""
-    a = jnp.ones((nbytes // 4 // 512, 512), jnp.float32)
-    vec = jnp.ones((512,), jnp.float32)
-    column_sum, rowwise = jax.jit(lambda a: jnp.sum(a, axis=0)), jax.jit(lambda a, v: a @ v)
-    programs = {"sum": lambda: column_sum(a), "gemv": lambda: rowwise(a, vec)}
-    if jax.default_backend() == "cpu" and cpu_matvec.available():
-        row, matvec = jnp.ones((1, a.shape[0]), jnp.float32), jax.jit(cpu_matvec.matvec)
-        programs["matvec"] = lambda: matvec(row, a)
-    out = {name: a.nbytes / best_time(f, warmup=1, repeats=repeats) for name, f in programs.items()}
-    out["best"] = max(out.values())
-    return out
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def decode_step_bytes(cfg: ModelConfig, params: Params, batch: int, cache_len: int) -> int:

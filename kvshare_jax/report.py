@@ -16,8 +16,8 @@ from typing import Any
 import ml_collections
 
 from kvshare_jax import paths, plotting
-from kvshare_jax.bench import device_info
 from kvshare_jax.layout import STANDARD
+from kvshare_jax.probes import device_info
 from kvshare_jax.stats import mean_ci, paired
 
 FIGURES = {"tradeoff": "throughput_vs_ppl.png", "kv_layers": "kv_layers.png"}

@@ -34,7 +34,7 @@ FLOORS = [
         "prefill",
     },
     {"kernels", "cache_layout"},
-    {"attention"},
+    {"attention", "probes"},
     {"model"},
     {"config", "sharding", "decode", "hf_io", "flops"},
     {"checkpoint"},
