@@ -138,9 +138,48 @@ def test_model_imports_no_kernel():
     assert _loaded_after_import("kvshare_jax.model", "kvshare_jax.kernels") == "[]"
 
 
-def test_experiments_import_no_cli_module():
+# what an experiment may take from the commands: a command's flags, never a command
+COMMAND_PARSERS = {
+    "kvshare_jax.commands": {"parse_with_overrides"},
+    "kvshare_jax.commands.bench": {"arg_parser", "spec_from_args"},
+}
+
+
+def test_experiments_import_only_command_parsers():
     for path in (ROOT / "experiments").glob("*.py"):
-        assert not any(m.startswith("kvshare_jax.commands") for m in _imports(path)), path
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("kvshare_jax.commands")]
+                assert not names, f"{path.name} imports {names}"
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "kvshare_jax.commands"
+            ):
+                taken = {a.name for a in node.names}
+                allowed = COMMAND_PARSERS.get(node.module, set())
+                assert taken <= allowed, f"{path.name} imports {taken - allowed} of {node.module}"
+
+
+def test_only_commands_define_flags():
+    """Command-line flags (argparse) live in ``commands/``; the library takes values."""
+    for path in (ROOT / "kvshare_jax").rglob("*.py"):
+        if "commands" in path.relative_to(ROOT).parts:
+            continue
+        tree = ast.parse(path.read_text())
+        calls = [
+            n for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and n.attr in ("add_argument", "ArgumentParser")
+        ]  # fmt: skip
+        assert not calls and "argparse" not in _module_names(tree), path
+
+
+def _module_names(tree: ast.AST) -> set[str]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out
 
 
 def test_test_modules_do_not_import_each_other():

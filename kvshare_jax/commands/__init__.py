@@ -1,6 +1,6 @@
 """One module per ``kvshare`` command, each exposing ``run(argv) -> int``.
 
-One convention for all of them: :class:`~kvshare_jax.config.ArgParser` (``-h`` and
+One convention for all of them: :class:`ArgParser` (``-h`` and
 ``--help``; dashed flags, ``--eval_steps`` read as ``--eval-steps``; a usage error is one
 line and exit 2), ``--config FILE`` plus ``--config.section.field=value`` overrides
 where a config is read, and :func:`error` for every other bad input.
@@ -10,12 +10,47 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
-from kvshare_jax.config import ArgParser, UsageError
 from kvshare_jax.prefill import DEFAULT_TOL, Prefill
 
-__all__ = ["ArgParser", "UsageError", "add_prefill_flags", "error", "prefill_from_flags"]
 PREFILL_FLAGS = ("--prefill-passes", "--prefill-tol")
+
+
+class UsageError(ValueError):
+    """Bad command-line arguments (printed as one line, exit status 2)."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """``argparse`` with one-line usage errors raised as :class:`UsageError`, and flags
+    spelled with underscores (``--max_new_tokens``) read as their dashed form; the
+    parser of every ``kvshare`` command."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001 - argparse's API
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([_dashed(a) for a in args], namespace)
+
+
+def _dashed(arg: str) -> str:
+    if not arg.startswith("--") or arg.startswith("--config."):
+        return arg
+    name, sep, value = arg.partition("=")
+    return name.replace("_", "-") + sep + value
+
+
+def parse_with_overrides(
+    argv: list[str], parser: argparse.ArgumentParser
+) -> tuple[argparse.Namespace, tuple[str, ...]]:
+    """Flags plus ``--config.a.b=value`` overrides (returned as ``"config.a.b=value"``
+    without the dashes); raises ``ValueError`` on other unknown flags."""
+    args, rest = parser.parse_known_args(argv)
+    overrides = tuple(a.removeprefix("--") for a in rest if a.startswith("--config."))
+    if len(overrides) != len(rest):
+        raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
+    return args, overrides
 
 
 def error(prog: str, message: object, status: int = 2) -> int:

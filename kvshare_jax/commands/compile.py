@@ -20,8 +20,8 @@ import os
 from typing import Any
 
 from kvshare_jax import paths
-from kvshare_jax.commands import error
-from kvshare_jax.config import ArgParser, check_output_dir, parse_with_overrides
+from kvshare_jax.commands import ArgParser, error, parse_with_overrides
+from kvshare_jax.config import check_output_dir
 
 PROG = "kvshare compile"
 _ALIASES = {

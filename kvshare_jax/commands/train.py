@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from kvshare_jax.commands import ArgParser, error
+from kvshare_jax.commands import ArgParser, error, parse_with_overrides
 
 PROG = "kvshare train"
 
@@ -52,7 +52,7 @@ def load(
 ) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
     """Parses ``argv`` and loads the config with its overrides; raises ``ValueError`` /
     ``FileNotFoundError`` (one line) for any bad argument, file or field value."""
-    from kvshare_jax.config import load_config, parse_with_overrides
+    from kvshare_jax.config import load_config
 
     args, overrides = parse_with_overrides(argv, p)
     return args, load_config(args.config, overrides)
