@@ -32,6 +32,7 @@ FLOORS = [
         "progress",
         "plotting",
         "prefill",
+        "integrity",
     },
     {"kernels", "cache_layout"},
     {"attention", "probes"},

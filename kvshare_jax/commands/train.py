@@ -87,14 +87,14 @@ def run_job(prog: str, fv: argparse.Namespace, job: Callable[[], object]) -> int
     loss status 1; a preemption (SIGTERM) saves, says so in one line and exits 143."""
     import errno
 
-    from kvshare_jax import checkpoint, preemption, sharding, train
+    from kvshare_jax import integrity, preemption, sharding, train
 
     try:
         sharding.init_distributed(
             fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed
         )
         job()
-    except (ValueError, FileNotFoundError, checkpoint.CheckpointSaveError) as e:
+    except (ValueError, FileNotFoundError, integrity.CheckpointSaveError) as e:
         return error(prog, e)
     except OSError as e:  # e.g. metrics.jsonl on a full disk; checkpoints stay intact
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
