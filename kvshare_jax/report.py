@@ -7,7 +7,6 @@ Pareto front of (perplexity, throughput) at each number of KV layers ``l``.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import zlib
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any
 import ml_collections
 
 from kvshare_jax import paths, plotting
+from kvshare_jax.cells import Cell
 from kvshare_jax.layout import STANDARD
 from kvshare_jax.probes import device_info
 from kvshare_jax.stats import mean_ci, paired
@@ -23,37 +23,6 @@ from kvshare_jax.stats import mean_ci, paired
 FIGURES = {"tradeoff": "throughput_vs_ppl.png", "kv_layers": "kv_layers.png"}
 _COLORS = {"pizza": "tab:orange", "sandwich": "tab:green", "lasagna": "tab:blue"}
 _MARKERS = {"bottom": "v", "top": "^", "middle": "o"}
-
-
-# ---------------------------------------------------------------- the cells
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    """One (layout, l) point of the study."""
-
-    layout: str  # 'standard' or a preset name without ':l' ('pizza-top')
-    kv_layers: int  # l (L for standard)
-    mapping: str  # layer -> target string ('0_1_5_5_5_5')
-    same_as: str | None = None  # name of the cell trained for this mapping, if another
-    seed: int = 0  # offset added to train.seed (init and data order)
-
-    @property
-    def name(self) -> str:
-        return f"{self.layout}-l{self.kv_layers}" + (f"-s{self.seed}" if self.seed else "")
-
-    @property
-    def point(self) -> tuple[str, int]:
-        """The (layout, l) point of the study this cell is one seed of."""
-        return self.layout, self.kv_layers
-
-    @property
-    def spec(self) -> str:
-        """The ``model.layout`` value of this cell."""
-        return STANDARD if self.layout == STANDARD else f"{self.layout}:{self.kv_layers}"
-
-    @property
-    def trained(self) -> str:
-        """Name of the cell directory holding this cell's run."""
-        return self.same_as or self.name
 
 
 # ---------------------------------------------------------------- the rows

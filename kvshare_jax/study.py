@@ -31,12 +31,12 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from kvshare_jax import bench, paths, progress, report
+from kvshare_jax.cells import Cell
 from kvshare_jax.checkpoint import open_model
 from kvshare_jax.config import validate_config
 from kvshare_jax.data import get_tokenizer
 from kvshare_jax.layout import PRESETS, STANDARD, from_spec
 from kvshare_jax.prefill import Prefill
-from kvshare_jax.report import Cell
 from kvshare_jax.train import Trainer, train_and_evaluate
 
 RESULT_FILE = "result.json"

@@ -34,7 +34,7 @@ FLOORS = [
         "prefill",
         "integrity",
     },
-    {"kernels", "cache_layout"},
+    {"kernels", "cache_layout", "cells"},
     {"attention", "probes"},
     {"model"},
     {"config", "sharding", "decode", "hf_io", "flops"},
