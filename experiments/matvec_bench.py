@@ -32,6 +32,7 @@ from kvshare_jax import decode, paths
 from kvshare_jax.kernels import cpu_matvec
 from kvshare_jax.model import ModelConfig, init_params
 from kvshare_jax.probes import best_time, cpu_model, read_bandwidth
+from kvshare_jax.tables import markdown_table
 
 LAYER = [(512, 512)] * 4 + [(512, 1376)] * 2 + [(1376, 512)]
 SHAPE = dict(num_layers=8, vocab_size=32000, d_model=512, num_heads=8, num_kv_heads=8, d_ff=1376)
@@ -119,14 +120,16 @@ def markdown(res: dict) -> str:
         "Weight chain of one llama_tiny decode step "
         f"({res['chain'][0]['bytes'] / 1e6:.0f} MB of distinct weights, dependent):",
         "",
-        "| rows M | XLA dot ms | kernel ms | XLA GB/s | kernel GB/s | kernel speedup |",
-        "|---|---|---|---|---|---|",
     ]
-    for r in res["chain"]:
-        lines.append(
-            f"| {r['rows']} | {r['ms']['xla']:.3f} | {r['ms']['kernel']:.3f} | "
-            f"{r['gb_s']['xla']:.1f} | {r['gb_s']['kernel']:.1f} | {r['speedup']:.2f}x |"
-        )
+    header = ("rows M", "XLA dot ms", "kernel ms", "XLA GB/s", "kernel GB/s", "kernel speedup")
+    lines += markdown_table(
+        header,
+        (
+            [r["rows"], f"{r['ms']['xla']:.3f}", f"{r['ms']['kernel']:.3f}",
+             f"{r['gb_s']['xla']:.1f}", f"{r['gb_s']['kernel']:.1f}", f"{r['speedup']:.2f}x"]
+            for r in res["chain"]
+        ),
+    )  # fmt: skip
     d = res["decode"]
     lines += [
         "",

@@ -310,9 +310,10 @@ def bench(
 
 
 def markdown(results: dict[str, Any]) -> str:
+    from kvshare_jax.tables import markdown_table
+
     meta = results["meta"]
     names = meta["systems"]
-    head = " | ".join(f"{LABELS[k]} tok/s" for k in names)
     ratio = (
         [f"kvshare vs {LABELS[k]}" for k in names if k != "kvshare"] if "kvshare" in names else []
     )
@@ -324,17 +325,17 @@ def markdown(results: dict[str, Any]) -> str:
         f"{meta.get('cpu_model', 'CPU')}, {meta['cpu_count']} cores, {meta['threads']} threads; "
         f"1-min load average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after.",
         "",
-        f"| batch | {head} | " + " | ".join(ratio) + " | same tokens |",
-        "|---" * (2 + len(names) + len(ratio)) + "|",
     ]
+    table = []
     for row in results["rows"]:
         tok = row["tok_s"]
-        cells = [f"{tok[k]:.0f}" for k in names]
+        cells = [row["batch"], *(f"{tok[k]:.0f}" for k in names)]
         cells += (
             [f"{tok['kvshare'] / tok[k]:.2f}x" for k in names if k != "kvshare"] if ratio else []
         )
-        same = "yes" if row["tokens_match"] else "no"
-        lines.append(f"| {row['batch']} | " + " | ".join(cells) + f" | {same} |")
+        table.append([*cells, "yes" if row["tokens_match"] else "no"])
+    header = ["batch", *(f"{LABELS[k]} tok/s" for k in names), *ratio, "same tokens"]
+    lines += markdown_table(header, table)
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
     lines += ["", f"Versions: {versions}."]
     if "roofline" in results:

@@ -19,6 +19,7 @@ from kvshare_jax.cells import Cell
 from kvshare_jax.layout import STANDARD
 from kvshare_jax.probes import device_info
 from kvshare_jax.stats import mean_ci, paired
+from kvshare_jax.tables import markdown_table
 
 FIGURES = {"tradeoff": "throughput_vs_ppl.png", "kv_layers": "kv_layers.png"}
 _COLORS = {"pizza": "tab:orange", "sandwich": "tab:green", "lasagna": "tab:blue"}
@@ -274,6 +275,36 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+TABLE_HEADER = (
+    "layout", "mapping", "KV layers", "cache fraction", "val ppl", "ppl vs standard",
+    "max batch", "tok/s @ max batch", "vs standard", "prefill ms", "train step ms",
+    "train step vs standard",
+)  # fmt: skip
+
+
+def _table_row(r: dict[str, Any], std: dict[str, Any]) -> list[str]:
+    """The cells of row ``r`` in its l's table; ``std``: the standard row."""
+    test = r["vs_standard"]["eval_ppl"]
+    vs = "-" if r is std else _pct(r["eval_ppl"], std["eval_ppl"])
+    if test["p"] is not None:
+        vs += f" (p = {test['p']:.3f}{', significant' if test['significant'] else ''})"
+    ratio = _ci(r["tok_s_ratio"], r["tok_s_ratio_ci"], ".2f")
+    return [
+        r["layout"] + (f" (= {r['same_as']})" if r["same_as"] else ""),
+        f"`{r['mapping']}`",
+        str(r["kv_layers"]),
+        f"{r['cache_fraction']:.3f}",
+        _ci(r["eval_ppl"], r["eval_ppl_ci"], ".2f"),
+        vs,
+        str(r["max_batch"]),
+        _ci(r["tok_s"], r["tok_s_ci"], ".0f"),
+        ratio + ("x" if ratio != "-" else ""),
+        _fmt(r["prefill_ms"], ".1f", f" (b={r['prefill_batch']})"),
+        f"{r['train_step_ms']:.0f}",
+        f"{r['train_step_ratio']:.2f}x",
+    ]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """``report.md``: settings, one table per l, the derived summary and the figures."""
     meta = results["meta"]
@@ -310,32 +341,9 @@ def markdown(results: dict[str, Any]) -> str:
         "fixed batch (after a warm-up), relative to standard.",
         "",
     ]
-    head = (
-        "| layout | mapping | KV layers | cache fraction | val ppl | ppl vs standard "
-        "| max batch | tok/s @ max batch | vs standard | prefill ms | train step ms "
-        "| train step vs standard |"
-    )
     for kv in s["kv_layers"]:
-        lines += [f"## l = {kv} KV layers", "", head, "|" + "---|" * 12]
-        for r in rows_at(results, kv):
-            name = r["layout"] + (f" (= {r['same_as']})" if r["same_as"] else "")
-            prefill = _fmt(r["prefill_ms"], ".1f", f" (b={r['prefill_batch']})")
-            test = r["vs_standard"]["eval_ppl"]
-            vs = (
-                "-"
-                if r is results["rows"][0]
-                else _pct(r["eval_ppl"], results["rows"][0]["eval_ppl"])
-            )
-            if test["p"] is not None:
-                vs += f" (p = {test['p']:.3f}{', significant' if test['significant'] else ''})"
-            ratio = _ci(r["tok_s_ratio"], r["tok_s_ratio_ci"], ".2f")
-            lines.append(
-                f"| {name} | `{r['mapping']}` | {r['kv_layers']} | {r['cache_fraction']:.3f} "
-                f"| {_ci(r['eval_ppl'], r['eval_ppl_ci'], '.2f')} | {vs} | {r['max_batch']} "
-                f"| {_ci(r['tok_s'], r['tok_s_ci'], '.0f')} | {ratio}{'x' if ratio != '-' else ''} "
-                f"| {prefill} | {r['train_step_ms']:.0f} | {r['train_step_ratio']:.2f}x |"
-            )
-        lines.append("")
+        rows = [_table_row(r, results["rows"][0]) for r in rows_at(results, kv)]
+        lines += [f"## l = {kv} KV layers", "", *markdown_table(TABLE_HEADER, rows), ""]
     lines += ["## Which layout should I use?", "", *summary(results), ""]
     lines += [
         (

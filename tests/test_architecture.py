@@ -33,6 +33,7 @@ FLOORS = [
         "plotting",
         "prefill",
         "integrity",
+        "tables",
     },
     {"kernels", "cache_layout", "cells"},
     {"attention", "probes"},
@@ -181,6 +182,24 @@ def _module_names(tree: ast.AST) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             out.add(node.module)
     return out
+
+
+def _sources() -> list[Path]:
+    """The package's and the experiments' Python files."""
+    return [
+        *sorted((ROOT / "kvshare_jax").rglob("*.py")),
+        *sorted((ROOT / "experiments").glob("*.py")),
+    ]
+
+
+def test_markdown_tables_come_from_the_table_helper():
+    """Every markdown table is built by ``tables.markdown_table``: no separator row or
+    cell join written anywhere else."""
+    for path in _sources():
+        if path != ROOT / "kvshare_jax" / "tables.py":
+            text = path.read_text()
+            assert "---|" not in text and "|---" not in text, path
+            assert '" | ".join' not in text, path
 
 
 def test_test_modules_do_not_import_each_other():
