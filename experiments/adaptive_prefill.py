@@ -1,4 +1,4 @@
-"""Adaptive prefill of cyclic blocks (issue 16): latency, passes run and accuracy.
+"""Adaptive prefill of cyclic blocks: latency, passes run and accuracy.
 
 For each upward preset at l = L/2 (those with a cyclic block) and each prompt length,
 times the prefill (batch 1, best of ``--repeats`` after a warm-up, compiled ahead) with

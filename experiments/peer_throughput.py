@@ -1,4 +1,4 @@
-"""Generation throughput against peers: HF ``generate``, CTranslate2 and kvshare_jax (issue 16).
+"""Generation throughput against peers: HF ``generate``, CTranslate2 and kvshare_jax.
 
 All three run the same random HF Llama checkpoint (default: the llama_tiny shape, L=8,
 d=512, 8/8 heads, d_ff 1376, vocab 32000, fp32), built here with transformers and saved

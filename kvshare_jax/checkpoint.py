@@ -236,7 +236,7 @@ def model_config_of(path: str) -> ModelConfig:
 def tokenizer_file(path: str) -> epath.Path:
     """Where the tokenizer of a model directory is: a workdir's ``data.tokenizer_path``
     when its run set one, else ``<path>/tokenizer.model`` (SentencePiece), else
-    ``<path>/tokenizer.json`` (HuggingFace); the former when neither exists."""
+    ``<path>/tokenizer.json`` (HuggingFace); ``tokenizer.model`` when neither exists."""
     run_config = epath.Path(path) / RUN_CONFIG_FILE
     if is_workdir(path) and run_config.exists():
         tokenizer_path = load_run_config(path).data.tokenizer_path

@@ -1,4 +1,4 @@
-"""Bad input, anywhere: one line on stderr, exit status 2, nothing written (issue 13).
+"""Bad input, anywhere: one line on stderr, exit status 2, nothing written.
 
 Every ``kvshare`` command shares one convention (``-h``/``--help``, dashed flags with the
 underscore spelling accepted, ``--config`` + ``--config.a.b=value``); every bad flag,
@@ -258,6 +258,7 @@ def test_every_command_answers_help(command, flag, capsys):
     assert main([command, flag]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: kvshare {command}")
+    assert "``" not in out  # docstring markup shown plainly
 
 
 def test_underscore_and_dash_spellings_are_one_flag():

@@ -16,7 +16,7 @@ from kvshare_jax.model import forward_hidden, init_params, sequential_logits
 from kvshare_jax.prefill import DEFAULT_TOL, Prefill, check_tol, parse_passes
 
 UPWARD = ["pizza-top:3", "sandwich-middle:3", "lasagna-top:3"]
-WIDTH = 14  # longer than today's fixed 7 + 2 passes
+WIDTH = 14  # longer than the config's fixed 7 + 2 passes
 
 
 @functools.cache

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from kvshare_jax.prefill import DEFAULT_TOL, Prefill
 
@@ -24,7 +24,13 @@ class UsageError(ValueError):
 class ArgParser(argparse.ArgumentParser):
     """``argparse`` with one-line usage errors raised as :class:`UsageError`, and flags
     spelled with underscores (``--max_new_tokens``) read as their dashed form; the
-    parser of every ``kvshare`` command."""
+    parser of every ``kvshare`` command. Its description may be a docstring's first
+    paragraph: ``literal`` markup is shown plainly."""
+
+    def __init__(self, *args: Any, description: str | None = None, **kwargs: Any):
+        if description is not None:
+            description = description.replace("``", "")
+        super().__init__(*args, description=description, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {self.prog} --help)")
