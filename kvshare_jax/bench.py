@@ -43,7 +43,7 @@ from kvshare_jax.decode import (
 from kvshare_jax.model import ModelConfig, Params, count_params, init_params
 from kvshare_jax.prefill import DEFAULT as DEFAULT_PREFILL
 from kvshare_jax.prefill import Prefill
-from kvshare_jax.probes import device_info, read_bandwidth
+from kvshare_jax.probes import best_time, device_info, read_bandwidth
 from kvshare_jax.sampling import greedy_argmax
 from kvshare_jax.target import target_platform
 
@@ -248,24 +248,19 @@ def bench_generate(
     run_prefill = run_prefill.lower(params, cache_shape, prompts, lengths).compile()
     run_decode = _decode_scan(cfg, gen_len - 1).lower(params, cache_shape, tokens).compile()
 
-    def timed(program: Callable, prefilled: bool = False) -> float:
-        best = float("inf")
-        for i in range(warmup + repeats):
-            cache = init_cache(cfg, batch, cache_len)
-            if prefilled:
-                logits, cache, _ = run_prefill(params, cache, prompts, lengths)
-                cache = (cache, greedy_argmax(logits))
-            jax.block_until_ready(cache)
-            start = time.perf_counter()
-            jax.block_until_ready(program(cache))
-            if i >= warmup:
-                best = min(best, time.perf_counter() - start)
-            del cache
-        return best
+    def fresh_cache() -> Any:  # each timed call gets one: the programs donate it
+        return init_cache(cfg, batch, cache_len)
+
+    def prefilled() -> tuple[Any, jax.Array]:
+        logits, cache, _ = run_prefill(params, fresh_cache(), prompts, lengths)
+        return cache, greedy_argmax(logits)
+
+    def timed(program: Callable, setup: Callable = fresh_cache) -> float:
+        return best_time(program, warmup=warmup, repeats=repeats, setup=setup)
 
     t_gen = timed(lambda c: gen(params, c, prompts, lengths, rng))
     t_prefill = timed(lambda c: run_prefill(params, c, prompts, lengths))
-    t_decode = timed(lambda c: run_decode(params, *c), prefilled=True)
+    t_decode = timed(lambda c: run_decode(params, *c), prefilled)
     ran = run_prefill(params, init_cache(cfg, batch, cache_len), prompts, lengths)[2]
     steps = max(gen_len - 1, 1)
     return {
