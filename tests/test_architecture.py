@@ -202,6 +202,65 @@ def test_markdown_tables_come_from_the_table_helper():
             assert '" | ".join' not in text, path
 
 
+# concept -> (its one module, the names only that module defines)
+HOMES = {
+    "prefill settings": ("prefill", {"Prefill", "check_passes", "parse_passes", "check_tol"}),
+    "machine probes": ("probes", {"device_info", "cpu_model", "best_time", "read_bandwidth"}),
+    "checkpoint integrity": (
+        "integrity",
+        {
+            "write_checksums",
+            "verify_checksums",
+            "restore_newest_readable",
+            "quarantine_newer",
+            "save_error",
+            "CheckpointSaveError",
+            "UnreadableCheckpointError",
+        },
+    ),  # fmt: skip
+    "study cells": ("cells", {"Cell"}),
+    "markdown tables": ("tables", {"markdown_table"}),
+    "command-line parsing": ("commands", {"ArgParser", "UsageError", "parse_with_overrides"}),
+}
+# the TPU launcher runs on a workstation with the standard library alone: its own parser
+OWN_PARSER = {ROOT / "experiments" / "launch_tpu.py"}
+
+
+@pytest.mark.parametrize("concept", sorted(HOMES))
+def test_each_concept_has_one_home(concept):
+    home, names = HOMES[concept]
+    for path in _sources():
+        tree = ast.parse(path.read_text())
+        defined = {
+            n.name
+            for n in ast.walk(tree)
+            if isinstance(n, ast.FunctionDef | ast.ClassDef) and n.name in names
+        }
+        here = path.parent if path.name == "__init__.py" else path.with_suffix("")
+        if concept == "command-line parsing" and path in OWN_PARSER:
+            continue
+        if here != ROOT / "kvshare_jax" / home:
+            assert not defined, f"{path.relative_to(ROOT)} defines {defined} ({concept})"
+
+
+def test_prefill_text_is_parsed_in_prefill_only():
+    """The prefill flags' and fields' values reach ``Prefill.parse``; the default
+    tolerance is written once."""
+    for path in (ROOT / "kvshare_jax").rglob("*.py"):
+        if path.name == "prefill.py":
+            continue
+        tree = ast.parse(path.read_text())
+        tols = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value == 1e-4]
+        assert not tols, f"{path.relative_to(ROOT)} writes the prefill tolerance"
+        for node in ast.walk(tree):  # no reading of the passes' text "m,b" or the modes
+            if isinstance(node, ast.Compare) and any(
+                isinstance(c, ast.Tuple)
+                and {"auto", "exact"} <= {getattr(e, "value", None) for e in c.elts}
+                for c in node.comparators
+            ):
+                raise AssertionError(f"{path.relative_to(ROOT)} parses the prefill modes")
+
+
 def test_test_modules_do_not_import_each_other():
     tests = {p.stem for p in (ROOT / "tests").glob("test_*.py")}
     for path in (ROOT / "tests").glob("*.py"):
