@@ -1,9 +1,9 @@
 """Decode throughput of cross-layer KV sharing on the llama_tiny shape.
 
 Runs ``kvshare bench`` (its flags, ``kvshare_jax/commands/bench.py``, and the same
-``kvshare_jax/bench.py`` code) with this experiment's
-defaults: configs/llama_tiny.py, ``standard`` + the nine presets at l=4, batch 1 and 32,
-and a memory budget small enough that the KV cache decides the max batch. When
+``kvshare_jax/bench.py`` code) with this experiment's defaults: configs/llama_tiny.py,
+``standard`` + the nine presets at l=4, batch 1 and 32, and a memory budget small enough
+that the KV cache decides the max batch. When
 ``--baseline`` names a JSON written by ``experiments/hf_generate_baseline.py``, the
 report adds the speedup over HF ``generate`` at equal batch sizes.
 

@@ -191,7 +191,7 @@ def prefill(
 def _prefill_rows(cfg, params, prompts, lengths, passes, tol, all_logits):
     """The prefill forward of some sequences: logits (``[c,v]``, or ``[c,t,v]``), the KVs
     of every KV layer (time-major), the positions they hold (``INVALID_POS`` for padding)
-    and the passes bound."""
+    and the passes run."""
     c, t = prompts.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (c, t))
     valid = positions < lengths[:, None]

@@ -1,9 +1,10 @@
 """One module per ``kvshare`` command, each exposing ``run(argv) -> int``.
 
-One convention for all of them: :class:`ArgParser` (``-h`` and
-``--help``; dashed flags, ``--eval_steps`` read as ``--eval-steps``; a usage error is one
-line and exit 2), ``--config FILE`` plus ``--config.section.field=value`` overrides
-where a config is read, and :func:`error` for every other bad input.
+One convention for all of them: :class:`ArgParser` (``-h`` and ``--help``; dashed flags,
+``--eval_steps`` read as ``--eval-steps``; a usage error is one line and exit 2),
+``--config FILE`` plus ``--config.section.field=value`` overrides where a config is read
+(:func:`parse_with_overrides`), and :func:`error` for every other bad input. The prefill
+flags of ``generate`` and ``bench``: :func:`add_prefill_flags`, :func:`prefill_from_flags`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ import functools
 import json
 from typing import Any
 
-from kvshare_jax.commands import ArgParser, error
+from kvshare_jax.commands import PREFILL_FLAGS, ArgParser, error
+from kvshare_jax.prefill import Prefill
 
 PROG = "kvshare eval"
 
@@ -43,9 +44,6 @@ def _mesh_sizes(text: str) -> dict[str, int]:
 
 def _set_passes(config, text: str) -> None:
     """Sets ``model.forward_passes, backward_passes`` from ``--prefill-passes``."""
-    from kvshare_jax.commands import PREFILL_FLAGS
-    from kvshare_jax.prefill import Prefill
-
     passes = Prefill.parse(text, names=PREFILL_FLAGS).passes
     if passes == "auto":
         raise ValueError("--prefill-passes=auto needs the decoder; eval takes exact or m,b")
