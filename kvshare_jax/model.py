@@ -13,6 +13,7 @@ layers lives in the drivers (`forward` here, `sequential_logits`, `decode.py`).
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kvshare_jax.attention import INVALID_POS, attention
+from kvshare_jax.attention import INVALID_POS, Impl, attention
 from kvshare_jax.layout import KVLayout, from_spec, mapping_length
 from kvshare_jax.prefill import Passes, check_passes, check_tol, parse_passes
 
@@ -88,7 +89,7 @@ class ModelConfig:
         check_passes((self.forward_passes, self.backward_passes), "forward_passes, backward_passes")
         if any(self.layout.sliding) and self.sliding_window < 1:
             raise ValueError("layout has sliding-window layers but sliding_window is not set")
-        if self.attention_impl not in ("xla", "pallas", "auto"):
+        if self.attention_impl not in typing.get_args(Impl):
             raise ValueError(f"unknown attention_impl {self.attention_impl!r}")
         if self.matvec_impl not in ("xla", "auto"):
             raise ValueError(f"unknown matvec_impl {self.matvec_impl!r}: expected xla or auto")
