@@ -1,4 +1,4 @@
-"""Adaptive prefill of cyclic blocks (issue 16): latency, passes run and accuracy.
+"""Adaptive prefill of cyclic blocks: latency, passes run and accuracy.
 
 For each upward preset at l = L/2 (those with a cyclic block) and each prompt length,
 times the prefill (batch 1, best of ``--repeats`` after a warm-up, compiled ahead) with
@@ -27,6 +27,7 @@ import numpy as np
 
 from kvshare_jax.decode import init_cache, prefill
 from kvshare_jax.model import ModelConfig, init_params
+from kvshare_jax.tables import markdown_table
 
 PRESETS = ("pizza-top", "pizza-middle", "sandwich-top", "sandwich-middle", "lasagna-top")
 SHAPE = dict(num_layers=8, d_model=512, num_heads=8, num_kv_heads=8, d_ff=1376, vocab_size=32000)
@@ -131,17 +132,16 @@ def markdown(results: dict) -> str:
         f"{meta['load_average']:.1f} at the end); best of {meta['repeats']}. `max logit diff`: "
         "max abs difference of all prompt logits from the exact result (t passes).",
         "",
-        "| layout | t | setting | prefill ms | standard ms | x standard | passes | "
-        "max logit diff |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in results["rows"]:
-        lines.append(
-            f"| {r['layout']} | {r['prompt_len']} | {r['setting']} | {r['prefill_ms']:.1f} | "
-            f"{r['standard_ms']:.1f} | {r['vs_standard']:.2f} | {r['passes_run']} | "
-            f"{r['max_logit_diff']:.2e} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ("layout", "t", "setting", "prefill ms", "standard ms", "x standard", "passes",
+              "max logit diff")  # fmt: skip
+    rows = [
+        [r["layout"], r["prompt_len"], r["setting"], f"{r['prefill_ms']:.1f}",
+         f"{r['standard_ms']:.1f}", f"{r['vs_standard']:.2f}", r["passes_run"],
+         f"{r['max_logit_diff']:.2e}"]
+        for r in results["rows"]
+    ]  # fmt: skip
+    return "\n".join([*lines, *markdown_table(header, rows)]) + "\n"
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import numpy as np
 
 from kvshare_jax.attention import xla_attention
 from kvshare_jax.kernels import pallas_attention
+from kvshare_jax.tables import markdown_table
 
 IMPLS = ("pallas", "jax_nn", "xla_ref")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -168,9 +169,9 @@ def to_markdown(env: dict, rows: list[dict]) -> str:
         "",
         "Causal, GQA; TFLOP/s counts half the score matrix; ratio = time / Pallas time.",
         "",
-        "| seq | head dim | mode | impl | ms | TFLOP/s | ratio vs pallas | max diff |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    header = ("seq", "head dim", "mode", "impl", "ms", "TFLOP/s", "ratio vs pallas", "max diff")
+    table = []
     for r in rows:
         if "error" in r:
             cells = [r["error"], "", "", ""]
@@ -181,12 +182,8 @@ def to_markdown(env: dict, rows: list[dict]) -> str:
                 f"{r.get('ratio_vs_pallas', float('nan')):.2f}",
                 f"{r['max_abs_diff_vs_pallas']:.2e}" if "max_abs_diff_vs_pallas" in r else "",
             ]
-        lines.append(
-            "| "
-            + " | ".join([str(r["seq"]), str(r["head_dim"]), r["mode"], r["impl"], *cells])
-            + " |"
-        )
-    return "\n".join(lines) + "\n"
+        table.append([r["seq"], r["head_dim"], r["mode"], r["impl"], *cells])
+    return "\n".join([*lines, *markdown_table(header, table)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ import jax
 
 from kvshare_jax.aot import compile_config
 from kvshare_jax.config import load_config
+from kvshare_jax.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -61,10 +62,10 @@ def markdown(rows: list[dict]) -> str:
         "max(executed FLOPs / peak, bytes / HBM bandwidth); MFU ceiling = model FLOPs / "
         "(roofline x peak).",
         "",
-        "| config | layout | attention | slice | train GiB / HBM | fits | roofline step s "
-        "| MFU ceiling | generate GiB | suggested overrides |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    header = ("config", "layout", "attention", "slice", "train GiB / HBM", "fits",
+              "roofline step s", "MFU ceiling", "generate GiB", "suggested overrides")  # fmt: skip
+    table = []
     for r in rows:
         t, g = r["report"]["programs"]["train_step"], r["report"]["programs"]["generate"]
         hbm = t["hbm_bytes_per_device"] / 2**30
@@ -83,8 +84,8 @@ def markdown(rows: list[dict]) -> str:
             _gib(g["bytes_per_device"]["total"]) + ("" if g["fits"] else " (NO)"),
             (sug or {}).get("overrides") or "-",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        table.append(cells)
+    return "\n".join([*lines, *markdown_table(header, table)]) + "\n"
 
 
 def _key(row: dict) -> tuple[str, str, str]:

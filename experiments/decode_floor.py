@@ -26,6 +26,7 @@ import jax
 from kvshare_jax import aot, paths
 from kvshare_jax.config import load_config, model_config_from
 from kvshare_jax.layout import PRESETS, STANDARD, from_spec
+from kvshare_jax.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -49,10 +50,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "weights staged in VMEM, two or three times); copies of cache data; temporaries "
         "over the cache bytes.",
         "",
-        "| config | layout | attention | chip | batch | cache MiB | HBM GiB | floor GiB "
-        "| ratio | XLA bytes ratio | cache copies | temporaries / cache |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    header = ("config", "layout", "attention", "chip", "batch", "cache MiB", "HBM GiB",
+              "floor GiB", "ratio", "XLA bytes ratio", "cache copies",
+              "temporaries / cache")  # fmt: skip
+    table = []
     for r in rows:
         cells = [r["config"], r["layout"], r["impl"], r["topology"], str(r["batch"])]
         cells += [
@@ -64,7 +66,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             str(r["cache_copies"]),
             f"{r['temporaries_over_cache']:.2%}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        table.append(cells)
+    lines += markdown_table(header, table)
     worst = max(rows, key=lambda r: r["hbm_traffic_ratio_to_floor"])
     xla = max(rows, key=lambda r: r["ratio_to_floor"])
     lines += [

@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
+
+from kvshare_jax.probes import best_time
 
 SHAPES = {"q/k/v/o": (512, 512), "gate/up": (512, 1376), "down": (1376, 512), "head": (512, 32000)}
 
@@ -36,13 +37,7 @@ def time_product(m: int, k: int, n: int, reps: int, repeats: int) -> float:
 
         return jax.lax.scan(body, x, None, length=reps)[0]
 
-    jax.block_until_ready(chain(x, w))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(chain(x, w))
-        best = min(best, time.perf_counter() - start)
-    return best / reps
+    return best_time(lambda: chain(x, w), warmup=1, repeats=repeats) / reps
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ warm-up, every timing ended with ``jax.block_until_ready``:
    llama_tiny-shaped model, 16-token prompts + 128 greedy tokens, ``matvec_impl="auto"``
    vs ``"xla"``; tok/s and whether the tokens are identical.
 
-The streaming read bandwidth (`kvshare_jax.bench.read_bandwidth`: an XLA sum, an XLA
+The streaming read bandwidth (`kvshare_jax.probes.read_bandwidth`: an XLA sum, an XLA
 row-wise product and the kernel over 1 GiB) is measured in the same run for reference::
 
     python experiments/matvec_bench.py            # -> experiments/results/matvec_bench_cpu.*
@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvshare_jax import decode, paths
-from kvshare_jax.bench import best_time, cpu_model, read_bandwidth
 from kvshare_jax.kernels import cpu_matvec
 from kvshare_jax.model import ModelConfig, init_params
+from kvshare_jax.probes import best_time, cpu_model, read_bandwidth
+from kvshare_jax.tables import markdown_table
 
 LAYER = [(512, 512)] * 4 + [(512, 1376)] * 2 + [(1376, 512)]
 SHAPE = dict(num_layers=8, vocab_size=32000, d_model=512, num_heads=8, num_kv_heads=8, d_ff=1376)
@@ -125,28 +126,31 @@ def markdown(res: dict) -> str:
         "Weight chain of one llama_tiny decode step "
         f"({res['chain'][0]['bytes'] / 1e6:.0f} MB of distinct weights, dependent):",
         "",
-        "| rows M | XLA dot ms | kernel ms | XLA GB/s | kernel GB/s | kernel speedup |",
-        "|---|---|---|---|---|---|",
     ]
-    for r in res["chain"]:
-        lines.append(
-            f"| {r['rows']} | {r['ms']['xla']:.3f} | {r['ms']['kernel']:.3f} | "
-            f"{r['gb_s']['xla']:.1f} | {r['gb_s']['kernel']:.1f} | {r['speedup']:.2f}x |"
-        )
+    header = ("rows M", "XLA dot ms", "kernel ms", "XLA GB/s", "kernel GB/s", "kernel speedup")
+    lines += markdown_table(
+        header,
+        (
+            [r["rows"], f"{r['ms']['xla']:.3f}", f"{r['ms']['kernel']:.3f}",
+             f"{r['gb_s']['xla']:.1f}", f"{r['gb_s']['kernel']:.1f}", f"{r['speedup']:.2f}x"]
+            for r in res["chain"]
+        ),
+    )  # fmt: skip
     d = res["decode"][0]
     lines += [
         "",
         f"Decode, random llama_tiny shape, {d['prompt_len']}-token prompts + {d['gen_len']} "
         "greedy tokens (prefill included), tok/s:",
         "",
-        "| batch | matvec_impl='auto' | 'xla' | auto vs xla | same tokens |",
-        "|---|---|---|---|---|",
     ]
-    for d in res["decode"]:
-        lines.append(
-            f"| {d['batch']} | {d['tok_s']['auto']:.0f} | {d['tok_s']['xla']:.0f} | "
-            f"{d['speedup']:.2f}x | {'yes' if d['same_tokens'] else 'NO'} |"
-        )
+    lines += markdown_table(
+        ("batch", "matvec_impl='auto'", "'xla'", "auto vs xla", "same tokens"),
+        (
+            [d["batch"], f"{d['tok_s']['auto']:.0f}", f"{d['tok_s']['xla']:.0f}",
+             f"{d['speedup']:.2f}x", "yes" if d["same_tokens"] else "NO"]
+            for d in res["decode"]
+        ),
+    )  # fmt: skip
     lines += [
         "",
         f"The model routes products of up to MAX_ROWS = {cpu_matvec.MAX_ROWS} rows to the "

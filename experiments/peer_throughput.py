@@ -1,4 +1,4 @@
-"""Generation throughput against peers: HF ``generate``, CTranslate2 and kvshare_jax (issue 16).
+"""Generation throughput against peers: HF ``generate``, CTranslate2 and kvshare_jax.
 
 All three run the same random HF Llama checkpoint (default: the llama_tiny shape, L=8,
 d=512, 8/8 heads, d_ff 1376, vocab 32000, fp32), built here with transformers and saved
@@ -257,12 +257,12 @@ def roofline(hf_dir: str, cache_dir: str, row: dict[str, Any], meta: dict[str, A
     bytes a decode step must read (every weight but the embedding table, plus the cache;
     `kvshare_jax.bench.decode_step_bytes`) over the best streaming read bandwidth. The
     measured time per token includes the prefill, so the fraction is a lower bound."""
-    from kvshare_jax import bench, checkpoint
+    from kvshare_jax import bench, checkpoint, probes
 
     cfg, params, _, _ = checkpoint.open_model(system_dir(cache_dir, hf_dir, "kvshare"))
     b, cache_len = row["batch"], meta["prompt_len"] + meta["gen_len"] - 1
     step_bytes = bench.decode_step_bytes(cfg, params, b, cache_len)
-    bandwidth = bench.read_bandwidth()
+    bandwidth = probes.read_bandwidth()
     roof_tok_s = b * bandwidth["best"] / step_bytes
     return {
         "batch": b,
@@ -328,9 +328,10 @@ def bench(
 
 
 def markdown(results: dict[str, Any]) -> str:
+    from kvshare_jax.tables import markdown_table
+
     meta = results["meta"]
     names = meta["systems"]
-    head = " | ".join(f"{LABELS[k]} tok/s" for k in names)
     ratio = (
         [f"kvshare vs {LABELS[k]}" for k in names if k != "kvshare"] if "kvshare" in names else []
     )
@@ -343,17 +344,17 @@ def markdown(results: dict[str, Any]) -> str:
         f"ISA {meta.get('isa', 'native')}; "
         f"1-min load average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after.",
         "",
-        f"| batch | {head} | " + " | ".join(ratio) + " | same tokens |",
-        "|---" * (2 + len(names) + len(ratio)) + "|",
     ]
+    table = []
     for row in results["rows"]:
         tok = row["tok_s"]
-        cells = [f"{tok[k]:.0f}" for k in names]
+        cells = [row["batch"], *(f"{tok[k]:.0f}" for k in names)]
         cells += (
             [f"{tok['kvshare'] / tok[k]:.2f}x" for k in names if k != "kvshare"] if ratio else []
         )
-        same = "yes" if row["tokens_match"] else "no"
-        lines.append(f"| {row['batch']} | " + " | ".join(cells) + f" | {same} |")
+        table.append([*cells, "yes" if row["tokens_match"] else "no"])
+    header = ["batch", *(f"{LABELS[k]} tok/s" for k in names), *ratio, "same tokens"]
+    lines += markdown_table(header, table)
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
     lines += ["", f"Versions: {versions}."]
     if "roofline" in results:
@@ -452,7 +453,7 @@ def main(argv: list[str]) -> int:
     finally:
         for runner in runners.values():
             runner.close()
-    from kvshare_jax.bench import cpu_model
+    from kvshare_jax.probes import cpu_model
 
     model_text = (
         f"random Llama L={shape['layers']}, d={shape['d_model']}, "

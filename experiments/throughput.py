@@ -1,8 +1,9 @@
-"""Decode throughput of cross-layer KV sharing on the llama_tiny shape (issue 4).
+"""Decode throughput of cross-layer KV sharing on the llama_tiny shape.
 
-Runs ``kvshare bench`` (the same ``kvshare_jax/bench.py`` code) with this experiment's
-defaults: configs/llama_tiny.py, ``standard`` + the nine presets at l=4, batch 1 and 32,
-and a memory budget small enough that the KV cache decides the max batch. When
+Runs ``kvshare bench`` (its flags, ``kvshare_jax/commands/bench.py``, and the same
+``kvshare_jax/bench.py`` code) with this experiment's defaults: configs/llama_tiny.py,
+``standard`` + the nine presets at l=4, batch 1 and 32, and a memory budget small enough
+that the KV cache decides the max batch. When
 ``--baseline`` names a JSON written by ``experiments/hf_generate_baseline.py``, the
 report adds the speedup over HF ``generate`` at equal batch sizes.
 
@@ -28,13 +29,14 @@ def main(argv: list[str]) -> int:
     import jax
 
     from kvshare_jax import bench, bench_report
-    from kvshare_jax.config import parse_with_overrides
+    from kvshare_jax.commands import parse_with_overrides
+    from kvshare_jax.commands.bench import arg_parser, spec_from_args
 
-    p = bench.arg_parser("experiments/throughput.py", config="configs/llama_tiny.py")
+    p = arg_parser("experiments/throughput.py", config="configs/llama_tiny.py")
     p.add_argument("--baseline", help="HF baseline JSON (hf_generate_baseline.py)")
     p.set_defaults(**DEFAULTS)
     args, overrides = parse_with_overrides(argv, p)
-    results = bench.run_suite(bench.spec_from_args(args, overrides), progress=not args.quiet)
+    results = bench.run_suite(spec_from_args(args, overrides), progress=not args.quiet)
     if args.baseline and os.path.exists(args.baseline):
         with open(args.baseline, encoding="utf-8") as f:
             baseline = json.load(f)

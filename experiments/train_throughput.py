@@ -44,6 +44,7 @@ from kvshare_jax import sharding, train
 from kvshare_jax.config import default_config, model_config_from
 from kvshare_jax.layout import preset_specs
 from kvshare_jax.model import ModelConfig
+from kvshare_jax.tables import markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -192,18 +193,17 @@ def markdown(env: dict, args: argparse.Namespace, rows: list[dict]) -> str:
         "eliminates from passes that only feed KVs (see `train_flops_per_token`). "
         "excess = time ratio / FLOP ratio - 1.",
         "",
-        "| layout | mapping | cyclic blocks | step ms | tokens/s | time ratio | FLOP ratio "
-        "| excess | FLOP ratio (DCE) | excess (DCE) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['layout']} | {r['mapping']} | {r['cyclic_blocks']} | {r['step_ms']:.0f} "
-            f"| {r['tokens_per_s']:.0f} | {r['time_ratio']:.2f} | {r['flop_ratio']:.2f} "
-            f"| {100 * r['excess']:+.0f}% | {r['flop_ratio_dead_code']:.2f} "
-            f"| {100 * r['excess_dead_code']:+.0f}% |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ("layout", "mapping", "cyclic blocks", "step ms", "tokens/s", "time ratio",
+              "FLOP ratio", "excess", "FLOP ratio (DCE)", "excess (DCE)")  # fmt: skip
+    table = [
+        [r["layout"], r["mapping"], r["cyclic_blocks"], f"{r['step_ms']:.0f}",
+         f"{r['tokens_per_s']:.0f}", f"{r['time_ratio']:.2f}", f"{r['flop_ratio']:.2f}",
+         f"{100 * r['excess']:+.0f}%", f"{r['flop_ratio_dead_code']:.2f}",
+         f"{100 * r['excess_dead_code']:+.0f}%"]
+        for r in rows
+    ]  # fmt: skip
+    return "\n".join([*lines, *markdown_table(header, table)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -369,10 +369,10 @@ def _bytes(compiled: Any) -> tuple[float, int]:
 def _weights_pass(cfg: ModelConfig) -> Any:
     """The floor's weight part: every product of a decode step (embedding row, the
     projections of each layer, the LM head) at one token per sequence, no attention."""
-    from kvshare_jax.model import Runner
+    from kvshare_jax.model import BoundModel
 
     def program(params, tokens):
-        run = Runner(cfg, params)
+        run = BoundModel(cfg, params)
         x = run.embed(tokens[:, None])
         pos = jnp.zeros(x.shape[:2], jnp.int32)
         for i in range(cfg.num_layers):

@@ -13,18 +13,15 @@ runs all ``gen_len`` steps (the decoder has no early exit anyway).
   outputs - donated aliases + temporaries, i.e. params + cache + work space.
 - The max batch under a budget is found by compiling (never running) candidates.
 - Roofline of a decode step = (params read + each cache slot read once) / measured
-  streaming read bandwidth (:func:`read_bandwidth`: the best of an XLA sum, an XLA
-  matrix-vector product and the CPU matvec kernel over 1 GiB).
+  streaming read bandwidth (:func:`probes.read_bandwidth`: the best of an XLA sum, an
+  XLA matrix-vector product and the CPU matvec kernel over 1 GiB).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import gc
-import os
-import platform
 import re
 import sys
 import time
@@ -36,7 +33,6 @@ import jax.numpy as jnp
 
 from kvshare_jax import aot
 from kvshare_jax.decode import (
-    DEFAULT_PREFILL_TOL,
     cache_bytes,
     decode_step,
     generate_fn,
@@ -44,16 +40,10 @@ from kvshare_jax.decode import (
     init_cache,
     prefill,
 )
-from kvshare_jax.kernels import cpu_matvec
-from kvshare_jax.model import (
-    ModelConfig,
-    Params,
-    Passes,
-    check_prefill_passes,
-    check_tol,
-    count_params,
-    init_params,
-)
+from kvshare_jax.model import ModelConfig, Params, count_params, init_params
+from kvshare_jax.prefill import DEFAULT as DEFAULT_PREFILL
+from kvshare_jax.prefill import Prefill
+from kvshare_jax.probes import best_time, device_info, read_bandwidth
 from kvshare_jax.sampling import greedy_argmax
 from kvshare_jax.target import target_platform
 
@@ -73,59 +63,6 @@ def default_lengths(platform: str | None = None) -> tuple[int, int]:
     """(prompt, generated) tokens: 16 + 128 on CPU, 512 + 1024 on accelerators (the
     target ``platform``, default: see :mod:`kvshare_jax.target`)."""
     return (16, 128) if target_platform(platform) == "cpu" else (512, 1024)
-
-
-def device_info() -> dict[str, Any]:
-    dev = jax.devices()[0]
-    return {
-        "platform": dev.platform,
-        "device_kind": dev.device_kind,
-        "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "jax_version": jax.__version__,
-    }
-
-
-# ---------------------------------------------------------------- timing
-def best_time(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
-    """Best wall time of ``fn()`` (blocked until ready) over ``repeats`` calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
-    """Streaming read bandwidth in bytes/s over ``nbytes`` of fp32 (far beyond any cache),
-    best of ``repeats`` per program: an XLA column sum, an XLA row-wise matrix-vector
-    product and, on CPU, the matvec kernel of batch-1 decode (``kernels/cpu_matvec.py``).
-    ``best`` is the largest: the bandwidth of the decode roofline."""
-    a = jnp.ones((nbytes // 4 // 512, 512), jnp.float32)
-    vec = jnp.ones((512,), jnp.float32)
-    column_sum, rowwise = jax.jit(lambda a: jnp.sum(a, axis=0)), jax.jit(lambda a, v: a @ v)
-    programs = {"sum": lambda: column_sum(a), "gemv": lambda: rowwise(a, vec)}
-    if jax.default_backend() == "cpu" and cpu_matvec.available():
-        row, matvec = jnp.ones((1, a.shape[0]), jnp.float32), jax.jit(cpu_matvec.matvec)
-        programs["matvec"] = lambda: matvec(row, a)
-    out = {name: a.nbytes / best_time(f, warmup=1, repeats=repeats) for name, f in programs.items()}
-    out["best"] = max(out.values())
-    return out
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def decode_step_bytes(cfg: ModelConfig, params: Params, batch: int, cache_len: int) -> int:
@@ -287,13 +224,12 @@ def bench_generate(
     gen_len: int,
     warmup: int = 1,
     repeats: int = 3,
-    prefill_passes: Passes | None = None,
-    prefill_tol: float = DEFAULT_PREFILL_TOL,
+    prefill_settings: Prefill = DEFAULT_PREFILL,
 ) -> dict[str, Any]:
     """Times the generation program, prefill alone and the decode scan alone at ``batch``.
 
     All three are compiled ahead of time, so no timing includes compilation.
-    ``prefill_passes`` / ``prefill_tol``: the prefill iteration (default: the decoder's);
+    ``prefill_settings``: the prefill iteration (default: the decoder's);
     ``prefill_passes_run`` reports the passes it ran on the benchmark's prompts.
     """
     params = inference_params(cfg, params)  # what compile_generate's program takes
@@ -302,36 +238,29 @@ def bench_generate(
     cache_shape = jax.eval_shape(lambda: init_cache(cfg, batch, cache_len))
     tokens = jax.ShapeDtypeStruct((batch,), jnp.int32)
     rng = jax.random.key(0)
-    if prefill_passes is None:
+    if prefill_settings == DEFAULT_PREFILL:  # the program the max-batch search compiled
         gen = compile_generate(cfg, batch, prompt_len, gen_len)
     else:
-        program = generate_fn(
-            cfg, max_new_tokens=gen_len, prefill_passes=prefill_passes, prefill_tol=prefill_tol
-        )
+        program = generate_fn(cfg, max_new_tokens=gen_len, prefill_settings=prefill_settings)
         gen = program.lower(params, cache_shape, prompts, lengths, rng).compile()
-    options = dict(passes=prefill_passes, tol=prefill_tol, return_passes=True)
+    options = dict(**prefill_settings.iteration(), return_passes=True)
     run_prefill = jax.jit(lambda p, c, x, n: prefill(cfg, p, c, x, n, **options), donate_argnums=1)
     run_prefill = run_prefill.lower(params, cache_shape, prompts, lengths).compile()
     run_decode = _decode_scan(cfg, gen_len - 1).lower(params, cache_shape, tokens).compile()
 
-    def timed(program: Callable, prefilled: bool = False) -> float:
-        best = float("inf")
-        for i in range(warmup + repeats):
-            cache = init_cache(cfg, batch, cache_len)
-            if prefilled:
-                logits, cache, _ = run_prefill(params, cache, prompts, lengths)
-                cache = (cache, greedy_argmax(logits))
-            jax.block_until_ready(cache)
-            start = time.perf_counter()
-            jax.block_until_ready(program(cache))
-            if i >= warmup:
-                best = min(best, time.perf_counter() - start)
-            del cache
-        return best
+    def fresh_cache() -> Any:  # each timed call gets one: the programs donate it
+        return init_cache(cfg, batch, cache_len)
+
+    def prefilled() -> tuple[Any, jax.Array]:
+        logits, cache, _ = run_prefill(params, fresh_cache(), prompts, lengths)
+        return cache, greedy_argmax(logits)
+
+    def timed(program: Callable, setup: Callable = fresh_cache) -> float:
+        return best_time(program, warmup=warmup, repeats=repeats, setup=setup)
 
     t_gen = timed(lambda c: gen(params, c, prompts, lengths, rng))
     t_prefill = timed(lambda c: run_prefill(params, c, prompts, lengths))
-    t_decode = timed(lambda c: run_decode(params, *c), prefilled=True)
+    t_decode = timed(lambda c: run_decode(params, *c), prefilled)
     ran = run_prefill(params, init_cache(cfg, batch, cache_len), prompts, lengths)[2]
     steps = max(gen_len - 1, 1)
     return {
@@ -361,8 +290,7 @@ class BenchSpec:
     warmup: int = 1
     repeats: int = 3
     seed: int = 0
-    prefill_passes: Passes | None = None  # None = the decoder's default (see decode.py)
-    prefill_tol: float = DEFAULT_PREFILL_TOL  # tolerance of prefill_passes="auto"
+    prefill_settings: Prefill = DEFAULT_PREFILL  # the prompt's iteration (kvshare_jax/prefill.py)
 
 
 def _check_spec(spec: BenchSpec) -> dict[str, Any]:
@@ -440,8 +368,7 @@ def measure_layout(
         gen_len=spec.gen_len,
         warmup=spec.warmup,
         repeats=spec.repeats,
-        prefill_passes=spec.prefill_passes,
-        prefill_tol=spec.prefill_tol,
+        prefill_settings=spec.prefill_settings,
     )
     for b in spec.batch_sizes:
         result = timed(batch=b)
@@ -570,82 +497,3 @@ def _batch_guess(row: dict[str, Any], rows: Sequence[dict[str, Any]], budget: in
     per_seq = (ref["max_batch_memory"]["total_bytes"] - fixed) / ref["max_batch"]
     per_seq *= row["cache_bytes_per_seq"] / ref["cache_bytes_per_seq"]
     return max(1, int((budget - fixed) // per_seq)) if per_seq > 0 else None
-
-
-# ---------------------------------------------------------------- flags
-def arg_parser(prog: str, config: str | None = None) -> argparse.ArgumentParser:
-    """The flags of ``kvshare bench`` (``experiments/throughput.py`` reuses them with a
-    default ``config``)."""
-    from kvshare_jax.config import ArgParser
-
-    p = ArgParser(prog=prog, description="generation benchmark per layout")
-    p.add_argument(
-        "--config",
-        required=config is None,
-        default=config,
-        help="config file (overrides: --config.a.b=v)",
-    )
-    p.add_argument("--layouts", help="comma-separated layout specs (default: see above)")
-    p.add_argument("--kv-layers", type=int, help="l of the nine default presets (default L/2)")
-    p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
-    p.add_argument("--prompt-len", type=int, help="prompt tokens (default 16 CPU / 512 acc.)")
-    p.add_argument("--gen-len", type=int, help="new tokens (default 128 CPU / 1024 acc.)")
-    p.add_argument("--memory-budget", help="find the max batch under this size, e.g. 2GiB")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per program")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs (best is reported)")
-    p.add_argument(
-        "--prefill-passes", help="prefill iteration: auto (default), exact or m,b fixed passes"
-    )
-    p.add_argument("--prefill-tol", type=float, help="tolerance of --prefill-passes=auto")
-    p.add_argument("--out-dir", default="experiments/results", help="where reports go")
-    p.add_argument("--name", help="report file name (default throughput_<platform>)")
-    p.add_argument(
-        "--topology",
-        help="compile only, for one device of this TPU slice (e.g. v5e:1x1): the max-batch "
-        "column from the TPU compiler's memory account (budget: the chip's HBM)",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="with --topology: keep the layouts already in the report of the same search "
-        "(it is rewritten after each layout) and search only the others",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def spec_from_args(args: argparse.Namespace, overrides: tuple[str, ...]) -> BenchSpec:
-    """The :class:`BenchSpec` the flags of :func:`arg_parser` describe."""
-    from kvshare_jax.config import load_config, model_config_from
-    from kvshare_jax.layout import preset_specs
-
-    for flag in ("kv_layers", "prompt_len", "gen_len", "repeats"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    batch_sizes = [b.strip() for b in args.batch_sizes.split(",") if b.strip()]
-    if not batch_sizes or not all(b.isdigit() and int(b) >= 1 for b in batch_sizes):
-        raise ValueError(f"--batch-sizes needs positive integers, got {args.batch_sizes!r}")
-    cfg = model_config_from(load_config(args.config, overrides))
-    kv_layers = args.kv_layers or max(1, cfg.num_layers // 2)
-    layouts = args.layouts.split(",") if args.layouts else preset_specs(kv_layers)
-    prompt_len, gen_len = default_lengths("tpu" if args.topology else None)
-    return BenchSpec(
-        base=cfg,
-        layouts=[s.strip() for s in layouts if s.strip()],
-        batch_sizes=[int(b) for b in batch_sizes],
-        prompt_len=args.prompt_len or prompt_len,
-        gen_len=args.gen_len or gen_len,
-        memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        prefill_passes=(
-            check_prefill_passes(args.prefill_passes, "--prefill-passes")
-            if args.prefill_passes
-            else None
-        ),
-        prefill_tol=check_tol(
-            DEFAULT_PREFILL_TOL if args.prefill_tol is None else args.prefill_tol, "--prefill-tol"
-        ),
-    )

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from kvshare_jax import paths, plotting
+from kvshare_jax.tables import markdown_table
 
 MIB = 2**20
 
@@ -36,10 +37,12 @@ def markdown_compiled(results: dict[str, Any]) -> str:
         f"traffic of the compiled decode step at the max batch / "
         f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s.",
         "",
-        "| layout | KV layers | cache MiB/seq | max batch | vs standard | program GiB "
-        "| e2e tok/s | roofline decode ms/step | roofline tok/s | step cache copies |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    header = (
+        "layout", "KV layers", "cache MiB/seq", "max batch", "vs standard", "program GiB",
+        "e2e tok/s", "roofline decode ms/step", "roofline tok/s", "step cache copies",
+    )  # fmt: skip
+    table = []
     for r in rows:
         cells = [r["layout"], str(r["kv_layers"]), f"{r['cache_bytes_per_seq'] / MIB:.2f}"]
         cells.append(str(r["max_batch"]))
@@ -54,8 +57,8 @@ def markdown_compiled(results: dict[str, Any]) -> str:
                 cells += ["-", "-", "-"]
         else:
             cells += ["-", "not measured", "-", "-", "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        table.append(cells)
+    return "\n".join([*lines, *markdown_table(header, table)]) + "\n"
 
 
 def _bandwidth(meta: dict[str, Any]) -> str:
@@ -85,7 +88,7 @@ def markdown(results: dict[str, Any]) -> str:
     for b in batches:
         head += [f"b={b} e2e tok/s", f"b={b} decode tok/s", f"b={b} prefill ms"]
         head += [f"b={b} roofline", f"b={b} program MiB"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = []
     for r in rows:
         cells = [r["layout"], f"`{r['mapping']}`", str(r["kv_layers"])]
         cells.append(f"{r['cache_bytes_per_seq'] / MIB:.2f}")
@@ -93,7 +96,8 @@ def markdown(results: dict[str, Any]) -> str:
             cells += [f"{run['e2e_tok_s']:.0f}", f"{run['decode_tok_s']:.0f}"]
             cells += [f"{run['prefill_s'] * 1e3:.1f}", f"{run['roofline_fraction']:.0%}"]
             cells.append(f"{run['memory']['total_bytes'] / MIB:.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
+        table.append(cells)
+    lines += markdown_table(head, table)
     if meta["memory_budget"] is not None:
         std = next((r for r in rows if r["layout"] == "standard" and r["max_batch"]), None)
         std_tok = std["max_batch_run"]["e2e_tok_s"] if std else None
@@ -102,39 +106,39 @@ def markdown(results: dict[str, Any]) -> str:
             f"Memory budget {meta['memory_budget'] / MIB:.0f} MiB (compiled program: params "
             "+ cache + work space):",
             "",
-            "| layout | KV layers | max batch | program MiB | e2e tok/s | decode tok/s "
-            "| vs standard |",
-            "|---|---|---|---|---|---|---|",
         ]
+        header = (
+            "layout", "KV layers", "max batch", "program MiB", "e2e tok/s", "decode tok/s",
+            "vs standard",
+        )  # fmt: skip
+        table = []
         for r in rows:
             if not r["max_batch"]:
-                lines.append(f"| {r['layout']} | {r['kv_layers']} | 0 | - | - | - | - |")
+                table.append([r["layout"], r["kv_layers"], 0, "-", "-", "-", "-"])
                 continue
             run, mem = r["max_batch_run"], r["max_batch_memory"]
             ratio = f"{run['e2e_tok_s'] / std_tok:.2f}x" if std_tok else "-"
-            lines.append(
-                f"| {r['layout']} | {r['kv_layers']} | {r['max_batch']} | "
-                f"{mem['total_bytes'] / MIB:.0f} | {run['e2e_tok_s']:.0f} | "
-                f"{run['decode_tok_s']:.0f} | {ratio} |"
-            )
+            table.append(
+                [r["layout"], r["kv_layers"], r["max_batch"], f"{mem['total_bytes'] / MIB:.0f}",
+                 f"{run['e2e_tok_s']:.0f}", f"{run['decode_tok_s']:.0f}", ratio]
+            )  # fmt: skip
+        lines += markdown_table(header, table)
     if "baseline" in results:
         base = results["baseline"]
         lines += [
             "",
             f"Against {base['name']} (same shape, prompt and batch; tokens/s include prefill):",
             "",
-            "| batch | baseline tok/s | standard tok/s | speedup |",
-            "|---|---|---|---|",
         ]
         std = next(r for r in rows if r["layout"] == "standard")
         ours = {run["batch"]: run["e2e_tok_s"] for run in std["runs"]}
-        for run in base["runs"]:
-            if run["batch"] in ours:
-                mine = ours[run["batch"]]
-                lines.append(
-                    f"| {run['batch']} | {run['e2e_tok_s']:.0f} | {mine:.0f} | "
-                    f"{mine / run['e2e_tok_s']:.2f}x |"
-                )
+        table = [
+            [run["batch"], f"{run['e2e_tok_s']:.0f}", f"{ours[run['batch']]:.0f}",
+             f"{ours[run['batch']] / run['e2e_tok_s']:.2f}x"]
+            for run in base["runs"]
+            if run["batch"] in ours
+        ]  # fmt: skip
+        lines += markdown_table(["batch", "baseline tok/s", "standard tok/s", "speedup"], table)
     return "\n".join(lines) + "\n"
 
 

@@ -6,14 +6,12 @@ field can also be overridden on the command line (``--config.model.layout=yoco``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
 import math
 import os
-import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import ml_collections
 from etils import epath
@@ -349,39 +347,3 @@ def check_output_dir(path: str, what: str) -> None:
         raise ValueError(f"{what} {path} is under a file ({existing})")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path} is not writable ({existing} is read-only)")
-
-
-class UsageError(ValueError):
-    """Bad command-line arguments (printed as one line, exit status 2)."""
-
-
-class ArgParser(argparse.ArgumentParser):
-    """``argparse`` with one-line usage errors raised as :class:`UsageError`, and flags
-    spelled with underscores (``--max_new_tokens``) read as their dashed form; the
-    parser of every ``kvshare`` command."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001 - argparse's API
-        args = sys.argv[1:] if args is None else list(args)
-        return super().parse_known_args([_dashed(a) for a in args], namespace)
-
-
-def _dashed(arg: str) -> str:
-    if not arg.startswith("--") or arg.startswith("--config."):
-        return arg
-    name, sep, value = arg.partition("=")
-    return name.replace("_", "-") + sep + value
-
-
-def parse_with_overrides(
-    argv: list[str], parser: argparse.ArgumentParser
-) -> tuple[argparse.Namespace, tuple[str, ...]]:
-    """Flags plus ``--config.a.b=value`` overrides (returned as ``"config.a.b=value"``
-    without the dashes); raises ``ValueError`` on other unknown flags."""
-    args, rest = parser.parse_known_args(argv)
-    overrides = tuple(a.removeprefix("--") for a in rest if a.startswith("--config."))
-    if len(overrides) != len(rest):
-        raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
-    return args, overrides

@@ -26,7 +26,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from kvshare_jax import checkpoint, hf_export, hf_io, paths
+from kvshare_jax import checkpoint, hf_export, hf_io, integrity, paths
 from kvshare_jax.config import default_config
 from kvshare_jax.data.tokenizer import TOKENIZER_EXTRAS, TOKENIZER_FILES, load_tokenizer
 from kvshare_jax.layout import KVLayout, from_spec
@@ -137,7 +137,7 @@ def save_workdir(
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
     with ocp.CheckpointManager(ckpt_dir, options=options) as manager:
         manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-    checkpoint.write_checksums(ckpt_dir / "0")  # verified when the workdir is opened
+    integrity.write_checksums(ckpt_dir / "0")  # verified when the workdir is opened
 
 
 # ---------------------------------------------------------------- import/export

@@ -22,7 +22,7 @@ target at or below it sees positions ``<= pos`` and a layer reading an upward ta
 sees positions ``< pos`` (the target has not run yet for this token: its entry at
 ``index`` is masked by position until then). Prefill is the
 iterative parallel forward on the prompt; the cache receives the final iteration's KVs,
-exact when the cyclic blocks ran at least ``t`` passes (``prefill_passes``). Prompt
+exact when the cyclic blocks ran at least ``t`` passes (:mod:`kvshare_jax.prefill`). Prompt
 padding keeps ``INVALID_POS`` and is never attended.
 """
 
@@ -40,25 +40,11 @@ import numpy as np
 from kvshare_jax import cache_layout
 from kvshare_jax.cache_layout import SlotLayout
 from kvshare_jax.masks import INVALID_POS
-from kvshare_jax.model import (
-    ModelConfig,
-    Params,
-    Passes,
-    Runner,
-    check_prefill_passes,
-    check_tol,
-    forward_hidden,
-)
+from kvshare_jax.model import BoundModel, ModelConfig, Params, forward_hidden
+from kvshare_jax.prefill import DEFAULT as DEFAULT_PREFILL
+from kvshare_jax.prefill import Passes, Prefill
 from kvshare_jax.sampling import GREEDY, Sampling, sample
 
-# Prefill iteration of cyclic blocks unless told otherwise: "auto" iterates until the upward
-# KVs change by at most DEFAULT_PREFILL_TOL between passes (at most t passes, which is
-# exact), so it stops early where the KVs converge; on every measured layout and prompt it
-# was far more exact than the former fixed 7 + 2 passes ("exact", t passes, costs up to
-# 25x standard's prefill at t = 128). README "Generation speed",
-# experiments/results/adaptive_prefill_cpu.md.
-DEFAULT_PREFILL_PASSES: Passes = "auto"
-DEFAULT_PREFILL_TOL = 1e-4  # max abs change of the upward KVs at which "auto" stops
 PREFILL_TOKENS = 2048  # prompt tokens per prefill pass of the generation program
 
 
@@ -154,7 +140,7 @@ def prefill(
     prompts: jax.Array,
     lengths: jax.Array,
     *,
-    passes: Passes | None = None,
+    passes: Passes = "auto",
     tol: float = 0.0,
     all_logits: bool = False,
     return_passes: bool = False,
@@ -166,13 +152,12 @@ def prefill(
     ``[b,t,v]`` with ``all_logits``) and the cache with ``pos = lengths``; with
     ``return_passes`` also the passes the cyclic blocks ran (int32 scalar). ``passes``:
     ``(m, b)`` iteration counts of cyclic blocks, ``"auto"`` (until the upward KVs change
-    by at most ``tol``, at most ``t`` passes), ``"exact"`` (until they stop changing, at
-    most ``t``: exact), or None for `DEFAULT_PREFILL_PASSES`. ``chunk``: sequences per
+    by at most ``tol``, at most ``t`` passes) or ``"exact"`` (until they stop changing, at
+    most ``t``: exact); `Prefill.iteration` gives both. ``chunk``: sequences per
     forward pass (a loop over groups of the batch, each written into the cache in place,
     so the activations held are those of ``chunk`` prompts; None: the whole batch). With
     ``"auto"`` a group converges on its own sequences.
     """
-    passes = DEFAULT_PREFILL_PASSES if passes is None else passes
     b, t = prompts.shape
     c = b if chunk is None else max(1, min(int(chunk), b))
     v = cfg.vocab_size
@@ -216,7 +201,7 @@ def _prefill_rows(cfg, params, prompts, lengths, passes, tol, all_logits):
     )
     if not all_logits:
         x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [c, 1, d]
-    logits = Runner(cfg, params).logits(x)
+    logits = BoundModel(cfg, params).logits(x)
     logits = logits if all_logits else logits[:, 0]
     return logits, kv, jnp.where(valid, positions, INVALID_POS), ran
 
@@ -231,20 +216,20 @@ def decode_step(
     exactly the sequential semantics. The caller keeps ``cache.index`` below the cache
     length (`generate` sizes it so).
     """
-    run = Runner(cfg, params)
+    bound = BoundModel(cfg, params)
     q_pos, at, lay = cache.pos[:, None], cache.index, cache.layout
     kv_pos = jax.lax.dynamic_update_slice(cache.kv_pos, q_pos, (0, at))
     ks, vs = list(cache.k), list(cache.v)
-    x = run.embed(tokens[:, None])
+    x = bound.embed(tokens[:, None])
     for i, slot in enumerate(cfg.layout.slot_of_layer):
-        q, own = run.qkv(i, x, q_pos)
+        q, own = bound.qkv(i, x, q_pos)
         if own is not None:
             ks[slot] = cache_layout.write(lay, ks[slot], own[0], at)
             vs[slot] = cache_layout.write(lay, vs[slot], own[1], at)
-        attn = run.attend(i, q, (ks[slot], vs[slot]), q_pos, kv_pos, cache=lay)
-        x = run.finish(i, x, attn)
+        attn = bound.attend(i, q, (ks[slot], vs[slot]), q_pos, kv_pos, cache=lay)
+        x = bound.finish(i, x, attn)
     out = cache.replace(k=tuple(ks), v=tuple(vs), kv_pos=kv_pos, pos=cache.pos + 1, index=at + 1)
-    return run.logits(x)[:, 0], out
+    return bound.logits(x)[:, 0], out
 
 
 # ------------------------------------------------------------ the program
@@ -256,8 +241,7 @@ def generate_fn(
     sampling: Sampling = GREEDY,
     stop_tokens: tuple[int, ...] = (),
     pad_id: int = 0,
-    prefill_passes: Passes | None = None,
-    prefill_tol: float = DEFAULT_PREFILL_TOL,
+    prefill_settings: Prefill = DEFAULT_PREFILL,
     return_logits: bool = False,
     prefill_tokens: int = PREFILL_TOKENS,
 ) -> Callable[..., tuple[GenerateOutput, KVCache]]:
@@ -269,11 +253,13 @@ def generate_fn(
     Prefill runs groups of ``max(1, prefill_tokens // t)`` prompts at a time on one
     device (`prefill`'s ``chunk``), so its activations stay a small part of the program's
     memory at large batches; under a multi-device mesh the batch is prefilled at once.
+    ``prefill_settings``: how prefill iterates the cyclic blocks (:class:`Prefill`).
 
     Sequences that emitted a stop token keep running (static shapes, no early exit)
     but emit ``pad_id`` and stop counting towards their length.
     """
     stops = jnp.asarray(stop_tokens, jnp.int32)
+    iteration = prefill_settings.iteration()
 
     def emit(logits, rng, step, finished, count):
         tok = sample(logits, jax.random.fold_in(rng, step), sampling)
@@ -286,10 +272,7 @@ def generate_fn(
     def program(params, cache, prompts, lengths, rng):
         b, t = prompts.shape
         chunk = None if jax.sharding.get_abstract_mesh().size > 1 else prefill_tokens // t
-        logits, cache = prefill(
-            cfg, params, cache, prompts, lengths, passes=prefill_passes, tol=prefill_tol,
-            chunk=chunk,
-        )  # fmt: skip
+        logits, cache = prefill(cfg, params, cache, prompts, lengths, **iteration, chunk=chunk)
         first = emit(logits, rng, 0, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
 
         def body(carry, step):
@@ -359,33 +342,27 @@ def generate(
     rng: jax.Array | None = None,
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
-    prefill_passes: Passes | None = None,
-    prefill_tol: float = DEFAULT_PREFILL_TOL,
+    prefill_settings: Prefill = DEFAULT_PREFILL,
     return_logits: bool = False,
 ) -> GenerateOutput:
     """Generates ``max_new_tokens`` tokens after each right-padded prompt.
 
     ``prompts [b,t]`` with ``lengths [b]`` (default: all ``t``); ``rng`` is a
     ``jax.random.key`` (only sampling uses it); ``stop_tokens`` end a sequence (it then
-    emits ``pad_id``). ``prefill_passes``: ``(m, b)`` iteration counts of the prompt's
-    cyclic blocks (``m + b >= t`` is exact), ``"auto"`` (until the upward KVs change by at
-    most ``prefill_tol``) or ``"exact"``; default `DEFAULT_PREFILL_PASSES`.
+    emits ``pad_id``). ``prefill_settings``: how prefill iterates the prompt's cyclic
+    blocks (:class:`Prefill`; default ``"auto"``).
     """
     prompts, lengths = check_request(cfg, prompts, lengths, max_new_tokens)
     for tok in (*stop_tokens, pad_id):
         if not 0 <= tok < cfg.vocab_size:
             raise ValueError(f"token id {tok} is out of the vocabulary [0, {cfg.vocab_size})")
-    if prefill_passes is not None:
-        prefill_passes = check_prefill_passes(prefill_passes, "prefill_passes")
-    prefill_tol = check_tol(prefill_tol, "prefill_tol")
     fn = generate_fn(
         cfg,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         stop_tokens=tuple(int(s) for s in stop_tokens),
         pad_id=pad_id,
-        prefill_passes=prefill_passes,
-        prefill_tol=prefill_tol,
+        prefill_settings=prefill_settings,
         return_logits=return_logits,
     )
     cache = init_cache(cfg, prompts.shape[0], prompts.shape[1] + max_new_tokens - 1)

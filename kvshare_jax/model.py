@@ -13,7 +13,7 @@ layers lives in the drivers (`forward` here, `sequential_logits`, `decode.py`).
 from __future__ import annotations
 
 import dataclasses
-import operator
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -21,56 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kvshare_jax.attention import INVALID_POS, attention
-from kvshare_jax.kernels import cpu_matvec
+from kvshare_jax.attention import INVALID_POS, Impl, attention
 from kvshare_jax.layout import KVLayout, from_spec, mapping_length
+from kvshare_jax.prefill import Passes, check_passes, check_tol, parse_passes
 
 Params = Any
 KV = tuple[jax.Array, jax.Array]  # k, v: [b, s, k, h]
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def check_passes(passes: object, what: str = "passes") -> tuple[int, int]:
-    """``passes`` as ``(m, b)``; ``ValueError`` unless two integers with m >= 0, b >= 1
-    (b = 0 would skip the cyclic blocks' layers altogether)."""
-    try:
-        m, b = (operator.index(p) for p in passes)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        m, b = -1, -1
-    if m < 0 or b < 1:
-        raise ValueError(f"{what} (m, b) needs two integers m >= 0 and b >= 1, got {passes!r}")
-    return m, b
-
-
-PREFILL_MODES = ("auto", "exact")
-Passes = tuple[int, int] | str  # (m, b) fixed iteration counts, or "auto" / "exact"
-
-
-def check_prefill_passes(passes: object, what: str = "prefill_passes") -> Passes:
-    """``passes`` as ``(m, b)`` (see `check_passes`), ``"auto"`` or ``"exact"``; also parses
-    the command-line text ``"m,b"``. ``ValueError`` otherwise."""
-    if isinstance(passes, str):
-        text = passes.strip().lower()
-        if text in PREFILL_MODES:
-            return text
-        parts = text.split(",")
-        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
-            return check_passes(tuple(int(p) for p in parts), what)
-        raise ValueError(
-            f"{what} (m, b) needs two integers m >= 0 and b >= 1 (or auto, exact), got {passes!r}"
-        )
-    return check_passes(passes, what)
-
-
-def check_tol(tol: object, what: str = "prefill_tol") -> float:
-    """A finite tolerance ``>= 0`` as a float; ``ValueError`` otherwise."""
-    try:
-        value = float(tol)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise ValueError(f"{what} must be a finite number >= 0, got {tol!r}")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +89,7 @@ class ModelConfig:
         check_passes((self.forward_passes, self.backward_passes), "forward_passes, backward_passes")
         if any(self.layout.sliding) and self.sliding_window < 1:
             raise ValueError("layout has sliding-window layers but sliding_window is not set")
-        if self.attention_impl not in ("xla", "pallas", "auto"):
+        if self.attention_impl not in typing.get_args(Impl):
             raise ValueError(f"unknown attention_impl {self.attention_impl!r}")
         if self.matvec_impl not in ("xla", "auto"):
             raise ValueError(f"unknown matvec_impl {self.matvec_impl!r}: expected xla or auto")
@@ -175,10 +132,17 @@ def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str) ->
         dtype=jnp.dtype(cfg.dtype),
         param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=_init(cfg, axes),
-        # batch-1 decode on CPU: the FFI matvec (kernels/cpu_matvec.py)
-        dot_general=cpu_matvec.dot_general if cfg.matvec_impl == "auto" else None,
+        dot_general=_matvec_dot() if cfg.matvec_impl == "auto" else None,
         name=name,
     )
+
+
+def _matvec_dot() -> Callable:
+    """The products of batch-1 decode on CPU: the FFI matvec (kernels/cpu_matvec.py),
+    imported when a model first needs it, so importing the model loads no kernel."""
+    from kvshare_jax.kernels import cpu_matvec
+
+    return cpu_matvec.dot_general
 
 
 class RMSNorm(nn.Module):
@@ -318,7 +282,7 @@ def count_params(params: Params) -> int:
 
 
 # ----------------------------------------------------------------- layers
-class Runner:
+class BoundModel:
     """Binds a config and params to the per-layer pieces (all pure ``apply`` calls)."""
 
     def __init__(self, cfg: ModelConfig, params: Params):
@@ -368,7 +332,7 @@ class Runner:
 
 # ---------------------------------------------------------------- forward
 def _run_layers(
-    run: Runner,
+    bound: BoundModel,
     layers: range,
     x: jax.Array,
     pos: jax.Array,
@@ -379,12 +343,12 @@ def _run_layers(
     """Runs ``layers`` once. Targets below/at a layer come from ``done`` (updated in
     place order), upward targets from ``prev`` (the previous iteration). Returns the
     output and the KVs computed by these layers."""
-    targets = run.cfg.layout.targets
+    targets = bound.cfg.layout.targets
     new: dict[int, KV] = {}
     for i in layers:
         j = targets[i]
         other = None if j == i else (new[j] if j in new else (prev[j] if j > i else done[j]))
-        x, own = _layer(run.cfg, i)(run.params, x, pos, kv_pos, other)
+        x, own = _layer(bound.cfg, i)(bound.params, x, pos, kv_pos, other)
         if own is not None:
             new[i] = own
     return x, new
@@ -396,16 +360,16 @@ def _layer(cfg: ModelConfig, i: int) -> Callable:
     backward pass when ``cfg.remat``."""
 
     def layer(params, x, pos, kv_pos, other):
-        run = Runner(cfg, params)
-        q, own = run.qkv(i, x, pos)
+        bound = BoundModel(cfg, params)
+        q, own = bound.qkv(i, x, pos)
         kv = own if other is None else other
-        return run.finish(i, x, run.attend(i, q, kv, pos, kv_pos)), own
+        return bound.finish(i, x, bound.attend(i, q, kv, pos, kv_pos)), own
 
     return jax.checkpoint(layer) if cfg.remat else layer
 
 
 def _no_grad_pass(
-    run: Runner,
+    bound: BoundModel,
     layers: range,
     x: jax.Array,
     pos: jax.Array,
@@ -415,13 +379,13 @@ def _no_grad_pass(
     """One pass of ``layers`` from given upward KVs, on stopped inputs and parameters (a
     loop of such passes stores nothing for the backward pass)."""
     sg = jax.lax.stop_gradient
-    frozen = Runner(run.cfg, sg(run.params))
+    frozen = BoundModel(bound.cfg, sg(bound.params))
     xs, done_s = sg(x), sg(done)
     return lambda prev: _run_layers(frozen, layers, xs, pos, kv_pos, done_s, prev)
 
 
 def _iterate_block(
-    run: Runner,
+    bound: BoundModel,
     layers: range,
     x: jax.Array,
     pos: jax.Array,
@@ -439,17 +403,17 @@ def _iterate_block(
     where given, else from zeros. Returns the output, the block's KVs and the number of
     passes run (int32 scalar).
     """
-    targets = run.cfg.layout.targets
+    targets = bound.cfg.layout.targets
     upward = sorted({targets[i] for i in layers if targets[i] > i})
-    kh, h = run.cfg.num_kv_heads, run.cfg.hd
+    kh, h = bound.cfg.num_kv_heads, bound.cfg.hd
     zero = jnp.zeros((*x.shape[:2], kh, h), x.dtype)
     prev = {j: init_kv.get(j, (zero, zero)) for j in upward}
     if isinstance(passes, str):
-        return _converge_block(run, layers, x, pos, kv_pos, done, prev, tol)
+        return _converge_block(bound, layers, x, pos, kv_pos, done, prev, tol)
     m, b = passes
 
     if m > 0:
-        no_grad_pass = _no_grad_pass(run, layers, x, pos, kv_pos, done)
+        no_grad_pass = _no_grad_pass(bound, layers, x, pos, kv_pos, done)
 
         def body(_, p):
             _, new = no_grad_pass(p)
@@ -458,13 +422,13 @@ def _iterate_block(
         prev = jax.lax.fori_loop(0, m, body, prev)
     out, new = x, {}
     for _ in range(b):
-        out, new = _run_layers(run, layers, x, pos, kv_pos, done, prev)
+        out, new = _run_layers(bound, layers, x, pos, kv_pos, done, prev)
         prev = {j: new[j] for j in upward}
     return out, new, jnp.int32(m + b)
 
 
 def _converge_block(
-    run: Runner,
+    bound: BoundModel,
     layers: range,
     x: jax.Array,
     pos: jax.Array,
@@ -483,7 +447,7 @@ def _converge_block(
     ``tol = 0`` ("exact") stops only at a fixed point, which is the exact result. Inference
     only: no gradient flows through the loop.
     """
-    no_grad_pass = _no_grad_pass(run, layers, x, pos, kv_pos, done)
+    no_grad_pass = _no_grad_pass(bound, layers, x, pos, kv_pos, done)
     upward = sorted(prev)
     cap = x.shape[1]
 
@@ -500,7 +464,7 @@ def _converge_block(
 
     # Never fewer passes than the config's fixed m + b (so never less exact than them),
     # unless a pass changes nothing at all: a fixed point is the exact result.
-    floor = min(run.cfg.forward_passes + run.cfg.backward_passes, cap)
+    floor = min(bound.cfg.forward_passes + bound.cfg.backward_passes, cap)
 
     def cond(carry):
         n, _, _, change = carry
@@ -535,7 +499,7 @@ def forward(
     With ``return_kv`` also returns the final KVs of every KV layer, ``{layer: (k, v)}``.
     """
     x, done = forward_hidden(cfg, params, tokens, positions, valid, passes=passes, init_kv=init_kv)
-    logits = Runner(cfg, params).logits(x)
+    logits = BoundModel(cfg, params).logits(x)
     return (logits, done) if return_kv else logits
 
 
@@ -567,21 +531,21 @@ def forward_hidden(
     kv_pos = positions if valid is None else jnp.where(valid, positions, INVALID_POS)
     if passes is None:
         passes = (cfg.forward_passes, cfg.backward_passes)
-    passes = check_prefill_passes(passes, "passes")
+    passes = parse_passes(passes, "passes")
     tol = 0.0 if passes == "exact" else check_tol(tol, "tol")
-    run = Runner(cfg, params)
-    x = run.embed(tokens)
+    bound = BoundModel(cfg, params)
+    x = bound.embed(tokens)
     done: dict[int, KV] = {}
     ran = jnp.int32(0)
     for start, end, iterated in cfg.layout.segments:
         layers = range(start, end + 1)
         if iterated:
             x, new, n = _iterate_block(
-                run, layers, x, positions, kv_pos, done, passes, init_kv or {}, tol
+                bound, layers, x, positions, kv_pos, done, passes, init_kv or {}, tol
             )
             ran = jnp.maximum(ran, n)
         else:
-            x, new = _run_layers(run, layers, x, positions, kv_pos, done, {})
+            x, new = _run_layers(bound, layers, x, positions, kv_pos, done, {})
         done.update(new)
     return (x, done, ran) if return_passes else (x, done)
 
@@ -602,19 +566,19 @@ def sequential_logits(cfg: ModelConfig, params: Params, tokens: jax.Array) -> ja
 
     @jax.jit
     def step(params, cache, token, p):
-        run = Runner(cfg, params)
+        bound = BoundModel(cfg, params)
         pos = jnp.full((b, 1), p, jnp.int32)
-        x = run.embed(token)
+        x = bound.embed(token)
         for i, j in enumerate(cfg.layout.targets):
-            q, own = run.qkv(i, x, pos)
+            q, own = bound.qkv(i, x, pos)
             if own is not None:
                 k, v = cache[i]
                 cache[i] = (k.at[:, p].set(own[0][:, 0]), v.at[:, p].set(own[1][:, 0]))
             written = p + 1 if j <= i else p
             kv_pos = jnp.where(slots < written, slots, INVALID_POS)
             kv_pos = jnp.broadcast_to(kv_pos, (b, total))
-            x = run.finish(i, x, run.attend(i, q, cache[j], pos, kv_pos))
-        return run.logits(x)[:, 0], cache
+            x = bound.finish(i, x, bound.attend(i, q, cache[j], pos, kv_pos))
+        return bound.logits(x)[:, 0], cache
 
     out = []
     for p in range(total):

@@ -62,9 +62,9 @@ def write_bytes(path: str | epath.Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def write_json(path: str | epath.Path, obj: Any) -> None:
+def write_json(path: str | epath.Path, obj: Any, sort_keys: bool = False) -> None:
     """``obj`` as indented JSON (see :func:`write_text`)."""
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def read_json(path: str | epath.Path) -> Any:

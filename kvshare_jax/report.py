@@ -7,7 +7,6 @@ Pareto front of (perplexity, throughput) at each number of KV layers ``l``.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import zlib
 from collections.abc import Sequence
@@ -16,44 +15,15 @@ from typing import Any
 import ml_collections
 
 from kvshare_jax import paths, plotting
-from kvshare_jax.bench import device_info
+from kvshare_jax.cells import Cell
 from kvshare_jax.layout import STANDARD
+from kvshare_jax.probes import device_info
 from kvshare_jax.stats import mean_ci, paired
+from kvshare_jax.tables import markdown_table
 
 FIGURES = {"tradeoff": "throughput_vs_ppl.png", "kv_layers": "kv_layers.png"}
 _COLORS = {"pizza": "tab:orange", "sandwich": "tab:green", "lasagna": "tab:blue"}
 _MARKERS = {"bottom": "v", "top": "^", "middle": "o"}
-
-
-# ---------------------------------------------------------------- the cells
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    """One (layout, l) point of the study."""
-
-    layout: str  # 'standard' or a preset name without ':l' ('pizza-top')
-    kv_layers: int  # l (L for standard)
-    mapping: str  # layer -> target string ('0_1_5_5_5_5')
-    same_as: str | None = None  # name of the cell trained for this mapping, if another
-    seed: int = 0  # offset added to train.seed (init and data order)
-
-    @property
-    def name(self) -> str:
-        return f"{self.layout}-l{self.kv_layers}" + (f"-s{self.seed}" if self.seed else "")
-
-    @property
-    def point(self) -> tuple[str, int]:
-        """The (layout, l) point of the study this cell is one seed of."""
-        return self.layout, self.kv_layers
-
-    @property
-    def spec(self) -> str:
-        """The ``model.layout`` value of this cell."""
-        return STANDARD if self.layout == STANDARD else f"{self.layout}:{self.kv_layers}"
-
-    @property
-    def trained(self) -> str:
-        """Name of the cell directory holding this cell's run."""
-        return self.same_as or self.name
 
 
 # ---------------------------------------------------------------- the rows
@@ -305,6 +275,36 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+TABLE_HEADER = (
+    "layout", "mapping", "KV layers", "cache fraction", "val ppl", "ppl vs standard",
+    "max batch", "tok/s @ max batch", "vs standard", "prefill ms", "train step ms",
+    "train step vs standard",
+)  # fmt: skip
+
+
+def _table_row(r: dict[str, Any], std: dict[str, Any]) -> list[str]:
+    """The cells of row ``r`` in its l's table; ``std``: the standard row."""
+    test = r["vs_standard"]["eval_ppl"]
+    vs = "-" if r is std else _pct(r["eval_ppl"], std["eval_ppl"])
+    if test["p"] is not None:
+        vs += f" (p = {test['p']:.3f}{', significant' if test['significant'] else ''})"
+    ratio = _ci(r["tok_s_ratio"], r["tok_s_ratio_ci"], ".2f")
+    return [
+        r["layout"] + (f" (= {r['same_as']})" if r["same_as"] else ""),
+        f"`{r['mapping']}`",
+        str(r["kv_layers"]),
+        f"{r['cache_fraction']:.3f}",
+        _ci(r["eval_ppl"], r["eval_ppl_ci"], ".2f"),
+        vs,
+        str(r["max_batch"]),
+        _ci(r["tok_s"], r["tok_s_ci"], ".0f"),
+        ratio + ("x" if ratio != "-" else ""),
+        _fmt(r["prefill_ms"], ".1f", f" (b={r['prefill_batch']})"),
+        f"{r['train_step_ms']:.0f}",
+        f"{r['train_step_ratio']:.2f}x",
+    ]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """``report.md``: settings, one table per l, the derived summary and the figures."""
     meta = results["meta"]
@@ -341,32 +341,9 @@ def markdown(results: dict[str, Any]) -> str:
         "fixed batch (after a warm-up), relative to standard.",
         "",
     ]
-    head = (
-        "| layout | mapping | KV layers | cache fraction | val ppl | ppl vs standard "
-        "| max batch | tok/s @ max batch | vs standard | prefill ms | train step ms "
-        "| train step vs standard |"
-    )
     for kv in s["kv_layers"]:
-        lines += [f"## l = {kv} KV layers", "", head, "|" + "---|" * 12]
-        for r in rows_at(results, kv):
-            name = r["layout"] + (f" (= {r['same_as']})" if r["same_as"] else "")
-            prefill = _fmt(r["prefill_ms"], ".1f", f" (b={r['prefill_batch']})")
-            test = r["vs_standard"]["eval_ppl"]
-            vs = (
-                "-"
-                if r is results["rows"][0]
-                else _pct(r["eval_ppl"], results["rows"][0]["eval_ppl"])
-            )
-            if test["p"] is not None:
-                vs += f" (p = {test['p']:.3f}{', significant' if test['significant'] else ''})"
-            ratio = _ci(r["tok_s_ratio"], r["tok_s_ratio_ci"], ".2f")
-            lines.append(
-                f"| {name} | `{r['mapping']}` | {r['kv_layers']} | {r['cache_fraction']:.3f} "
-                f"| {_ci(r['eval_ppl'], r['eval_ppl_ci'], '.2f')} | {vs} | {r['max_batch']} "
-                f"| {_ci(r['tok_s'], r['tok_s_ci'], '.0f')} | {ratio}{'x' if ratio != '-' else ''} "
-                f"| {prefill} | {r['train_step_ms']:.0f} | {r['train_step_ratio']:.2f}x |"
-            )
-        lines.append("")
+        rows = [_table_row(r, results["rows"][0]) for r in rows_at(results, kv)]
+        lines += [f"## l = {kv} KV layers", "", *markdown_table(TABLE_HEADER, rows), ""]
     lines += ["## Which layout should I use?", "", *summary(results), ""]
     lines += [
         (

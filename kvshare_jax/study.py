@@ -31,11 +31,12 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from kvshare_jax import bench, paths, progress, report
+from kvshare_jax.cells import Cell
 from kvshare_jax.checkpoint import open_model
 from kvshare_jax.config import validate_config
 from kvshare_jax.data import get_tokenizer
 from kvshare_jax.layout import PRESETS, STANDARD, from_spec
-from kvshare_jax.report import Cell
+from kvshare_jax.prefill import Prefill
 from kvshare_jax.train import Trainer, train_and_evaluate
 
 RESULT_FILE = "result.json"
@@ -53,7 +54,7 @@ def study_section() -> ml_collections.ConfigDict:
     s.train_step_timing_steps = 10  # timed train steps (after one warm-up) per cell
     s.seeds = 1  # seeds per (layout, l): train.seed + 0..seeds-1 (init and data order)
     s.prefill_passes = "auto"  # benchmark prefill: auto (s.prefill_tol), exact or "m,b"
-    s.prefill_tol = 1e-4  # tolerance of prefill_passes="auto"
+    s.prefill_tol = None  # tolerance of prefill_passes="auto" (None: prefill.DEFAULT_TOL)
     return s
 
 
@@ -95,7 +96,7 @@ def plan_cells(config: ml_collections.ConfigDict) -> list[Cell]:
         raise ValueError(
             f"study.train_step_timing_steps must be >= 1, got {s.train_step_timing_steps}"
         )
-    _prefill_options(s)
+    _prefill_settings(s)
     seeds = int(s.get("seeds", 1))
     if seeds < 1:
         raise ValueError(f"study.seeds must be >= 1, got {seeds}")
@@ -143,18 +144,11 @@ def time_train_step(
     return {"median_s": statistics.median(times), "min_s": min(times), "steps": steps}
 
 
-def _prefill_options(s: ml_collections.ConfigDict) -> dict[str, Any]:
-    """``study.prefill_passes`` / ``study.prefill_tol`` (optional fields) as BenchSpec
-    fields; ``ValueError`` naming the field when invalid."""
-    from kvshare_jax.model import check_prefill_passes, check_tol
-
-    passes = s.get("prefill_passes", "auto")
-    if isinstance(passes, list | tuple):
-        passes = tuple(passes)
-    return {
-        "prefill_passes": check_prefill_passes(passes, "study.prefill_passes"),
-        "prefill_tol": check_tol(s.get("prefill_tol", 1e-4), "study.prefill_tol"),
-    }
+def _prefill_settings(s: ml_collections.ConfigDict) -> Prefill:
+    """``study.prefill_passes`` / ``study.prefill_tol`` (optional fields); ``ValueError``
+    naming the field when invalid."""
+    names = ("study.prefill_passes", "study.prefill_tol")
+    return Prefill.parse(s.get("prefill_passes"), s.get("prefill_tol"), names)
 
 
 def benchmark(
@@ -172,7 +166,7 @@ def benchmark(
         prompt_len=int(settings.prompt_len),
         gen_len=int(settings.gen_len),
         memory_budget=bench.parse_bytes(settings.memory_budget),
-        **_prefill_options(settings),
+        prefill_settings=_prefill_settings(settings),
     )
     return bench.measure_layout(str(cfg.layout), cfg, params, spec, known_max_batch=known_max_batch)
 

@@ -31,9 +31,12 @@ FLOORS = [
         "preemption",
         "progress",
         "plotting",
+        "prefill",
+        "integrity",
+        "tables",
     },
-    {"kernels", "cache_layout"},
-    {"attention"},
+    {"kernels", "cache_layout", "cells"},
+    {"attention", "probes"},
     {"model"},
     {"config", "sharding", "decode", "hf_io", "flops"},
     {"checkpoint"},
@@ -113,23 +116,149 @@ def test_training_does_not_import_interop():
     assert not {"kvshare_jax.convert", "kvshare_jax.hf_io"} & graph()["kvshare_jax.train"]
 
 
-def test_checkpoint_imports_no_tensorflow_datasets():
-    """TFDS (a second or more to import) loads only when a TFDS dataset is opened."""
+def _loaded_after_import(module: str, prefix: str) -> str:
+    """The modules named ``prefix...`` that importing ``module`` loads, in a fresh process."""
     code = (
-        "import sys, kvshare_jax.checkpoint; "
-        "print(sorted(m for m in sys.modules if m.startswith('tensorflow')))"
+        f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith({prefix!r})))"
     )
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    return out.stdout.strip()
 
 
-def test_experiments_import_no_cli_module():
+def test_checkpoint_imports_no_tensorflow_datasets():
+    """TFDS (a second or more to import) loads only when a TFDS dataset is opened."""
+    assert _loaded_after_import("kvshare_jax.checkpoint", "tensorflow") == "[]"
+
+
+def test_model_imports_no_kernel():
+    """The kernels load where they are first used (the attention dispatch, a model's
+    matvec), not with the model."""
+    assert _loaded_after_import("kvshare_jax.model", "kvshare_jax.kernels") == "[]"
+
+
+# what an experiment may take from the commands: a command's flags, never a command
+COMMAND_PARSERS = {
+    "kvshare_jax.commands": {"parse_with_overrides"},
+    "kvshare_jax.commands.bench": {"arg_parser", "spec_from_args"},
+}
+
+
+def test_experiments_import_only_command_parsers():
     for path in (ROOT / "experiments").glob("*.py"):
-        assert not any(m.startswith("kvshare_jax.commands") for m in _imports(path)), path
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("kvshare_jax.commands")]
+                assert not names, f"{path.name} imports {names}"
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "kvshare_jax.commands"
+            ):
+                taken = {a.name for a in node.names}
+                allowed = COMMAND_PARSERS.get(node.module, set())
+                assert taken <= allowed, f"{path.name} imports {taken - allowed} of {node.module}"
+
+
+def test_only_commands_define_flags():
+    """Command-line flags (argparse) live in ``commands/``; the library takes values."""
+    for path in (ROOT / "kvshare_jax").rglob("*.py"):
+        if "commands" in path.relative_to(ROOT).parts:
+            continue
+        tree = ast.parse(path.read_text())
+        calls = [
+            n for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and n.attr in ("add_argument", "ArgumentParser")
+        ]  # fmt: skip
+        assert not calls and "argparse" not in _module_names(tree), path
+
+
+def _module_names(tree: ast.AST) -> set[str]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out
+
+
+def _sources() -> list[Path]:
+    """The package's and the experiments' Python files."""
+    return [
+        *sorted((ROOT / "kvshare_jax").rglob("*.py")),
+        *sorted((ROOT / "experiments").glob("*.py")),
+    ]
+
+
+def test_markdown_tables_come_from_the_table_helper():
+    """Every markdown table is built by ``tables.markdown_table``: no separator row or
+    cell join written anywhere else."""
+    for path in _sources():
+        if path != ROOT / "kvshare_jax" / "tables.py":
+            text = path.read_text()
+            assert "---|" not in text and "|---" not in text, path
+            assert '" | ".join' not in text, path
+
+
+# concept -> (its one module, the names only that module defines)
+HOMES = {
+    "prefill settings": ("prefill", {"Prefill", "check_passes", "parse_passes", "check_tol"}),
+    "machine probes": ("probes", {"device_info", "cpu_model", "best_time", "read_bandwidth"}),
+    "checkpoint integrity": (
+        "integrity",
+        {
+            "write_checksums",
+            "verify_checksums",
+            "restore_newest_readable",
+            "quarantine_newer",
+            "save_error",
+            "CheckpointSaveError",
+            "UnreadableCheckpointError",
+        },
+    ),  # fmt: skip
+    "study cells": ("cells", {"Cell"}),
+    "markdown tables": ("tables", {"markdown_table"}),
+    "command-line parsing": ("commands", {"ArgParser", "UsageError", "parse_with_overrides"}),
+}
+# the TPU launcher runs on a workstation with the standard library alone: its own parser
+OWN_PARSER = {ROOT / "experiments" / "launch_tpu.py"}
+
+
+@pytest.mark.parametrize("concept", sorted(HOMES))
+def test_each_concept_has_one_home(concept):
+    home, names = HOMES[concept]
+    for path in _sources():
+        tree = ast.parse(path.read_text())
+        defined = {
+            n.name
+            for n in ast.walk(tree)
+            if isinstance(n, ast.FunctionDef | ast.ClassDef) and n.name in names
+        }
+        here = path.parent if path.name == "__init__.py" else path.with_suffix("")
+        if concept == "command-line parsing" and path in OWN_PARSER:
+            continue
+        if here != ROOT / "kvshare_jax" / home:
+            assert not defined, f"{path.relative_to(ROOT)} defines {defined} ({concept})"
+
+
+def test_prefill_text_is_parsed_in_prefill_only():
+    """The prefill flags' and fields' values reach ``Prefill.parse``; the default
+    tolerance is written once."""
+    for path in (ROOT / "kvshare_jax").rglob("*.py"):
+        if path.name == "prefill.py":
+            continue
+        tree = ast.parse(path.read_text())
+        tols = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value == 1e-4]
+        assert not tols, f"{path.relative_to(ROOT)} writes the prefill tolerance"
+        for node in ast.walk(tree):  # no reading of the passes' text "m,b" or the modes
+            if isinstance(node, ast.Compare) and any(
+                isinstance(c, ast.Tuple)
+                and {"auto", "exact"} <= {getattr(e, "value", None) for e in c.elts}
+                for c in node.comparators
+            ):
+                raise AssertionError(f"{path.relative_to(ROOT)} parses the prefill modes")
 
 
 def test_test_modules_do_not_import_each_other():

@@ -1,4 +1,4 @@
-"""Bad input, anywhere: one line on stderr, exit status 2, nothing written (issue 13).
+"""Bad input, anywhere: one line on stderr, exit status 2, nothing written.
 
 Every ``kvshare`` command shares one convention (``-h``/``--help``, dashed flags with the
 underscore spelling accepted, ``--config`` + ``--config.a.b=value``); every bad flag,
@@ -19,6 +19,7 @@ from kvshare_jax.cli import main
 from kvshare_jax.commands import train as train_command
 from kvshare_jax.decode import KVCache, generate, init_cache, prefill
 from kvshare_jax.model import ModelConfig, forward, init_params
+from kvshare_jax.prefill import Prefill
 
 STUDY = os.path.join(tu.ROOT, "configs", "study", "cpu.py")
 
@@ -157,6 +158,20 @@ CASES = {
         ],
         "--batch-sizes needs positive integers",
     ),  # fmt: skip
+    "bench tolerance without auto": (
+        lambda w, f: [
+            "bench",
+            "--config",
+            tu.TINY_CONFIG,
+            "--prefill-passes",
+            "3,2",
+            "--prefill-tol",
+            "0.1",
+            "--out-dir",
+            str(w),
+        ],
+        "--prefill-tol needs --prefill-passes=auto, got --prefill-passes=3,2",
+    ),  # fmt: skip
     "bench out-dir is a file": (
         lambda w, f: ["bench", "--config", tu.TINY_CONFIG, "--out-dir", str(f["file"])],
         "--out-dir",
@@ -197,6 +212,18 @@ CASES = {
         ],
         "pizza-sideways",
     ),  # fmt: skip
+    "study tolerance without auto": (
+        lambda w, f: [
+            "study",
+            "--config",
+            STUDY,
+            "--workdir",
+            str(w),
+            "--config.study.prefill_passes=exact",
+            "--config.study.prefill_tol=0.1",
+        ],
+        "study.prefill_tol needs study.prefill_passes=auto",
+    ),  # fmt: skip
     "study batch size 0": (
         lambda w, f: [
             "study",
@@ -231,6 +258,7 @@ def test_every_command_answers_help(command, flag, capsys):
     assert main([command, flag]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: kvshare {command}")
+    assert "``" not in out  # docstring markup shown plainly
 
 
 def test_underscore_and_dash_spellings_are_one_flag():
@@ -262,7 +290,7 @@ def test_forward_and_prefill_refuse_bad_passes(upward, passes):
     with pytest.raises(ValueError, match=r"passes \(m, b\) needs"):
         prefill(cfg, params, cache, tokens, jnp.array([4]), passes=passes)
     with pytest.raises(ValueError, match=r"prefill_passes \(m, b\) needs"):
-        generate(cfg, params, [[1, 2]], max_new_tokens=2, prefill_passes=passes)
+        generate(cfg, params, [[1, 2]], max_new_tokens=2, prefill_settings=Prefill(passes))
 
 
 @pytest.mark.parametrize(

@@ -52,11 +52,11 @@ def test_matvec_rejects_bad_shapes_in_one_line():
 
 
 def _dense_hlo(cfg: ModelConfig, tokens: int) -> str:
-    from kvshare_jax.model import Runner
+    from kvshare_jax.model import BoundModel
 
     params = init_params(cfg, jax.random.key(0))
     x = jnp.ones((1, tokens, cfg.d_model), jnp.float32)
-    return jax.jit(lambda p, x: Runner(cfg, p).logits(x)).lower(params, x).as_text()
+    return jax.jit(lambda p, x: BoundModel(cfg, p).logits(x)).lower(params, x).as_text()
 
 
 def test_routing_single_row_fp32_only():

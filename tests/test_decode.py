@@ -32,6 +32,7 @@ from kvshare_jax.layout import (
     preset_specs,
 )
 from kvshare_jax.model import ModelConfig, forward, init_params, sequential_logits
+from kvshare_jax.prefill import Prefill
 from kvshare_jax.sampling import Sampling, sample
 
 L, KV = 6, 3
@@ -39,7 +40,7 @@ PRESET_SPECS = [s for s in preset_specs(KV) if s != STANDARD]
 LAYOUT_SPECS = [*PRESET_SPECS, STANDARD, "yoco"]
 PROMPT_WIDTH, LENGTHS, NEW = 6, (6, 2, 4), 5
 # Converged prefill (passes >= prompt width); shared so tests reuse compiled programs.
-EXACT = dict(max_new_tokens=NEW, prefill_passes=(PROMPT_WIDTH, 1), return_logits=True)
+EXACT = dict(max_new_tokens=NEW, prefill_settings=Prefill((PROMPT_WIDTH, 1)), return_logits=True)
 TINY_CONFIG = "configs/tiny.py"
 SAMPLING_SPEC = "0_2_2"  # 3 layers, one upward block: cheap programs for sampling tests
 

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import trainutil as tu
+from etils import epath
 
-from kvshare_jax import checkpoint, metrics, workdir_lock
+from kvshare_jax import checkpoint, integrity, metrics, workdir_lock
 from kvshare_jax import train as train_module
 from kvshare_jax.commands import train as train_command
 from kvshare_jax.train import train_and_evaluate
@@ -198,11 +199,11 @@ def test_every_saved_step_gets_a_manifest_before_close_returns(tmp_path):
     small.save(1, 2).close()
     for step in (1, 2):
         manifest = json.loads(
-            open(os.path.join(small.step_dir(step), checkpoint.CHECKSUM_FILE)).read()
+            open(os.path.join(small.step_dir(step), integrity.CHECKSUM_FILE)).read()
         )
         listed = {os.path.join(small.step_dir(step), p) for p in manifest["crc32"]}
         on_disk = set(files_under(small.step_dir(step))) - {
-            os.path.join(small.step_dir(step), checkpoint.CHECKSUM_FILE)
+            os.path.join(small.step_dir(step), integrity.CHECKSUM_FILE)
         }
         assert listed == on_disk
         for rel, (size, _) in manifest["crc32"].items():
@@ -218,22 +219,22 @@ def test_every_single_bit_flip_is_detected(tmp_path):
     optimizer state) and checks the manifest catches each; restores the bit after."""
     small = SmallState(str(tmp_path))
     small.save(1).close()
-    step_dir = checkpoint.epath.Path(small.step_dir(1))
+    step_dir = epath.Path(small.step_dir(1))
     rng = random.Random(0)
     tried = detected = 0
     for path in files_under(small.step_dir(1)):
-        if path.endswith(checkpoint.CHECKSUM_FILE):
+        if path.endswith(integrity.CHECKSUM_FILE):
             continue
         for bit in rng.sample(range(os.path.getsize(path) * 8), k=8):
             flip_bit(path, bit)
             tried += 1
             try:
-                checkpoint.verify_checksums(step_dir)
-            except checkpoint.CorruptCheckpointError as e:
+                integrity.verify_checksums(step_dir)
+            except integrity.CorruptCheckpointError as e:
                 detected += 1
                 assert os.path.relpath(path, small.step_dir(1)) in str(e)
             flip_bit(path, bit)
-    assert checkpoint.verify_checksums(step_dir)
+    assert integrity.verify_checksums(step_dir)
     print(f"single-bit flips: {tried} tried, {detected} detected")
     assert tried >= 8 * 8 and detected == tried
 
@@ -255,11 +256,11 @@ def test_a_flipped_bit_falls_back_to_the_previous_step(tmp_path, caplog):
 def test_a_step_without_manifest_is_restored_with_a_warning(tmp_path, caplog):
     small = SmallState(str(tmp_path))
     small.save(1, 2).close()
-    os.remove(os.path.join(small.step_dir(2), checkpoint.CHECKSUM_FILE))
+    os.remove(os.path.join(small.step_dir(2), integrity.CHECKSUM_FILE))
     with caplog.at_level(logging.WARNING):
         step, *_ = small.restore()
     assert step == 2
-    assert f"checkpoint step 2 has no {checkpoint.CHECKSUM_FILE}" in caplog.text
+    assert f"checkpoint step 2 has no {integrity.CHECKSUM_FILE}" in caplog.text
 
 
 def test_when_every_step_is_unreadable_nothing_is_moved(tmp_path):
@@ -268,7 +269,7 @@ def test_when_every_step_is_unreadable_nothing_is_moved(tmp_path):
     for step in (1, 2):
         flip_bit(max(files_under(small.step_dir(step)), key=os.path.getsize), 77)
     before = files_under(str(tmp_path))
-    with pytest.raises(checkpoint.UnreadableCheckpointError) as e:
+    with pytest.raises(integrity.UnreadableCheckpointError) as e:
         small.restore()
     assert isinstance(e.value, ValueError)  # the CLI's one-line errors
     assert "can be restored (steps 2, 1; step 2: CorruptCheckpointError" in str(e.value)
@@ -285,7 +286,7 @@ def test_kvshare_train_with_every_step_unreadable_is_one_line(tmp_path, capsys):
     err = one_error_line(capsys.readouterr().err)
     assert err.startswith(f"kvshare train: error: no checkpoint in {workdir}/checkpoints can be")
     assert files_under(workdir) == before  # nothing moved, no lock left
-    with pytest.raises(checkpoint.UnreadableCheckpointError):
+    with pytest.raises(integrity.UnreadableCheckpointError):
         checkpoint.open_model(workdir)
 
 
@@ -354,7 +355,7 @@ def test_a_save_hitting_the_file_size_limit_is_one_error_and_keeps_the_last_step
     ckpt = checkpoint.Checkpointer(small.workdir, max_to_keep=5)
     resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, hard))  # a 64 KB array fails
     try:
-        with pytest.raises(checkpoint.CheckpointSaveError) as e:
+        with pytest.raises(integrity.CheckpointSaveError) as e:
             ckpt.save(2, *small.state(2), small.iterator(2))
             ckpt.close()
     finally:
@@ -372,7 +373,7 @@ def test_run_job_reports_a_failed_save_in_one_line(capsys):
         coordinator_address, num_processes, process_id, distributed = "", 0, -1, False
 
     def job():
-        raise checkpoint.CheckpointSaveError("saving checkpoint step 3 in w failed\n(disk)")
+        raise integrity.CheckpointSaveError("saving checkpoint step 3 in w failed\n(disk)")
 
     assert train_command.run_job("kvshare train", Flags(), job) == 2
     assert (

@@ -50,6 +50,7 @@ from tinymodel import small_config
 
 from kvshare_jax.decode import generate_fn, init_cache
 from kvshare_jax.model import ModelConfig, Params, forward, init_params, sequential_logits
+from kvshare_jax.prefill import Prefill
 
 LAYOUTS = {"down": "lasagna-bottom:3", "up": "pizza-top:3", "swa": "yoco"}
 IMPLS = ("xla", "pallas")
@@ -192,7 +193,7 @@ def _run_path(cfg, path, params, seqs, prompts, lengths, place_cache):
     if path == "sequential":
         return {"logits": np.asarray(sequential_logits(cfg, params, jnp.asarray(seqs)))}
     program = generate_fn(
-        cfg, max_new_tokens=NEW, prefill_passes=PREFILL_PASSES, return_logits=True
+        cfg, max_new_tokens=NEW, prefill_settings=Prefill(PREFILL_PASSES), return_logits=True
     )
     cache = init_cache(cfg, BATCH, SEQ)
     if place_cache is not None:

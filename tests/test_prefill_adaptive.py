@@ -12,16 +12,11 @@ from tinymodel import VOCAB
 from tinymodel import small_config as tiny_config
 
 from kvshare_jax.decode import generate, init_cache, prefill
-from kvshare_jax.model import (
-    check_prefill_passes,
-    check_tol,
-    forward_hidden,
-    init_params,
-    sequential_logits,
-)
+from kvshare_jax.model import forward_hidden, init_params, sequential_logits
+from kvshare_jax.prefill import DEFAULT_TOL, Prefill, check_tol, parse_passes
 
 UPWARD = ["pizza-top:3", "sandwich-middle:3", "lasagna-top:3"]
-WIDTH = 14  # longer than today's fixed 7 + 2 passes
+WIDTH = 14  # longer than the config's fixed 7 + 2 passes
 
 
 @functools.cache
@@ -103,7 +98,7 @@ def test_generate_exact_prefill_matches_reference_greedy_tokens():
     spec = UPWARD[1]
     cfg, params = model(spec)
     tokens = np.asarray(prompts(1))
-    out = generate(cfg, params, tokens, max_new_tokens=3, prefill_passes="exact")
+    out = generate(cfg, params, tokens, max_new_tokens=3, prefill_settings=Prefill("exact"))
     # greedy continuation from the sequential reference, one token at a time
     seq = tokens
     for _ in range(3):
@@ -115,20 +110,30 @@ def test_generate_exact_prefill_matches_reference_greedy_tokens():
 @pytest.mark.parametrize(
     "text, expected", [("auto", "auto"), (" EXACT ", "exact"), ("3,2", (3, 2)), ((0, 1), (0, 1))]
 )
-def test_check_prefill_passes_parses(text, expected):
-    assert check_prefill_passes(text) == expected
+def test_parse_passes_parses(text, expected):
+    assert parse_passes(text) == expected
 
 
 @pytest.mark.parametrize("bad", ["fast", "3", "3,0", (1,), "1,2,3"])
-def test_check_prefill_passes_refuses(bad):
+def test_parse_passes_refuses(bad):
     with pytest.raises(ValueError, match=r"prefill_passes \(m, b\) needs"):
-        check_prefill_passes(bad)
+        parse_passes(bad)
 
 
 @pytest.mark.parametrize("bad", [-1e-3, float("nan"), float("inf"), "x"])
 def test_check_tol_refuses(bad):
     with pytest.raises(ValueError, match="prefill_tol must be a finite number >= 0"):
         check_tol(bad)
+
+
+def test_prefill_settings_take_a_tolerance_only_with_auto():
+    assert Prefill() == Prefill("auto", DEFAULT_TOL) == Prefill.parse(" AUTO ", "1e-4")
+    assert Prefill.parse("3,2") == Prefill((3, 2)) and Prefill((3, 2)).tol is None
+    assert Prefill("exact").iteration() == {"passes": "exact", "tol": 0.0}
+    with pytest.raises(ValueError, match="prefill_tol needs prefill_passes=auto"):
+        Prefill("exact", 1e-3)
+    with pytest.raises(ValueError, match=r"^study.prefill_tol must be a finite number"):
+        Prefill.parse(None, "x", ("study.prefill_passes", "study.prefill_tol"))
 
 
 # ------------------------------------------------------------------ CLI

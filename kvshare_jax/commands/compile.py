@@ -20,8 +20,9 @@ import os
 from typing import Any
 
 from kvshare_jax import paths
-from kvshare_jax.commands import error
-from kvshare_jax.config import ArgParser, check_output_dir, parse_with_overrides
+from kvshare_jax.commands import ArgParser, error, parse_with_overrides
+from kvshare_jax.config import check_output_dir
+from kvshare_jax.tables import markdown_table
 
 PROG = "kvshare compile"
 _ALIASES = {
@@ -64,11 +65,12 @@ def render(report: dict[str, Any]) -> str:
         f"{report['topology']}: {report['num_devices']} x {report['device_kind']} on "
         f"{report['num_hosts']} host(s); HBM {_gib(report['chip']['hbm_bytes'])} GiB per device",
         "",
-        "| program | fits | arguments GiB | temporaries GiB | total GiB | TFLOP | HBM GB "
-        "| XLA GB accessed | roofline s | MFU ceiling |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = list(report["programs"].items())
+    header = (
+        "program", "fits", "arguments GiB", "temporaries GiB", "total GiB", "TFLOP", "HBM GB",
+        "XLA GB accessed", "roofline s", "MFU ceiling",
+    )  # fmt: skip
+    rows, table = list(report["programs"].items()), []
     if "suggestion" in report and report["suggestion"]["overrides"]:
         rows.append(("train_step (suggested)", report["suggestion"]["train_step"]))
     for name, p in rows:
@@ -88,7 +90,8 @@ def render(report: dict[str, Any]) -> str:
             "-" if p["roofline_step_s"] is None else f"{p['roofline_step_s']:.3g}",
             f"{p['mfu_ceiling']:.0%}" if "mfu_ceiling" in p else "-",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        table.append(cells)
+    lines += markdown_table(header, table)
     step = report["programs"].get("decode_step")
     if step and "cache_copies" in step:
         floor = (

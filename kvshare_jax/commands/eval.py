@@ -10,7 +10,8 @@ import functools
 import json
 from typing import Any
 
-from kvshare_jax.commands import ArgParser, error
+from kvshare_jax.commands import PREFILL_FLAGS, ArgParser, error
+from kvshare_jax.prefill import Prefill
 
 PROG = "kvshare eval"
 
@@ -43,9 +44,7 @@ def _mesh_sizes(text: str) -> dict[str, int]:
 
 def _set_passes(config, text: str) -> None:
     """Sets ``model.forward_passes, backward_passes`` from ``--prefill-passes``."""
-    from kvshare_jax.model import check_prefill_passes
-
-    passes = check_prefill_passes(text, "--prefill-passes")
+    passes = Prefill.parse(text, names=PREFILL_FLAGS).passes
     if passes == "auto":
         raise ValueError("--prefill-passes=auto needs the decoder; eval takes exact or m,b")
     if passes == "exact":  # t passes of a causal system are exact (docs/design.md §4)

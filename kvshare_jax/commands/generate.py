@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 
-from kvshare_jax.commands import ArgParser, error
+from kvshare_jax.commands import ArgParser, add_prefill_flags, error, prefill_from_flags
 
 PROG = "kvshare generate"
 BYTE_VOCAB = 256
@@ -37,15 +37,7 @@ def _parser() -> ArgParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus probability (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--init-seed", type=int, default=None, help="init seed (default train.seed)")
-    p.add_argument(
-        "--prefill-passes",
-        help="iteration of cyclic blocks over the prompt: auto (default: until the upward "
-        "KVs change by at most --prefill-tol, at most the prompt length), exact (until they "
-        "stop changing) or m,b fixed passes (m + b >= prompt length is exact)",
-    )
-    p.add_argument(
-        "--prefill-tol", type=float, default=None, help="tolerance of auto (default 1e-4)"
-    )
+    add_prefill_flags(p)
     return p
 
 
@@ -57,24 +49,6 @@ def _ints(text: str, what: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
-
-
-def _prefill_options(passes: str | None, tol: float | None) -> tuple[object, float]:
-    """``--prefill-passes`` and ``--prefill-tol`` -> ``(prefill_passes, prefill_tol)``."""
-    from kvshare_jax.decode import DEFAULT_PREFILL_TOL
-    from kvshare_jax.model import check_prefill_passes, check_tol
-
-    if passes is not None:
-        try:
-            passes = check_prefill_passes(passes, "--prefill-passes")
-        except ValueError:
-            raise ValueError(
-                f"--prefill-passes needs auto, exact or two numbers m,b (m >= 0, b >= 1), "
-                f"got {passes}"
-            ) from None
-    if tol is not None and passes not in (None, "auto"):
-        raise ValueError("--prefill-tol needs --prefill-passes=auto")
-    return passes, check_tol(DEFAULT_PREFILL_TOL if tol is None else tol, "--prefill-tol")
 
 
 class _ByteTokenizer:
@@ -129,7 +103,7 @@ def run(argv: list[str]) -> int:
 
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
-        passes, tol = _prefill_options(args.prefill_passes, args.prefill_tol)
+        prefill_settings = prefill_from_flags(args)
         cfg, params, tokenizer, init_seed = _load_model(args, overrides)
         if args.prompt_ids is not None:
             ids = _ints(args.prompt_ids, "--prompt-ids")
@@ -161,8 +135,7 @@ def run(argv: list[str]) -> int:
             sampling=sampling,
             rng=jax.random.key(args.seed),
             stop_tokens=(eos,) if 0 <= eos < cfg.vocab_size else (),
-            prefill_passes=passes,
-            prefill_tol=tol,
+            prefill_settings=prefill_settings,
         )
     except (ValueError, OSError) as e:
         return _error(e)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from kvshare_jax.commands import ArgParser, error
+from kvshare_jax.commands import ArgParser, error, parse_with_overrides
 
 PROG = "kvshare train"
 
@@ -52,7 +52,7 @@ def load(
 ) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
     """Parses ``argv`` and loads the config with its overrides; raises ``ValueError`` /
     ``FileNotFoundError`` (one line) for any bad argument, file or field value."""
-    from kvshare_jax.config import load_config, parse_with_overrides
+    from kvshare_jax.config import load_config
 
     args, overrides = parse_with_overrides(argv, p)
     return args, load_config(args.config, overrides)
@@ -87,14 +87,14 @@ def run_job(prog: str, fv: argparse.Namespace, job: Callable[[], object]) -> int
     loss status 1; a preemption (SIGTERM) saves, says so in one line and exits 143."""
     import errno
 
-    from kvshare_jax import checkpoint, preemption, sharding, train
+    from kvshare_jax import integrity, preemption, sharding, train
 
     try:
         sharding.init_distributed(
             fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed
         )
         job()
-    except (ValueError, FileNotFoundError, checkpoint.CheckpointSaveError) as e:
+    except (ValueError, FileNotFoundError, integrity.CheckpointSaveError) as e:
         return error(prog, e)
     except OSError as e:  # e.g. metrics.jsonl on a full disk; checkpoints stay intact
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
