@@ -1,13 +1,15 @@
-"""Pallas flash attention with position-based KV-sharing masks (forward and backward):
-the entry point, and the Triton (GPU) / CPU-interpret kernel.
+"""Pallas flash attention with the KV-sharing masks (forward and backward): the entry
+point, and the Triton (GPU) / CPU-interpret kernel. The mask is one
+:class:`kvshare_jax.masks.Mask` (positions, optional segment ids, strict, window).
 
 Shapes: b batch, t query length, s key length, n query heads, kh KV heads
 (``n % kh == 0``, GQA group ``g = n // kh``), h head dim.
 
 Semantics are those of :func:`kvshare_jax.attention.xla_attention`: a key at position
 ``kp`` is visible to a query at ``qp`` iff ``kp <= qp`` (``kp < qp`` when ``strict``),
-``kp > qp - window`` when a window is set, and ``kp != INVALID_POS``. A row that sees no
-key outputs exactly 0 and gets zero gradients. Softmax statistics and all accumulation
+``kp > qp - window`` when a window is set, the key's segment is the query's when the
+mask has segment ids, and ``kp != INVALID_POS``. A row that sees no key outputs exactly 0
+and gets zero gradients. Softmax statistics and all accumulation
 are fp32; the output has the dtype of ``q``.
 
 Which kernel runs is decided by the *target* platform, not the host
@@ -29,8 +31,9 @@ Layout inside the Triton kernels (built by the wrapper, differentiated by JAX):
   group member ``r % g``, with position ``q_pos[r // g]``). K/V are never repeated, every
   K/V tile is loaded once per group, and dK/dV are summed over the group inside the
   kernel (they accumulate over all rows of the folded head).
-- Head-major ``[b, kh, rows, h]``; positions as a column ``[b, rows, 1]`` (queries) and a
-  row ``[b, 1, s]`` (keys) so a tile mask is a plain broadcast compare.
+- Head-major ``[b, kh, rows, h]``; positions (and segment ids, as two more inputs after
+  them) as a column ``[b, rows, 1]`` (queries) and a row ``[b, 1, s]`` (keys) so a tile
+  mask is a plain broadcast compare. Without segment ids the kernels have no such inputs.
 - Query rows are padded to a multiple of ``block_q`` by repeating the last position (the
   padded rows get a zero cotangent, so they add nothing to dK/dV, and they do not widen
   the tile's position range); keys are padded to a multiple of ``block_k`` with
@@ -40,11 +43,13 @@ Layout inside the Triton kernels (built by the wrapper, differentiated by JAX):
 Grids: forward and dQ run one program per (batch, KV head, query tile) and loop over key
 tiles; dK/dV run one program per (batch, KV head, key tile) and loop over query tiles.
 A tile pair is skipped (``lax.cond``) when the position ranges of the two tiles cannot
-overlap the mask (``min kv <= max q`` (``<`` if strict) and, with a window,
-``max valid kv > min q - window``). This test is exact for any positions (it never
-skips a visible pair); it only *saves* work when positions are sorted within a tile, as
-they are for training (``arange``) and for the decoder's cache (``arange(max_len)`` with
-``INVALID_POS`` for unwritten slots). Positions are expected to be non-negative
+overlap the mask (``min kv <= max q`` (``<`` if strict), with a window
+``max valid kv > min q - window``, with segment ids intersecting segment ranges:
+:func:`kvshare_jax.kernels.common.may_overlap`). This test is exact for any positions
+(it never skips a visible pair); it only *saves* work when positions are sorted within a
+document, as they are for training (``arange``, restarting per document) and for the
+decoder's cache (``arange(max_len)`` with ``INVALID_POS`` for unwritten slots), and it
+skips the tiles of other documents. Positions are expected to be non-negative
 (``qp - window`` must not overflow int32).
 
 Decode (``t = 1`` or small, long ``s``) uses the same kernels: the query tile is the

@@ -6,8 +6,9 @@ Shapes: b batch, t query length, s key length, n query heads, kh KV heads
 per KV head (padded to ``Rp``), ``Sp`` keys after padding.
 
 Semantics are those of :func:`kvshare_jax.kernels.flash.flash_attention` (and of the XLA
-reference): a key at ``kp`` is visible to a query at ``qp`` iff ``kp <= qp``
-(``kp < qp`` when ``strict``), ``kp > qp - window`` with a window, and
+reference), with one :class:`kvshare_jax.masks.Mask`: a key at ``kp`` is visible to a
+query at ``qp`` iff ``kp <= qp`` (``kp < qp`` when ``strict``), ``kp > qp - window``
+with a window, the segments are equal when the mask has segment ids, and
 ``kp != INVALID_POS``; a row that sees no key outputs 0 with zero gradients; softmax
 statistics and accumulation are fp32; the output has ``q``'s dtype.
 
@@ -46,14 +47,18 @@ padded: a block spanning the whole head dim is legal for Mosaic at any size (com
 for h = 32, 64, 128).
 
 Tile skipping: the wrapper computes per query tile the ``[min, max]`` position, per key
-tile the ``[min, max]`` over valid keys and whether all its keys are valid; these reach
-SMEM by scalar prefetch. A grid step computes only if the two ranges can overlap the mask
-(``pl.when``), and a pair that is wholly visible (all keys valid, inside the causal and
-window band for every row) skips the mask arithmetic. The index maps clamp the reduction
-tile into the ``[first, last]`` tiles that can overlap the current one, so a skipped step
-maps to a block already in VMEM (or the next one needed) and issues no DMA. The test is
-exact for any positions; it saves work when positions are sorted within tiles (training
-``arange``, decode caches with ``INVALID_POS`` in unwritten slots). Positions are
+tile the ``[min, max]`` over valid keys and whether all its keys are valid, with segment
+ids also each tile's ``[min, max]`` segment (4 more scalar-prefetch arrays; segment ids
+themselves are two more lane-dense row inputs after the positions); these reach SMEM by
+scalar prefetch. A grid step computes only if the two ranges can overlap the mask
+(``pl.when``; tiles wholly in other documents never do), and a pair that is wholly
+visible (all keys valid, inside the causal and window band for every row, one and the
+same document) skips the mask arithmetic (:mod:`kvshare_jax.kernels.common`). The
+index maps clamp the reduction tile into the ``[first, last]`` tiles that can overlap the
+current one, so a skipped step maps to a block already in VMEM (or the next one needed)
+and issues no DMA. The test is exact for any positions; it saves work when positions are
+sorted within tiles of a document (training ``arange``, decode caches with
+``INVALID_POS`` in unwritten slots). Positions are
 expected to be non-negative (``qp - window`` must not overflow int32).
 
 Block sizes come from :data:`GENERATION_BLOCKS` by ``device_kind`` (see
