@@ -246,6 +246,33 @@ def test_tpu_decode_matches_reference(t, n, kh, h, dtype, segments):
         )
 
 
+def test_tiles_of_other_documents_are_skipped():
+    """Tile skipping with segment ids: in a row packing documents of 256 and 256 tokens
+    (positions restarting), key tiles of 128 of the first document are never visited by
+    the query tiles of the second, and a tile pair wholly inside one document is
+    unmasked; without segment ids the position test alone would visit them."""
+    from kvshare_jax.kernels.common import may_overlap, wholly_visible
+    from kvshare_jax.masks import MaskSpec
+
+    seg = np.repeat(np.array([1, 2], np.int32), 256)[None]
+    pos = np.concatenate([np.arange(256), np.arange(256)]).astype(np.int32)[None]
+    spec = MaskSpec(strict=False, window=None, segments=True)
+    cfg = flash_tpu._config(16, Mask(pos, pos, seg, seg), 128, 128, True)
+    _, (first, last), _ = flash_tpu._tile_ranges(pos, pos, seg, seg, 128, 128, cfg)
+    np.testing.assert_array_equal(first, [0, 0, 2, 2])  # query tiles 2, 3: document 2
+    np.testing.assert_array_equal(last, [0, 1, 2, 3])
+    cfg = flash_tpu._config(16, Mask(pos, pos), 128, 128, True)
+    _, (first, last), _ = flash_tpu._tile_ranges(pos, pos, None, None, 128, 128, cfg)
+    np.testing.assert_array_equal(first, [0, 0, 0, 0])  # positions alone: all visited
+    # the shared test: query tile of document 2 against a key tile of document 1
+    args = (0, 127, 0, 127)
+    assert not may_overlap(*args, spec, (2, 2, 1, 1))
+    assert may_overlap(*args, spec, (2, 2, 1, 2))
+    assert may_overlap(*args, MaskSpec(), None)
+    assert wholly_visible(128, 255, 0, 127, True, spec, (2, 2, 2, 2))
+    assert not wholly_visible(128, 255, 0, 127, True, spec, (2, 2, 1, 2))
+
+
 def test_block_and_head_dim_rules():
     assert block_size(None, 5, "gpu", "q") == 16  # minimum Triton tile
     assert block_size(None, 300, "gpu", "k") == 128

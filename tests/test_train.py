@@ -240,6 +240,15 @@ def test_eval_command_reports_the_final_eval_loss(capsys):
     assert result["step"] == 200
     assert result["eval_loss"] == pytest.approx(logged["eval_loss"], rel=1e-6)
     assert result["eval_ppl"] == pytest.approx(math.exp(logged["eval_loss"]), rel=1e-6)
+    # every document alone: other numbers from the same checkpoint over rows that cross
+    # a document boundary (the validation documents are ~1.7k tokens long)
+    out = {}
+    for packing in ("concat", "segments"):
+        argv = [f"--workdir={workdir}", "--json", "--eval-steps=16", f"--packing={packing}"]
+        assert eval_command.run(argv) == 0
+        out[packing] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["concat"]["eval_loss"] != out["segments"]["eval_loss"]
+    assert abs(out["concat"]["eval_loss"] - out["segments"]["eval_loss"]) < 0.5
 
 
 def test_metrics_file_has_train_and_eval_fields():
