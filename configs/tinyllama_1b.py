@@ -19,6 +19,9 @@ def get_config():
     config.model.remat = True  # save activation memory
     config.data.dataset = "huggingface:cerebras__slimpajama_627b"  # prepared TFDS data
     config.data.vocab_size = 32000  # tokenizer vocabulary
+    # concat packing (documents share rows and attend across EOS), as HF run_clm and the
+    # paper's code: comparable to the paper; "segments" keeps attention in each document
+    config.data.packing = "concat"
     config.train.seq_len = 2048  # tokens per sequence
     config.train.batch_size = 256  # global batch
     config.train.grad_accum = 8  # micro-batches of 32: every study layout fits 15.75 GiB/chip

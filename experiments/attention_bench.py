@@ -31,6 +31,7 @@ import numpy as np
 
 from kvshare_jax.attention import xla_attention
 from kvshare_jax.kernels import pallas_attention
+from kvshare_jax.masks import Mask
 from kvshare_jax.tables import markdown_table
 
 IMPLS = ("pallas", "jax_nn", "xla_ref")
@@ -70,9 +71,10 @@ def attention_fn(impl: str, args: argparse.Namespace) -> Callable:
 
     def with_positions(q, k, v):
         pos = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
+        mask = Mask(pos, pos)
         if impl == "xla_ref":
-            return xla_attention(q, k, v, pos, pos)
-        return pallas_attention(q, k, v, pos, pos, block_q=args.block_q, block_k=args.block_k)
+            return xla_attention(q, k, v, mask)
+        return pallas_attention(q, k, v, mask, block_q=args.block_q, block_k=args.block_k)
 
     return with_positions
 

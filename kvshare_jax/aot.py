@@ -213,6 +213,8 @@ def train_program(config: ml_collections.ConfigDict, devices: Any) -> dict[str, 
     tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=batch_sharding)
     mask = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.float32, sharding=batch_sharding)
     batch = {"inputs": tokens, "targets": tokens, "loss_mask": mask}
+    if config.data.get("packing", "concat") == "segments":  # the segment ids of packed rows
+        batch["segment_ids"] = tokens
     step = train.jit_train_step(cfg, tx, int(t.grad_accum), mesh, rules, shardings)
 
     def lower():
@@ -237,6 +239,7 @@ def train_program(config: ml_collections.ConfigDict, devices: Any) -> dict[str, 
         "grad_accum": int(t.grad_accum),
         "remat": bool(config.model.remat),
         "attention_impl": str(config.model.attention_impl),
+        "packing": str(config.data.get("packing", "concat")),
     }
     return out
 

@@ -5,12 +5,15 @@ Shapes: b batch, t query length, s key length, n query heads, k KV heads
 ``cache`` set, as decode-cache slots in that layout (:mod:`kvshare_jax.cache_layout`):
 rows ``[b*k,s,h]`` ("SH") or ``[b*k,h,s]`` ("HS"), sequence i's KV head j in row ``i*k + j``.
 
-Masks are defined by absolute token positions, so one mechanism covers training,
-prefill with offsets, ragged batches and KV caches. A query at position ``p`` may see a
-key at position ``q`` iff ``q <= p`` (``q < p`` when ``strict``, used for upward
-targets) and, with a window ``W``, ``q > p - W``. Keys that are padding or not yet
-written carry position ``INVALID_POS`` and are never seen. A query row that sees no key
-outputs exactly zero (never a softmax over an all-masked row).
+Every path takes ONE mask value, :class:`kvshare_jax.masks.Mask`: absolute token
+positions of queries and keys, optional segment (document) ids, and the layer's rule
+(``strict``, ``window``), so one mechanism covers training, packed documents, prefill
+with offsets, ragged batches and KV caches. A query at position ``p`` may see a key at
+position ``q`` iff ``q <= p`` (``q < p`` when ``strict``, used for upward targets),
+``q > p - W`` with a window ``W``, and both lie in the same segment when segment ids are
+given. Keys that are padding or not yet written carry position ``INVALID_POS`` and are
+never seen. A query row that sees no key outputs exactly zero (never a softmax over an
+all-masked row).
 """
 
 from __future__ import annotations
@@ -21,10 +24,18 @@ import jax
 import jax.numpy as jnp
 
 from kvshare_jax.cache_layout import SlotLayout
-from kvshare_jax.masks import INVALID_POS, attention_mask
+from kvshare_jax.masks import INVALID_POS, Mask, attention_mask
 from kvshare_jax.target import target_platform
 
-__all__ = ["INVALID_POS", "Impl", "attention", "attention_mask", "resolve_impl", "xla_attention"]
+__all__ = [
+    "INVALID_POS",
+    "Impl",
+    "Mask",
+    "attention",
+    "attention_mask",
+    "resolve_impl",
+    "xla_attention",
+]
 
 Impl = Literal["xla", "pallas", "auto"]
 
@@ -33,15 +44,12 @@ def xla_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    q_pos: jax.Array,
-    kv_pos: jax.Array,
+    mask: Mask,
     *,
-    strict: bool = False,
-    window: int | None = None,
     cache: SlotLayout | None = None,
 ) -> jax.Array:
     """Reference attention: ``q [b,t,n,h]``, ``k, v [b,s,k,h]`` (or cache slots in the
-    layout ``cache``) -> ``[b,t,n,h]``.
+    layout ``cache``) under ``mask`` -> ``[b,t,n,h]``.
 
     Softmax is computed in fp32; the output has the dtype of ``q``. A cache slot is
     contracted as stored, with no degenerate dimension: at batch 1 a ``[1,k,s,h]`` slot
@@ -62,7 +70,7 @@ def xla_attention(
     else:
         scores = _dot("btkgh,bskh->bkgts", qg, k)
     scores = scores * (h**-0.5)
-    mask = attention_mask(q_pos, kv_pos, strict=strict, window=window)[:, None, None]
+    mask = mask.dense()[:, None, None]
     scores = jnp.where(mask, scores, -jnp.inf)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -101,11 +109,8 @@ def attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    q_pos: jax.Array,
-    kv_pos: jax.Array,
+    mask: Mask,
     *,
-    strict: bool = False,
-    window: int | None = None,
     impl: Impl = "xla",
     cache: SlotLayout | None = None,
 ) -> jax.Array:
@@ -115,8 +120,6 @@ def attention(
         from kvshare_jax.kernels import pallas_attention, pallas_cache_attention
 
         if cache:
-            return pallas_cache_attention(
-                q, k, v, q_pos, kv_pos, layout=cache, strict=strict, window=window
-            )
-        return pallas_attention(q, k, v, q_pos, kv_pos, strict=strict, window=window)
-    return xla_attention(q, k, v, q_pos, kv_pos, strict=strict, window=window, cache=cache)
+            return pallas_cache_attention(q, k, v, mask, layout=cache)
+        return pallas_attention(q, k, v, mask)
+    return xla_attention(q, k, v, mask, cache=cache)

@@ -65,6 +65,10 @@ def default_config() -> ml_collections.ConfigDict:
     d.tokenizer_path = ""  # '' = train-or-load <workdir>/tokenizer.model
     d.vocab_size = 4096  # sentencepiece vocabulary (= model vocabulary)
     d.tokenizer_train_docs = 20000  # documents sampled to train the tokenizer
+    # 'concat': rows cut from the document stream, attention across documents (HF
+    # run_clm, the paper's code: the default, so paper configs stay comparable);
+    # 'segments': the same rows with segment ids, attention and RoPE positions per document
+    d.packing = "concat"
 
     config.train = t = ml_collections.ConfigDict()
     t.seq_len = 256  # tokens per training sequence
@@ -289,6 +293,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"({t.grad_accum})"
         )
     _check(d, "data.vocab_size", d.vocab_size >= 1, ">= 1")
+    _check(d, "data.packing", d.packing in ("concat", "segments"), "'concat' or 'segments'")
     _check(d, "data.tokenizer_train_docs", d.tokenizer_train_docs >= 1, ">= 1")
     for name in ("dataset", "train_split", "eval_split", "text_key"):
         _check(d, f"data.{name}", bool(d[name].strip()), "non-empty")

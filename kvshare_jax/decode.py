@@ -39,7 +39,7 @@ import numpy as np
 
 from kvshare_jax import cache_layout
 from kvshare_jax.cache_layout import SlotLayout
-from kvshare_jax.masks import INVALID_POS
+from kvshare_jax.masks import INVALID_POS, Mask, segment_positions
 from kvshare_jax.model import BoundModel, ModelConfig, Params, forward_hidden
 from kvshare_jax.prefill import DEFAULT as DEFAULT_PREFILL
 from kvshare_jax.prefill import Passes, Prefill
@@ -58,6 +58,9 @@ class KVCache:
     pos: jax.Array  # [b] int32: next position per sequence
     index: jax.Array  # [] int32: next cache index, the same for every sequence
     layout: SlotLayout = flax.struct.field(pytree_node=False, default="SH")
+    # Packed prompts only (None otherwise: the program has no segment inputs at all):
+    kv_seg: jax.Array | None = None  # [b, S] int32: segment id held at each cache index
+    seg: jax.Array | None = None  # [b] int32: segment of the decoded tokens (the last one)
 
     @property
     def length(self) -> int:
@@ -80,10 +83,19 @@ def cache_bytes(cfg: ModelConfig, batch: int, max_len: int) -> int:
     return 2 * cfg.layout.num_kv_layers * per_slot
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, platform: str | None = None) -> KVCache:
+def init_cache(
+    cfg: ModelConfig,
+    batch: int,
+    max_len: int,
+    platform: str | None = None,
+    *,
+    segments: bool = False,
+) -> KVCache:
     """An empty cache of at least ``max_len`` positions for ``batch`` sequences, laid out
     for ``platform`` (None: the target; :func:`cache_layout.cache_length` rounds the
-    length up to whole 128-position tiles on accelerators)."""
+    length up to whole 128-position tiles on accelerators). ``segments``: the cache also
+    holds segment ids, for prompts that pack several documents (`prefill`'s
+    ``segment_ids``)."""
     layout = cache_layout.for_target(platform)
     length = cache_layout.cache_length(max_len, platform)
     shape = cache_layout.slot_shape(layout, batch * cfg.num_kv_heads, length, cfg.hd)
@@ -95,6 +107,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, platform: str | None 
         pos=jnp.zeros((batch,), jnp.int32),
         index=jnp.zeros((), jnp.int32),
         layout=layout,
+        kv_seg=jnp.zeros((batch, length), jnp.int32) if segments else None,
+        seg=jnp.zeros((batch,), jnp.int32) if segments else None,
     )
 
 
@@ -145,6 +159,7 @@ def prefill(
     all_logits: bool = False,
     return_passes: bool = False,
     chunk: int | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, jax.Array]:
     """Runs the right-padded ``prompts [b,t]`` through the model once and fills the cache.
 
@@ -157,19 +172,31 @@ def prefill(
     forward pass (a loop over groups of the batch, each written into the cache in place,
     so the activations held are those of ``chunk`` prompts; None: the whole batch). With
     ``"auto"`` a group converges on its own sequences.
+
+    ``segment_ids [b,t]`` (a cache from ``init_cache(..., segments=True)``): each prompt
+    packs several documents (docs/design.md §2): positions restart at 0 in every
+    segment, no token attends across segments, and decoding continues the prompt's last
+    segment (``cache.seg``), so it gives that document's results as if it ran alone.
     """
     b, t = prompts.shape
+    if segment_ids is not None and cache.kv_seg is None:
+        raise ValueError("segment_ids need a cache with segments (init_cache(segments=True))")
+    if segment_ids is None and cache.kv_seg is not None:
+        segment_ids = jnp.zeros((b, t), jnp.int32)  # one segment per prompt
     c = b if chunk is None else max(1, min(int(chunk), b))
     v = cfg.vocab_size
     logits = jnp.zeros((b, t, v) if all_logits else (b, v), jnp.float32)
     state = (cache.k, cache.v, cache.kv_pos, logits, jnp.int32(0))
+    if segment_ids is not None:  # also the segments' ids and each sequence's continuation
+        state += (cache.kv_seg, lengths.astype(jnp.int32), cache.seg)
 
     def group(i, state):  # sequences start .. start+c-1 (the last group may overlap)
-        ks, vs, kv_pos, logits, ran = state
+        ks, vs, kv_pos, logits, ran = state[:5]
         start = jnp.minimum(i * c, b - c)
         rows = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=c)
-        out, kv, written, n = _prefill_rows(cfg, params, rows(prompts), rows(lengths), passes,
-                                            tol, all_logits)  # fmt: skip
+        segs = None if segment_ids is None else rows(segment_ids).astype(jnp.int32)
+        out, kv, written, nxt, n = _prefill_rows(cfg, params, rows(prompts), rows(lengths),
+                                                 segs, passes, tol, all_logits)  # fmt: skip
         at = start * cfg.num_kv_heads
         ks = tuple(cache_layout.write(cache.layout, buf, kv[j][0], 0, at)
                    for buf, j in zip(ks, cfg.layout.kv_layers, strict=True))  # fmt: skip
@@ -177,33 +204,51 @@ def prefill(
                    for buf, j in zip(vs, cfg.layout.kv_layers, strict=True))  # fmt: skip
         kv_pos = jax.lax.dynamic_update_slice(kv_pos, written, (start, 0))
         logits = jax.lax.dynamic_update_slice_in_dim(logits, out, start, 0)
-        return ks, vs, kv_pos, logits, jnp.maximum(ran, n)
+        new = (ks, vs, kv_pos, logits, jnp.maximum(ran, n))
+        if segs is None:
+            return new
+        kv_seg, pos, seg = state[5:]
+        return new + (
+            jax.lax.dynamic_update_slice(kv_seg, segs, (start, 0)),
+            jax.lax.dynamic_update_slice(pos, nxt[0], (start,)),
+            jax.lax.dynamic_update_slice(seg, nxt[1], (start,)),
+        )
 
     groups = -(-b // c)
     state = group(0, state) if groups == 1 else jax.lax.fori_loop(0, groups, group, state)
-    ks, vs, kv_pos, logits, ran = state
+    ks, vs, kv_pos, logits, ran = state[:5]
+    kv_seg, pos, seg = state[5:] if segment_ids is not None else (None, lengths, None)
     cache = cache.replace(
-        k=ks, v=vs, kv_pos=kv_pos, pos=lengths.astype(jnp.int32), index=jnp.int32(t)
-    )
+        k=ks, v=vs, kv_pos=kv_pos, pos=pos.astype(jnp.int32), index=jnp.int32(t), kv_seg=kv_seg,
+        seg=seg,
+    )  # fmt: skip
     return (logits, cache, ran) if return_passes else (logits, cache)
 
 
-def _prefill_rows(cfg, params, prompts, lengths, passes, tol, all_logits):
+def _prefill_rows(cfg, params, prompts, lengths, segs, passes, tol, all_logits):
     """The prefill forward of some sequences: logits (``[c,v]``, or ``[c,t,v]``), the KVs
-    of every KV layer (time-major), the positions they hold (``INVALID_POS`` for padding)
-    and the passes run."""
+    of every KV layer (time-major), the positions they hold (``INVALID_POS`` for padding),
+    with segment ids ``segs`` the next position and segment of each sequence (its last
+    segment continues; else None), and the passes run."""
     c, t = prompts.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (c, t))
-    valid = positions < lengths[:, None]
+    index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (c, t))
+    valid = index < lengths[:, None]
+    positions = index if segs is None else segment_positions(segs)
     prompts = jnp.where(valid, prompts, 0)  # padding may hold any id (-1, say)
     x, kv, ran = forward_hidden(
-        cfg, params, prompts, positions, valid, passes=passes, tol=tol, return_passes=True
-    )
+        cfg, params, prompts, positions, valid, segment_ids=segs, passes=passes, tol=tol,
+        return_passes=True,
+    )  # fmt: skip
+    last = (lengths - 1)[:, None]
     if not all_logits:
-        x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [c, 1, d]
+        x = jnp.take_along_axis(x, last[:, :, None], axis=1)  # [c, 1, d]
     logits = BoundModel(cfg, params).logits(x)
     logits = logits if all_logits else logits[:, 0]
-    return logits, kv, jnp.where(valid, positions, INVALID_POS), ran
+    nxt = None
+    if segs is not None:
+        nxt = (jnp.take_along_axis(positions, last, 1)[:, 0] + 1,
+               jnp.take_along_axis(segs, last, 1)[:, 0])  # fmt: skip
+    return logits, kv, jnp.where(valid, positions, INVALID_POS), nxt, ran
 
 
 def decode_step(
@@ -219,6 +264,11 @@ def decode_step(
     bound = BoundModel(cfg, params)
     q_pos, at, lay = cache.pos[:, None], cache.index, cache.layout
     kv_pos = jax.lax.dynamic_update_slice(cache.kv_pos, q_pos, (0, at))
+    q_seg = kv_seg = None
+    if cache.kv_seg is not None:  # packed prompts: the tokens continue the last segment
+        q_seg = cache.seg[:, None]
+        kv_seg = jax.lax.dynamic_update_slice(cache.kv_seg, q_seg, (0, at))
+    mask = Mask(q_pos, kv_pos, q_seg, kv_seg)
     ks, vs = list(cache.k), list(cache.v)
     x = bound.embed(tokens[:, None])
     for i, slot in enumerate(cfg.layout.slot_of_layer):
@@ -226,9 +276,11 @@ def decode_step(
         if own is not None:
             ks[slot] = cache_layout.write(lay, ks[slot], own[0], at)
             vs[slot] = cache_layout.write(lay, vs[slot], own[1], at)
-        attn = bound.attend(i, q, (ks[slot], vs[slot]), q_pos, kv_pos, cache=lay)
+        attn = bound.attend(i, q, (ks[slot], vs[slot]), mask, cache=lay)
         x = bound.finish(i, x, attn)
-    out = cache.replace(k=tuple(ks), v=tuple(vs), kv_pos=kv_pos, pos=cache.pos + 1, index=at + 1)
+    out = cache.replace(
+        k=tuple(ks), v=tuple(vs), kv_pos=kv_pos, pos=cache.pos + 1, index=at + 1, kv_seg=kv_seg
+    )
     return bound.logits(x)[:, 0], out
 
 
@@ -248,7 +300,9 @@ def generate_fn(
     """The jitted generation program ``(params, cache, prompts, lengths, rng)`` ->
     ``(GenerateOutput, cache)``: prefill, then a ``lax.scan`` of ``max_new_tokens - 1``
     decode steps. The cache (length ``>= t + max_new_tokens - 1``) is donated; pass the
-    params through `inference_params`.
+    params through `inference_params`. An optional ``segment_ids [b,t]`` (with a cache
+    of ``init_cache(segments=True)``) packs documents into a prompt (`prefill`); without
+    it the program is the one of plain prompts.
 
     Prefill runs groups of ``max(1, prefill_tokens // t)`` prompts at a time on one
     device (`prefill`'s ``chunk``), so its activations stay a small part of the program's
@@ -269,10 +323,13 @@ def generate_fn(
             finished = finished | jnp.isin(tok, stops)
         return tok, finished, count
 
-    def program(params, cache, prompts, lengths, rng):
+    def program(params, cache, prompts, lengths, rng, segment_ids=None):
         b, t = prompts.shape
         chunk = None if jax.sharding.get_abstract_mesh().size > 1 else prefill_tokens // t
-        logits, cache = prefill(cfg, params, cache, prompts, lengths, **iteration, chunk=chunk)
+        logits, cache = prefill(
+            cfg, params, cache, prompts, lengths, **iteration, chunk=chunk,
+            segment_ids=segment_ids,
+        )  # fmt: skip
         first = emit(logits, rng, 0, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
 
         def body(carry, step):

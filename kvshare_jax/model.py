@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from kvshare_jax.attention import INVALID_POS, Impl, attention
 from kvshare_jax.layout import KVLayout, from_spec, mapping_length
+from kvshare_jax.masks import Mask, segment_positions
 from kvshare_jax.prefill import Passes, check_passes, check_tol, parse_passes
 
 Params = Any
@@ -306,28 +307,14 @@ class BoundModel:
         return self._apply(Transformer.logits, x)
 
     def attend(
-        self,
-        i: int,
-        q: jax.Array,
-        kv: KV,
-        q_pos: jax.Array,
-        kv_pos: jax.Array,
-        cache: str | None = None,
+        self, i: int, q: jax.Array, kv: KV, mask: Mask, cache: str | None = None
     ) -> jax.Array:
-        """Attention of layer ``i``'s queries over its target's ``kv`` (mask by layout;
-        ``cache``: ``kv`` are decode-cache slots in that layout, see `cache_layout`)."""
-        strict = self.cfg.layout.is_upward(i)
-        return attention(
-            q,
-            kv[0],
-            kv[1],
-            q_pos,
-            kv_pos,
-            strict=strict,
-            window=self.cfg.window(i),
-            impl=self.cfg.attention_impl,
-            cache=cache,
-        )
+        """Attention of layer ``i``'s queries over its target's ``kv`` under ``mask``'s
+        positions and segments with layer ``i``'s rule (strict for an upward target, the
+        window of a sliding layer); ``cache``: ``kv`` are decode-cache slots in that
+        layout, see `cache_layout`."""
+        mask = mask.rule(strict=self.cfg.layout.is_upward(i), window=self.cfg.window(i))
+        return attention(q, kv[0], kv[1], mask, impl=self.cfg.attention_impl, cache=cache)
 
 
 # ---------------------------------------------------------------- forward
@@ -335,8 +322,7 @@ def _run_layers(
     bound: BoundModel,
     layers: range,
     x: jax.Array,
-    pos: jax.Array,
-    kv_pos: jax.Array,
+    mask: Mask,
     done: dict[int, KV],
     prev: dict[int, KV],
 ) -> tuple[jax.Array, dict[int, KV]]:
@@ -348,22 +334,22 @@ def _run_layers(
     for i in layers:
         j = targets[i]
         other = None if j == i else (new[j] if j in new else (prev[j] if j > i else done[j]))
-        x, own = _layer(bound.cfg, i)(bound.params, x, pos, kv_pos, other)
+        x, own = _layer(bound.cfg, i)(bound.params, x, mask, other)
         if own is not None:
             new[i] = own
     return x, new
 
 
 def _layer(cfg: ModelConfig, i: int) -> Callable:
-    """Layer ``i`` as a pure function ``(params, x, pos, kv_pos, other_kv) -> (x, own_kv)``
-    (``other_kv`` is None when the layer reads its own KVs); rematerialised in the
-    backward pass when ``cfg.remat``."""
+    """Layer ``i`` as a pure function ``(params, x, mask, other_kv) -> (x, own_kv)``
+    (RoPE at ``mask.q_pos``; ``other_kv`` is None when the layer reads its own KVs);
+    rematerialised in the backward pass when ``cfg.remat``."""
 
-    def layer(params, x, pos, kv_pos, other):
+    def layer(params, x, mask, other):
         bound = BoundModel(cfg, params)
-        q, own = bound.qkv(i, x, pos)
+        q, own = bound.qkv(i, x, mask.q_pos)
         kv = own if other is None else other
-        return bound.finish(i, x, bound.attend(i, q, kv, pos, kv_pos)), own
+        return bound.finish(i, x, bound.attend(i, q, kv, mask)), own
 
     return jax.checkpoint(layer) if cfg.remat else layer
 
@@ -372,8 +358,7 @@ def _no_grad_pass(
     bound: BoundModel,
     layers: range,
     x: jax.Array,
-    pos: jax.Array,
-    kv_pos: jax.Array,
+    mask: Mask,
     done: dict[int, KV],
 ) -> Callable[[dict[int, KV]], tuple[jax.Array, dict[int, KV]]]:
     """One pass of ``layers`` from given upward KVs, on stopped inputs and parameters (a
@@ -381,15 +366,14 @@ def _no_grad_pass(
     sg = jax.lax.stop_gradient
     frozen = BoundModel(bound.cfg, sg(bound.params))
     xs, done_s = sg(x), sg(done)
-    return lambda prev: _run_layers(frozen, layers, xs, pos, kv_pos, done_s, prev)
+    return lambda prev: _run_layers(frozen, layers, xs, mask, done_s, prev)
 
 
 def _iterate_block(
     bound: BoundModel,
     layers: range,
     x: jax.Array,
-    pos: jax.Array,
-    kv_pos: jax.Array,
+    mask: Mask,
     done: dict[int, KV],
     passes: Passes,
     init_kv: dict[int, KV],
@@ -409,11 +393,11 @@ def _iterate_block(
     zero = jnp.zeros((*x.shape[:2], kh, h), x.dtype)
     prev = {j: init_kv.get(j, (zero, zero)) for j in upward}
     if isinstance(passes, str):
-        return _converge_block(bound, layers, x, pos, kv_pos, done, prev, tol)
+        return _converge_block(bound, layers, x, mask, done, prev, tol)
     m, b = passes
 
     if m > 0:
-        no_grad_pass = _no_grad_pass(bound, layers, x, pos, kv_pos, done)
+        no_grad_pass = _no_grad_pass(bound, layers, x, mask, done)
 
         def body(_, p):
             _, new = no_grad_pass(p)
@@ -422,7 +406,7 @@ def _iterate_block(
         prev = jax.lax.fori_loop(0, m, body, prev)
     out, new = x, {}
     for _ in range(b):
-        out, new = _run_layers(bound, layers, x, pos, kv_pos, done, prev)
+        out, new = _run_layers(bound, layers, x, mask, done, prev)
         prev = {j: new[j] for j in upward}
     return out, new, jnp.int32(m + b)
 
@@ -431,8 +415,7 @@ def _converge_block(
     bound: BoundModel,
     layers: range,
     x: jax.Array,
-    pos: jax.Array,
-    kv_pos: jax.Array,
+    mask: Mask,
     done: dict[int, KV],
     prev: dict[int, KV],
     tol: float,
@@ -447,7 +430,7 @@ def _converge_block(
     ``tol = 0`` ("exact") stops only at a fixed point, which is the exact result. Inference
     only: no gradient flows through the loop.
     """
-    no_grad_pass = _no_grad_pass(bound, layers, x, pos, kv_pos, done)
+    no_grad_pass = _no_grad_pass(bound, layers, x, mask, done)
     upward = sorted(prev)
     cap = x.shape[1]
 
@@ -486,19 +469,26 @@ def forward(
     positions: jax.Array | None = None,
     valid: jax.Array | None = None,
     *,
+    segment_ids: jax.Array | None = None,
     passes: Passes | None = None,
     init_kv: dict[int, KV] | None = None,
     return_kv: bool = False,
 ) -> jax.Array | tuple[jax.Array, dict[int, KV]]:
     """Parallel forward: ``tokens [b,t]`` -> logits ``[b,t,v]`` (fp32).
 
-    ``positions [b,t]`` default to ``arange(t)``; ``valid [b,t]`` marks real tokens (keys
-    of invalid tokens are never attended to, e.g. padding). ``passes=(m, b)`` overrides
-    the config's iteration counts (or ``"auto"`` / ``"exact"``, see `forward_hidden`);
-    ``init_kv`` sets the starting KVs of upward targets (default zeros, as in the paper).
-    With ``return_kv`` also returns the final KVs of every KV layer, ``{layer: (k, v)}``.
+    ``positions [b,t]`` default to ``arange(t)``, or with ``segment_ids [b,t]`` (packed
+    documents, docs/design.md §2) to positions restarting at 0 in every segment; a token
+    then attends only to its own segment, so each document gets the logits it gets
+    alone. ``valid [b,t]`` marks real tokens (keys of invalid tokens are never attended
+    to, e.g. padding). ``passes=(m, b)`` overrides the config's iteration counts (or
+    ``"auto"`` / ``"exact"``, see `forward_hidden`); ``init_kv`` sets the starting KVs of
+    upward targets (default zeros, as in the paper). With ``return_kv`` also returns the
+    final KVs of every KV layer, ``{layer: (k, v)}``.
     """
-    x, done = forward_hidden(cfg, params, tokens, positions, valid, passes=passes, init_kv=init_kv)
+    x, done = forward_hidden(
+        cfg, params, tokens, positions, valid, segment_ids=segment_ids, passes=passes,
+        init_kv=init_kv,
+    )  # fmt: skip
     logits = BoundModel(cfg, params).logits(x)
     return (logits, done) if return_kv else logits
 
@@ -510,6 +500,7 @@ def forward_hidden(
     positions: jax.Array | None = None,
     valid: jax.Array | None = None,
     *,
+    segment_ids: jax.Array | None = None,
     passes: Passes | None = None,
     init_kv: dict[int, KV] | None = None,
     tol: float = 0.0,
@@ -526,9 +517,7 @@ def forward_hidden(
     0 without cyclic blocks).
     """
     b, t = tokens.shape
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    kv_pos = positions if valid is None else jnp.where(valid, positions, INVALID_POS)
+    mask = token_mask(b, t, positions, valid, segment_ids)
     if passes is None:
         passes = (cfg.forward_passes, cfg.backward_passes)
     passes = parse_passes(passes, "passes")
@@ -540,34 +529,62 @@ def forward_hidden(
     for start, end, iterated in cfg.layout.segments:
         layers = range(start, end + 1)
         if iterated:
-            x, new, n = _iterate_block(
-                bound, layers, x, positions, kv_pos, done, passes, init_kv or {}, tol
-            )
+            x, new, n = _iterate_block(bound, layers, x, mask, done, passes, init_kv or {}, tol)
             ran = jnp.maximum(ran, n)
         else:
-            x, new = _run_layers(bound, layers, x, positions, kv_pos, done, {})
+            x, new = _run_layers(bound, layers, x, mask, done, {})
         done.update(new)
     return (x, done, ran) if return_passes else (x, done)
 
 
+def token_mask(
+    b: int,
+    t: int,
+    positions: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> Mask:
+    """The mask of a parallel pass over ``[b, t]`` tokens (queries and keys are the same
+    tokens; the layers set strict/window): positions default to ``arange(t)``, or to
+    `masks.segment_positions` of ``segment_ids``; invalid tokens' keys are never seen."""
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
+    if positions is None and segment_ids is not None:
+        positions = segment_positions(segment_ids)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv_pos = positions if valid is None else jnp.where(valid, positions, INVALID_POS)
+    return Mask(positions, kv_pos, segment_ids, segment_ids)
+
+
 # ------------------------------------------------------ sequential reference
-def sequential_logits(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
+def sequential_logits(
+    cfg: ModelConfig, params: Params, tokens: jax.Array, segment_ids: jax.Array | None = None
+) -> jax.Array:
     """Ground truth (docs/design.md §3): tokens one at a time, layers bottom to top.
 
     Each layer reads only KVs that exist when it runs: its target's KVs at positions
     ``<= p`` if the target is at or below it (already computed for this token), else at
-    positions ``< p``. ``tokens [b,T]`` -> logits ``[b,T,v]``.
+    positions ``< p``. ``tokens [b,T]`` -> logits ``[b,T,v]``. With ``segment_ids [b,T]``
+    (packed documents) positions restart at 0 in every segment and a token reads only
+    its own segment's KVs.
     """
     b, total = tokens.shape
     kh, h = cfg.num_kv_heads, cfg.hd
     buf = jnp.zeros((b, total, kh, h), jnp.dtype(cfg.dtype))
     cache = {j: (buf, buf) for j in cfg.layout.kv_layers}
     slots = jnp.arange(total, dtype=jnp.int32)
+    segs = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    if segs is None:
+        positions = jnp.broadcast_to(slots, (b, total))
+    else:
+        positions = segment_positions(segs)
 
     @jax.jit
     def step(params, cache, token, p):
         bound = BoundModel(cfg, params)
-        pos = jnp.full((b, 1), p, jnp.int32)
+        pos = jax.lax.dynamic_slice_in_dim(positions, p, 1, axis=1)
+        q_seg = None if segs is None else jax.lax.dynamic_slice_in_dim(segs, p, 1, axis=1)
         x = bound.embed(token)
         for i, j in enumerate(cfg.layout.targets):
             q, own = bound.qkv(i, x, pos)
@@ -575,9 +592,9 @@ def sequential_logits(cfg: ModelConfig, params: Params, tokens: jax.Array) -> ja
                 k, v = cache[i]
                 cache[i] = (k.at[:, p].set(own[0][:, 0]), v.at[:, p].set(own[1][:, 0]))
             written = p + 1 if j <= i else p
-            kv_pos = jnp.where(slots < written, slots, INVALID_POS)
-            kv_pos = jnp.broadcast_to(kv_pos, (b, total))
-            x = bound.finish(i, x, bound.attend(i, q, cache[j], pos, kv_pos))
+            kv_pos = jnp.where(slots < written, positions, INVALID_POS)
+            mask = Mask(pos, kv_pos, q_seg, segs)
+            x = bound.finish(i, x, bound.attend(i, q, cache[j], mask))
         return bound.logits(x)[:, 0], cache
 
     out = []

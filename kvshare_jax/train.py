@@ -38,7 +38,9 @@ from kvshare_jax.data.tokenizer import TOKENIZER_EXTRAS, TOKENIZER_FILES
 from kvshare_jax.metrics import MetricWriter, latest_metrics
 from kvshare_jax.model import ModelConfig, Params, forward, init_params
 
-Batch = dict[str, jax.Array]  # inputs, targets: int32 [b, T]; loss_mask: float32 [b, T]
+# inputs, targets: int32 [b, T]; loss_mask: float32 [b, T]; with data.packing="segments"
+# also segment_ids: int32 [b, T] (the documents of each row, 0 on padding)
+Batch = dict[str, jax.Array]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -81,8 +83,9 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
 
 # ----------------------------------------------------------------- steps
 def loss_terms(cfg: ModelConfig, params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """``(sum of masked token cross-entropies, number of loss tokens)`` of a batch."""
-    logits = forward(cfg, params, batch["inputs"])  # [b, T, v] fp32
+    """``(sum of masked token cross-entropies, number of loss tokens)`` of a batch; with
+    ``segment_ids`` each document attends only to itself, positions from 0."""
+    logits = forward(cfg, params, batch["inputs"], segment_ids=batch.get("segment_ids"))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"]
     return jnp.sum(ce * mask), jnp.sum(mask)
@@ -95,7 +98,8 @@ def train_step(
     state: TrainState,
     batch: Batch,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One update on the masked mean cross-entropy of ``batch``; returns loss and grad norm.
+    """One update on the masked mean cross-entropy of ``batch``; returns loss, grad norm
+    and the number of loss tokens (padding excluded: the tokens/s of the log).
 
     The batch ``[b, T]`` is split into ``a`` strided micro-batches ``[a, b/a, T]`` (each
     device keeps its rows) and the summed gradients are scanned, so memory holds one
@@ -116,11 +120,12 @@ def train_step(
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
     (loss_sum, weight, grads), _ = jax.lax.scan(accumulate, init, jax.tree.map(split, batch))
+    tokens = weight
     weight = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss_sum / weight, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": loss_sum / weight, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
     return TrainState(params, opt_state), metrics
 
 
@@ -302,6 +307,12 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict) -> None:
         for k, v in diff(saved, config).items()
         if k not in RESUMABLE_FIELDS and not k.startswith(RESUMABLE_SECTIONS)
     }
+    if "data.packing" in changed:  # what every step computes: its own line
+        a, b = changed["data.packing"]
+        raise ValueError(
+            f"{workdir} was trained with data.packing={a!r}, not {b!r}: a resumed run "
+            f"keeps its packing (--config {path}), or use a new --workdir"
+        )
     if changed:
         fields = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise ValueError(
@@ -383,6 +394,7 @@ class Trainer:
             seed=int(self.config.train.seed),
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
+            packing=str(self.config.data.packing),
         )
 
     def batches(self, local: Iterator[dict[str, np.ndarray]]) -> Iterator[Batch]:
@@ -395,7 +407,8 @@ class Trainer:
 
     def evaluate(self, params: Params, num_batches: int | None = None) -> dict[str, float]:
         """Token-weighted mean loss and perplexity over the first ``num_batches``
-        (default ``train.eval_steps``) batches of the eval split."""
+        (default ``train.eval_steps``) batches of the eval split, packed as the run's
+        ``data.packing``."""
         num_batches = num_batches or int(self.config.train.eval_steps)
         batches = self.batches(self.iterator(self.config.data.eval_split))
         loss_sum, weight = 0.0, 0.0
@@ -508,7 +521,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                         "loss": float(np.mean([r["loss"] for r in records.values()])),
                         "grad_norm": float(records[step]["grad_norm"]),
                         "lr": float(trainer.schedule(step - 1)),  # the rate used by this step
-                        **speed.since_flush(step),
+                        **speed.since_flush(step, records),
                     }
                     writer.write(step, row)
                     summary.update(row)
@@ -545,10 +558,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
 class StepSpeed:
     """Step time, tokens/s, executed TFLOP/s per device and MFU over the steps since the
-    last flush, timed from the end of the first step (compilation excluded). Executed
-    FLOPs: `flops.executed_train_flops` (cyclic blocks m + b times); MFU: model FLOPs
-    (`flops.model_train_flops`) over the devices' peak, left out where no peak is known
-    (CPUs)."""
+    last flush, timed from the end of the first step (compilation excluded). Tokens are
+    the steps' loss tokens (the train step's ``tokens``: padding is not counted), else
+    ``batch_size * seq_len`` per step. Executed FLOPs: `flops.executed_train_flops`
+    (cyclic blocks m + b times, for the whole padded batch, which the step computes);
+    MFU: model FLOPs (`flops.model_train_flops`) over the devices' peak, left out where no
+    peak is known (CPUs)."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, seq_len: int):
         self.tokens = batch_size * seq_len
@@ -567,17 +582,21 @@ class StepSpeed:
     def flushed(self, step: int) -> None:
         self.clock, self.since = time.perf_counter(), step
 
-    def since_flush(self, step: int) -> dict[str, float]:
-        """The figures of steps ``since+1 .. step`` (results fetched); those of the
-        first step, compilation included, if it is the only one."""
+    def since_flush(self, step: int, records: dict[int, Any] | None = None) -> dict[str, float]:
+        """The figures of steps ``since+1 .. step`` (results fetched: ``records`` maps
+        steps to their metrics); those of the first step, compilation included, if it is
+        the only one."""
         steps = step - self.since
         seconds = time.perf_counter() - self.clock
+        first = step - steps + 1
         if steps == 0:  # (the run's first step is a log step)
-            steps = 1
+            steps, first = 1, step
         step_s = seconds / steps
+        counted = [records[s]["tokens"] for s in range(first, step + 1) if s in (records or {})]
+        tokens = float(np.mean(counted)) if len(counted) == steps else self.tokens
         row = {
             "step_time_s": step_s,
-            "tokens_per_sec": self.tokens / step_s,
+            "tokens_per_sec": tokens / step_s,
             "tflops_per_device": self.executed / step_s / self.devices / 1e12,
         }
         if self.peak:

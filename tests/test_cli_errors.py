@@ -347,6 +347,26 @@ def test_resume_refuses_a_changed_run_and_keeps_its_configs(finished_run, overri
     assert {n: (finished_run / n).read_bytes() for n in saved} == saved
 
 
+def test_resume_refuses_a_change_of_packing(finished_run, capsys):
+    """The packing changes what every step computes: one line naming it; a run saved
+    before ``data.packing`` existed (no such field in its config.json) is "concat"."""
+    saved = json.loads((finished_run / "config.json").read_text())
+    del saved["data"]["packing"]  # as an older version wrote it
+    (finished_run / "config.json").write_text(json.dumps(saved))
+    assert main(_tiny_train(finished_run, "data.packing=segments")) == 2
+    err = _one_line_error(capsys, "train")
+    assert "was trained with data.packing='concat', not 'segments'" in err, err
+    assert main(_tiny_train(finished_run)) == 0  # the same packing resumes
+    assert "already trained to step 200" in capsys.readouterr().out
+
+
+def test_unknown_packing_is_refused(tmp_path, capsys):
+    assert main(_tiny_train(tmp_path / "run", "data.packing=documents")) == 2
+    err = _one_line_error(capsys, "train")
+    assert "data.packing must be 'concat' or 'segments', got 'documents'" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_may_change_steps_cadences_and_mesh(finished_run, capsys):
     changed = ("train.log_every=50", "train.eval_steps=2", "mesh.fsdp=1", "model.remat=true")
     assert main(_tiny_train(finished_run, *changed)) == 0

@@ -66,6 +66,25 @@ def test_train_step_compiles_and_fits(topology, layout, impl):
     assert 0 < out["mfu_ceiling"] <= 1
 
 
+def test_segments_train_step_report():
+    """``data.packing="segments"``: the compiled train step (Mosaic kernels with segment
+    ids) takes the segment ids as one more [b, T] int32 input, and the FLOP counts, a
+    model of the padded batch's work, are those of "concat"."""
+    reports = {}
+    for packing in ("concat", "segments"):
+        config = _tiny("model.layout=pizza-top:2", "model.attention_impl=pallas",
+                       f"data.packing={packing}")  # fmt: skip
+        reports[packing] = aot.train_program(config, aot.topology("v5e:2x2"))
+    concat, segs = reports["concat"], reports["segments"]
+    assert segs["fits"] and segs["settings"]["packing"] == "segments"
+    t = _tiny().train
+    per_device = t.batch_size * t.seq_len * 4 // 4  # int32 ids, batch over 4 devices
+    extra = segs["bytes_per_device"]["arguments"] - concat["bytes_per_device"]["arguments"]
+    assert extra == per_device
+    for key in ("executed_flops_per_device", "model_flops_per_device"):
+        assert segs[key] == concat[key]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5e:4x4"])
 @pytest.mark.parametrize("layout", ["standard", "sandwich-top:2"])

@@ -246,6 +246,57 @@ def test_packing_keeps_every_token_in_order(tokenizer):
     assert order != source  # Shuffled.
 
 
+def test_segments_packing_is_concat_plus_document_ids(tokenizer):
+    """``packing="segments"``: the rows of "concat" (same inputs, targets, loss mask)
+    plus segment ids that start a document at each input EOS (the EOS of the document
+    before; it then acts as BOS) and at every row start; padding is segment 0. Each
+    segment's inputs are one document's tokens (or its piece in this row), EOS first."""
+    source = _docs(9, words=1)
+    kwargs = dict(seq_len=32, batch_size=2, seed=5, num_epochs=1)
+    concat = _drain(data.make_iterator(source, tokenizer, **kwargs))
+    packed = _drain(data.make_iterator(source, tokenizer, packing="segments", **kwargs))
+    assert len(concat) == len(packed)
+    docs = {tuple(tokenizer.encode(d["text"]) + [tokenizer.eos_id]) for d in source}
+    eos = tokenizer.eos_id
+    whole = 0
+    for c, p in zip(concat, packed, strict=True):
+        assert set(p) == {*c, "segment_ids"} and p["segment_ids"].dtype == np.int32
+        for key in c:
+            np.testing.assert_array_equal(c[key], p[key])
+        for row in range(len(p["inputs"])):
+            ids, inputs, mask = p["segment_ids"][row], p["inputs"][row], p["loss_mask"][row]
+            n = min(int(mask.sum()) + 1, len(mask)) if mask.any() else 0  # real inputs
+            assert not ids[n:].any() and (n == 0 or ids[0] == 1)
+            assert (np.diff(ids[:n]) >= 0).all() and (np.diff(ids[:n]) <= 1).all()
+            starts = np.flatnonzero(np.diff(ids[:n]) == 1) + 1
+            assert (inputs[starts] == eos).all()  # every later segment starts at an EOS
+            assert not (inputs[1:n] == eos)[np.setdiff1d(np.arange(n - 1), starts - 1)].any()
+            for seg in np.unique(ids[:n])[1:-1]:  # inner segments: a whole document
+                at = np.flatnonzero(ids == seg)
+                tokens = tuple(inputs[at[1:]]) + (int(p["targets"][row][at[-1]]),)
+                assert tokens in docs
+                whole += 1
+    assert whole > 0
+
+
+def test_segments_iterator_state_resumes_exactly(tokenizer):
+    source = _docs(6)
+
+    def make():
+        return data.make_iterator(
+            source, tokenizer, seq_len=12, batch_size=2, seed=3, packing="segments"
+        )
+
+    it = make()
+    _take(it, 5)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = _take(it, 9)
+    restored = make()
+    restored.set_state(state)
+    _assert_same(_take(restored, 9), expected)
+    assert all("segment_ids" in b for b in expected)
+
+
 def _doc_order(stream: list[int], tokenizer: data.Tokenizer, source: list[dict]) -> list[int]:
     """Indices into ``source`` of the documents in ``stream``, which must be whole."""
     ids = [tokenizer.encode(d["text"]) + [tokenizer.eos_id] for d in source]
@@ -350,6 +401,7 @@ def test_end_to_end_embedded_batches_decode_to_english(tmp_path):
         (dict(shard_index=3, shard_count=5, source=_docs(2)), "empty"),
         (dict(source=[]), "empty"),
         (dict(num_epochs=0), "num_epochs"),
+        (dict(packing="documents"), "packing must be one of concat, segments"),
     ],
 )
 def test_make_iterator_rejects_bad_arguments(tokenizer, kwargs, match):

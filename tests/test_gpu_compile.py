@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from kvshare_jax import gpu_topology
 from kvshare_jax.gpu_topology import GPU_KINDS, gpu_devices, gpu_kind_of, is_gpu_topology
 from kvshare_jax.kernels import flash_attention, pallas_attention
+from kvshare_jax.masks import Mask
 
 pytestmark = pytest.mark.skipif(
     not gpu_topology.cuda_plugin_installed(),
@@ -25,16 +26,22 @@ pytestmark = pytest.mark.skipif(
 TRITON_CALL = 'custom_call_target="__gpu$xla.gpu.triton"'
 # b=2, t=s=128, n=8 query heads, kh=4 KV heads, h=64
 SHAPES = [((2, 128, 8, 64), jnp.bfloat16)] + [((2, 128, 4, 64), jnp.bfloat16)] * 2
-SHAPES += [((2, 128), jnp.int32)] * 2
+SHAPES += [((2, 128), jnp.int32)] * 4  # positions, then segment ids of queries and keys
 
 
-def _args(sharding):
-    return [jax.ShapeDtypeStruct(shape, dt, sharding=sharding) for shape, dt in SHAPES]
+def _args(sharding, segments=False):
+    shapes = SHAPES if segments else SHAPES[:5]
+    return [jax.ShapeDtypeStruct(shape, dt, sharding=sharding) for shape, dt in shapes]
+
+
+def _masked(attn):
+    """``attn(q, k, v, mask)`` as ``(q, k, v, q_pos, kv_pos[, q_seg, kv_seg])``."""
+    return lambda q, k, v, *m: attn(q, k, v, Mask(*m, strict=True))
 
 
 def _loss_grad(attn):
-    def loss(q, k, v, q_pos, kv_pos):
-        return attn(q, k, v, q_pos, kv_pos).astype(jnp.float32).sum()
+    def loss(q, k, v, *m):
+        return attn(q, k, v, *m).astype(jnp.float32).sum()
 
     return jax.grad(loss, argnums=(0, 1, 2))
 
@@ -87,16 +94,15 @@ def test_matmul_memory_analysis(name):
     assert mem.output_size_in_bytes == 256 * 128 * 4
 
 
-@pytest.mark.parametrize("name", ["h100:1", "h200:1"])
-def test_flash_attention_compiles_through_triton(name):
+@pytest.mark.parametrize("name, segments", [("h100:1", False), ("h200:1", True)])
+def test_flash_attention_compiles_through_triton(name, segments):
+    """The Triton kernels compile for the GPU, also with segment ids (packed rows)."""
     dev = gpu_devices(name)[0]
     mesh = Mesh(np.array([dev]), ("data",))
-
-    def fwd(q, k, v, q_pos, kv_pos):
-        return flash_attention(q, k, v, q_pos, kv_pos, platform="gpu")
+    fwd = _masked(lambda q, k, v, m: flash_attention(q, k, v, m, platform="gpu"))
 
     with jax.set_mesh(mesh):
-        args = _args(NamedSharding(mesh, P()))
+        args = _args(NamedSharding(mesh, P()), segments)
         text = jax.jit(fwd).lower(*args).compile().as_text()
         assert text.count(TRITON_CALL) == 1
         assert "kvshare_flash_fwd" in text
@@ -116,7 +122,7 @@ def test_pallas_attention_sharded_on_8_gpus():
             jax.ShapeDtypeStruct(shape, dt, sharding=qkv if len(shape) == 4 else pos)
             for shape, dt in SHAPES
         ]
-        text = jax.jit(pallas_attention).lower(*args).compile().as_text()
+        text = jax.jit(_masked(pallas_attention)).lower(*args).compile().as_text()
     assert text.count(TRITON_CALL) == 1
 
 

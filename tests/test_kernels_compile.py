@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from kvshare_jax import aot
 from kvshare_jax.kernels import flash_attention, flash_cache_attention, flash_tpu, pallas_attention
+from kvshare_jax.masks import Mask
 from kvshare_jax.target import target_device_kind, target_platform
 
 if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
@@ -60,30 +61,31 @@ def _devices(gen: str):
     return tuple(topo.devices)
 
 
-def _args(b, t, s, n, kh, h, dtype, sharding=None, cache=None):
+def _args(b, t, s, n, kh, h, dtype, sharding=None, cache=None, segments=False):
+    """``(q, k, v, q_pos, kv_pos)``, with ``segments`` also ``(q_seg, kv_seg)``."""
+
     def sds(shape, dt):
         return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
 
     # cache slots viewed per batch row: HS [b, kh, h, s], SH [b, kh, s, h]
     kv = {None: (b, s, kh, h), "HS": (b, kh, h, s), "SH": (b, kh, s, h)}[cache]
-    return (
-        sds((b, t, n, h), dtype),
-        sds(kv, dtype),
-        sds(kv, dtype),
-        sds((b, t), jnp.int32),
-        sds((b, s), jnp.int32),
-    )
+    mask = (sds((b, t), jnp.int32), sds((b, s), jnp.int32)) * (2 if segments else 1)
+    return (sds((b, t, n, h), dtype), sds(kv, dtype), sds(kv, dtype), *mask)
 
 
-def _fn(attn, mode: str, **kwargs):
-    """``(q, k, v, q_pos, kv_pos) -> out`` (fwd, decode) or ``-> (dq, dk, dv)`` (bwd)."""
-    fa = functools.partial(attn, **kwargs)
+def _fn(attn, mode: str, strict=False, window=None, **kwargs):
+    """``(q, k, v, q_pos, kv_pos[, q_seg, kv_seg]) -> out`` (fwd, decode) or
+    ``-> (dq, dk, dv)`` (bwd): ``attn`` under ``Mask(...)`` with ``strict``, ``window``."""
+
+    def fa(q, k, v, *m):
+        return attn(q, k, v, Mask(*m, strict=strict, window=window), **kwargs)
+
     if mode != "bwd":
         return fa
 
-    def grads(q, k, v, q_pos, kv_pos):
+    def grads(q, k, v, *m):
         def loss(q, k, v):
-            return fa(q, k, v, q_pos, kv_pos).astype(jnp.float32).sum()
+            return fa(q, k, v, *m).astype(jnp.float32).sum()
 
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
@@ -94,12 +96,14 @@ def _kernels(text: str) -> set[str]:
     return set(re.findall(r"kvshare_flash_tpu_[a-z]+", text))
 
 
-def _compile_tpu(gen, mode, b, t, s, n, kh, h, dtype, strict=False, window=None):
-    """Mosaic-compile ``mode`` for one device of ``gen``; checks the kernels and the
-    output shapes, returns the compiled executable."""
+def _compile_tpu(gen, mode, b, t, s, n, kh, h, dtype, strict=False, window=None, segments=False):
+    """Mosaic-compile ``mode`` for one device of ``gen`` (``segments``: the mask has
+    segment ids); checks the kernels and the output shapes, returns the compiled
+    executable."""
     dev = _devices(gen)[0]
     where = jax.sharding.SingleDeviceSharding(dev)
-    args = _args(b, t, s, n, kh, h, dtype, where, cache="HS" if mode == "cache" else None)
+    cache = "HS" if mode == "cache" else None
+    args = _args(b, t, s, n, kh, h, dtype, where, cache=cache, segments=segments)
     attn = flash_attention
     if mode == "cache":
         attn = functools.partial(flash_cache_attention, layout="HS")
@@ -128,6 +132,8 @@ DEFAULT_TPU = [
     ("tinyllama-grad", "bwd", 1, 2048, 2048, 32, 4, 64, bf16),  # was E1001
     ("32k-fwd-h128", "fwd", 1, 32768, 32768, 8, 8, 128, bf16),  # was E1001
     ("cpu-study-grad-h32", "bwd", 4, 128, 128, 4, 2, 32, f32),
+    ("tinyllama-grad-seg", "bwd", 1, 2048, 2048, 32, 4, 64, bf16),  # packed rows
+    ("llama110m-cache-seg", "cache", 8, 1, 1024, 12, 6, 64, bf16),  # packed prompts
 ]
 
 
@@ -135,17 +141,21 @@ DEFAULT_TPU = [
 @pytest.mark.parametrize(
     "mode, b, t, s, n, kh, h, dtype", [c[1:] for c in DEFAULT_TPU], ids=[c[0] for c in DEFAULT_TPU]
 )
-def test_tpu_compiles_v5e(mode, b, t, s, n, kh, h, dtype):
-    _compile_tpu("v5e", mode, b, t, s, n, kh, h, dtype)
+def test_tpu_compiles_v5e(mode, b, t, s, n, kh, h, dtype, request):
+    segments = request.node.callspec.id.endswith("-seg")
+    _compile_tpu("v5e", mode, b, t, s, n, kh, h, dtype, strict=segments, segments=segments)
 
 
 @needs_libtpu
-@pytest.mark.parametrize("h", [64, 128])
-def test_tpu_decode_reads_cache_in_place(h):
-    """Decode at 32k over time-minor cache slots: compiles for h = 64 and 128, and XLA
-    allocates no temporary anywhere near the cache's size and copies no slot."""
+@pytest.mark.parametrize("h, segments", [(64, False), (128, False), (64, True)])
+def test_tpu_decode_reads_cache_in_place(h, segments):
+    """Decode at 32k over time-minor cache slots: compiles for h = 64 and 128 (and with
+    the segment ids of packed prompts), and XLA allocates no temporary anywhere near the
+    cache's size and copies no slot."""
     b, s, kh = 8, 32768, 8
-    compiled = _compile_tpu("v5e", "cache", b, 1, s, 32, kh, h, bf16, strict=True, window=4096)
+    compiled = _compile_tpu(
+        "v5e", "cache", b, 1, s, 32, kh, h, bf16, strict=True, window=4096, segments=segments
+    )
     cache_bytes = 2 * b * s * kh * h * 2
     assert compiled.memory_analysis().temp_size_in_bytes < cache_bytes // 100
     assert aot.cache_copies(compiled.as_text(), b * kh * s * h * 2 // 4, s) == 0
@@ -175,12 +185,15 @@ GRID = [
     ("cache", 8, 1, 32768, 32, 4, 64, bf16, False, None),
     ("cache", 8, 1, 32768, 16, 2, 32, f32, False, 1024),
 ]
+# the same shapes with segment ids (packed documents): one per mode and mask variant
+GRID += [(*c, True) for c in GRID if c[0] in ("bwd", "fwd", "cache") and c[2] in (2048, 1)][:6]
 
 
 def _grid_id(case) -> str:
-    mode, b, t, s, n, kh, h, dtype, strict, window = case
+    mode, b, t, s, n, kh, h, dtype, strict, window, *seg = case
     name = f"{mode}-b{b}-t{t}-s{s}-n{n}-kh{kh}-h{h}-{jnp.dtype(dtype).name}"
-    return name + ("-strict" if strict else "") + (f"-w{window}" if window else "")
+    name += ("-strict" if strict else "") + (f"-w{window}" if window else "")
+    return name + ("-seg" if seg else "")
 
 
 @needs_libtpu
@@ -188,7 +201,7 @@ def _grid_id(case) -> str:
 @pytest.mark.parametrize("gen", sorted(TOPOLOGIES))
 @pytest.mark.parametrize("case", GRID, ids=[_grid_id(c) for c in GRID])
 def test_tpu_compiles_grid(gen, case):
-    _compile_tpu(gen, *case)
+    _compile_tpu(gen, *case[:10], segments=len(case) > 10)
 
 
 @needs_libtpu
@@ -208,16 +221,17 @@ def test_target_is_the_mesh_not_the_host():
     heads = NamedSharding(mesh, P("data", None, "tensor", None))
     pos = NamedSharding(mesh, P("data", None))
     b, t, n, kh, h = 2, 1024, 8, 2, 64
-    q, k, v, q_pos, kv_pos = _args(b, t, t, n, kh, h, bf16)
+    arrays = _args(b, t, t, n, kh, h, bf16, segments=True)
+    shardings = (heads, heads, heads, pos, pos, pos, pos)
     args = [
         jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
-        for x, sh in zip((q, k, v, q_pos, kv_pos), (heads, heads, heads, pos, pos), strict=True)
+        for x, sh in zip(arrays, shardings, strict=True)
     ]
     seen = {}
 
-    def fn(q, k, v, q_pos, kv_pos):
+    def fn(q, k, v, *m):  # packed rows: segment ids sharded with the positions
         seen["platform"], seen["kind"] = target_platform(), target_device_kind()
-        return pallas_attention(q, k, v, q_pos, kv_pos, strict=True)
+        return pallas_attention(q, k, v, Mask(*m, strict=True))
 
     assert jax.default_backend() == "cpu"
     with jax.set_mesh(mesh):
@@ -233,13 +247,14 @@ def test_target_is_the_mesh_not_the_host():
 # ----------------------------------------------------------------------------- Triton
 
 
-def _lower_cuda(mode, b, t, s, n, kh, h, dtype, strict=False, window=None) -> str:
+def _lower_cuda(mode, b, t, s, n, kh, h, dtype, strict=False, window=None, segments=False) -> str:
     """Lowers for CUDA; ``mode="cache"`` reads SH cache slots, the GPU's layout."""
     attn = flash_attention
     if mode == "cache":
         attn = functools.partial(flash_cache_attention, layout="SH")
     fn = _fn(attn, mode, strict=strict, window=window, platform="gpu")
-    args = _args(b, t, s, n, kh, h, dtype, cache="SH" if mode == "cache" else None)
+    cache = "SH" if mode == "cache" else None
+    args = _args(b, t, s, n, kh, h, dtype, cache=cache, segments=segments)
     lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     # one Triton kernel for the forward; forward, dQ and dK/dV for the gradient
@@ -252,17 +267,20 @@ DEFAULT_GPU = [
     ("tinyllama-grad", "bwd", 1, 2048, 2048, 32, 4, 64, bf16),
     ("32k-fwd-h128", "fwd", 1, 32768, 32768, 8, 8, 128, bf16),
     ("llama110m-cache", "cache", 8, 1, 1024, 12, 6, 64, bf16),
+    ("tinyllama-grad-seg", "bwd", 1, 2048, 2048, 32, 4, 64, bf16),
+    ("llama110m-cache-seg", "cache", 8, 1, 1024, 12, 6, 64, bf16),
 ]
 
 
 @pytest.mark.parametrize(
     "mode, b, t, s, n, kh, h, dtype", [c[1:] for c in DEFAULT_GPU], ids=[c[0] for c in DEFAULT_GPU]
 )
-def test_triton_lowers(mode, b, t, s, n, kh, h, dtype):
-    _lower_cuda(mode, b, t, s, n, kh, h, dtype)
+def test_triton_lowers(mode, b, t, s, n, kh, h, dtype, request):
+    segments = request.node.callspec.id.endswith("-seg")
+    _lower_cuda(mode, b, t, s, n, kh, h, dtype, strict=segments, segments=segments)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", GRID, ids=[_grid_id(c) for c in GRID])
 def test_triton_lowers_grid(case):
-    _lower_cuda(*case)
+    _lower_cuda(*case[:10], segments=len(case) > 10)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -65,6 +66,36 @@ def test_tiny_run_beats_unigram_entropy(layout, tmp_path):
     # mean training loss of steps 101..200 (ln(512) = 6.24 at initialisation)
     assert final["loss"] < entropy - 0.3, (final, entropy)
     assert final["eval_loss"] < math.log(512) - 1, final
+
+
+def test_segments_packing_trains_evaluates_and_counts_real_tokens(tmp_path):
+    """``data.packing="segments"``: the batches carry segment ids, the run trains, eval
+    uses the run's packing, and tokens/s counts the loss tokens (padding excluded: the
+    train step reports them)."""
+    from kvshare_jax.train import StepSpeed, Trainer
+
+    config = tu.tiny_config(
+        "data.packing=segments", "train.num_steps=3", "train.log_every=3",
+        "train.eval_steps=1", "model.layout=pizza-top:2",
+    )  # fmt: skip
+    final = train_and_evaluate(config, str(tmp_path))
+    assert final["step"] == 3 and math.isfinite(final["eval_loss"])
+    trainer = Trainer(config, str(tmp_path))
+    batches = trainer.iterator(config.data.eval_split)
+    batch = next(b for b in itertools.islice(batches, 50) if b["segment_ids"].max() > 1)
+    assert batch["segment_ids"].shape == batch["inputs"].shape  # (a document boundary)
+    # the loss with segment ids differs from the loss over concatenated rows
+    state = trainer.init_state()
+    with_ids = trainer.eval_step(state.params, batch)
+    no_ids = trainer.eval_step(state.params, {k: v for k, v in batch.items() if k != "segment_ids"})
+    assert float(with_ids[1]) == float(no_ids[1]) and float(with_ids[0]) != float(no_ids[0])
+    # padding is not counted: a step whose batch holds 10 loss tokens reports 10
+    speed = StepSpeed(trainer.cfg, 8, 32)
+    speed.since = 0
+    row = speed.since_flush(1, {1: {"tokens": np.float32(10)}})
+    assert row["tokens_per_sec"] * row["step_time_s"] == pytest.approx(10)
+    row = speed.since_flush(1)  # no counts: the whole batch
+    assert row["tokens_per_sec"] * row["step_time_s"] == pytest.approx(8 * 32)
 
 
 def _assert_ends_as_the_reference(workdir: str) -> dict:
@@ -209,6 +240,15 @@ def test_eval_command_reports_the_final_eval_loss(capsys):
     assert result["step"] == 200
     assert result["eval_loss"] == pytest.approx(logged["eval_loss"], rel=1e-6)
     assert result["eval_ppl"] == pytest.approx(math.exp(logged["eval_loss"]), rel=1e-6)
+    # every document alone: other numbers from the same checkpoint over rows that cross
+    # a document boundary (the validation documents are ~1.7k tokens long)
+    out = {}
+    for packing in ("concat", "segments"):
+        argv = [f"--workdir={workdir}", "--json", "--eval-steps=16", f"--packing={packing}"]
+        assert eval_command.run(argv) == 0
+        out[packing] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["concat"]["eval_loss"] != out["segments"]["eval_loss"]
+    assert abs(out["concat"]["eval_loss"] - out["segments"]["eval_loss"]) < 0.5
 
 
 def test_metrics_file_has_train_and_eval_fields():

@@ -29,6 +29,9 @@ def get_config():
     config.model.attention_impl = "xla"  # reference attention (CPU)
     config.data.vocab_size = 1024  # small tokenizer
     config.data.tokenizer_train_docs = 4000  # docs for tokenizer training (all of them)
+    # concat packing (documents share rows and attend across EOS), as HF run_clm and the
+    # paper's code: comparable to the paper; "segments" keeps attention in each document
+    config.data.packing = "concat"
     config.train.seq_len = 128  # tokens per sequence
     config.train.batch_size = 8  # global batch
     config.train.num_steps = 150  # steps per cell (about 150k tokens)

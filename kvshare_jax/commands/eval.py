@@ -22,6 +22,12 @@ def parser() -> ArgParser:
     p.add_argument("--eval-steps", type=int, help="eval batches (default: train.eval_steps)")
     p.add_argument("--split", default="", help="split to evaluate (default: data.eval_split)")
     p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor mesh sizes")
+    p.add_argument(
+        "--packing",
+        choices=["concat", "segments"],
+        help="pack the eval rows so (default: the run's data.packing); segments scores every "
+        "document alone",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument(
         "--prefill-passes",
@@ -86,6 +92,8 @@ def run(argv: list[str]) -> int:
         if args.split:
             config.data.eval_split = args.split
         config.mesh.update(mesh)
+        if args.packing:
+            config.data.packing = args.packing
         if args.prefill_passes:
             _set_passes(config, args.prefill_passes)
         result = _evaluate(config, args.workdir, args.eval_steps)

@@ -2,8 +2,10 @@
 
 Batches are ``{"inputs", "targets", "loss_mask"}`` of shape ``[batch_size, seq_len]``
 (int32, int32, float32) with ``targets[:, t] == inputs[:, t + 1]`` inside a row and
-``loss_mask`` 0 on padding. The iterator is checkpointable: ``get_state()`` /
-``set_state()`` resume exactly, and ``checkpoint_args`` plugs it into orbax.
+``loss_mask`` 0 on padding; with ``packing="segments"`` also ``segment_ids`` (int32, the
+documents of each row, see :mod:`kvshare_jax.data.packing`). The iterator is
+checkpointable: ``get_state()`` / ``set_state()`` resume exactly, and
+``checkpoint_args`` plugs it into orbax.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 
 from kvshare_jax.data.packing import PackIterDataset
 from kvshare_jax.data.tokenizer import Tokenizer
+
+PACKINGS = ("concat", "segments")  # data.packing
 
 # Documents tokenized ahead of the packer, in background threads.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
@@ -58,6 +62,7 @@ def make_iterator(
     shard_index: int = 0,
     shard_count: int = 1,
     num_epochs: int | None = None,
+    packing: str = "concat",
 ) -> grain.DatasetIterator:
     """Returns an iterator of packed batches from this process's shard of ``source``.
 
@@ -71,6 +76,8 @@ def make_iterator(
         ``shard_index::shard_count`` (disjoint across processes, covering the source).
       num_epochs: passes over the shard; ``None`` repeats forever. A finite run ends
         with a padded row and a batch padded with zero rows.
+      packing: ``"concat"`` (rows cut from the document stream) or ``"segments"`` (the
+        same rows plus ``segment_ids``: attention stays inside each document).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
@@ -80,6 +87,8 @@ def make_iterator(
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {', '.join(PACKINGS)}, got {packing!r}")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}")
     if len(source) == 0:
@@ -92,7 +101,10 @@ def make_iterator(
         )
     ds = docs.shuffle(seed=seed).repeat(num_epochs).map(_Tokenize(tokenizer))
     rows = PackIterDataset(
-        ds.to_iter_dataset(_READ_OPTIONS), seq_len=seq_len, pad_id=tokenizer.pad_id
+        ds.to_iter_dataset(_READ_OPTIONS),
+        seq_len=seq_len,
+        pad_id=tokenizer.pad_id,
+        segments=packing == "segments",
     )
     return iter(rows.batch(batch_size, batch_fn=_pad_batch(batch_size)))
 

@@ -6,8 +6,9 @@ Shapes: b batch, t query length, s key length, n query heads, kh KV heads
 per KV head (padded to ``Rp``), ``Sp`` keys after padding.
 
 Semantics are those of :func:`kvshare_jax.kernels.flash.flash_attention` (and of the XLA
-reference): a key at ``kp`` is visible to a query at ``qp`` iff ``kp <= qp``
-(``kp < qp`` when ``strict``), ``kp > qp - window`` with a window, and
+reference), with one :class:`kvshare_jax.masks.Mask`: a key at ``kp`` is visible to a
+query at ``qp`` iff ``kp <= qp`` (``kp < qp`` when ``strict``), ``kp > qp - window``
+with a window, the segments are equal when the mask has segment ids, and
 ``kp != INVALID_POS``; a row that sees no key outputs 0 with zero gradients; softmax
 statistics and accumulation are fp32; the output has ``q``'s dtype.
 
@@ -46,14 +47,18 @@ padded: a block spanning the whole head dim is legal for Mosaic at any size (com
 for h = 32, 64, 128).
 
 Tile skipping: the wrapper computes per query tile the ``[min, max]`` position, per key
-tile the ``[min, max]`` over valid keys and whether all its keys are valid; these reach
-SMEM by scalar prefetch. A grid step computes only if the two ranges can overlap the mask
-(``pl.when``), and a pair that is wholly visible (all keys valid, inside the causal and
-window band for every row) skips the mask arithmetic. The index maps clamp the reduction
-tile into the ``[first, last]`` tiles that can overlap the current one, so a skipped step
-maps to a block already in VMEM (or the next one needed) and issues no DMA. The test is
-exact for any positions; it saves work when positions are sorted within tiles (training
-``arange``, decode caches with ``INVALID_POS`` in unwritten slots). Positions are
+tile the ``[min, max]`` over valid keys and whether all its keys are valid, with segment
+ids also each tile's ``[min, max]`` segment (4 more scalar-prefetch arrays; segment ids
+themselves are two more lane-dense row inputs after the positions); these reach SMEM by
+scalar prefetch. A grid step computes only if the two ranges can overlap the mask
+(``pl.when``; tiles wholly in other documents never do), and a pair that is wholly
+visible (all keys valid, inside the causal and window band for every row, one and the
+same document) skips the mask arithmetic (:mod:`kvshare_jax.kernels.common`). The
+index maps clamp the reduction tile into the ``[first, last]`` tiles that can overlap the
+current one, so a skipped step maps to a block already in VMEM (or the next one needed)
+and issues no DMA. The test is exact for any positions; it saves work when positions are
+sorted within tiles of a document (training ``arange``, decode caches with
+``INVALID_POS`` in unwritten slots). Positions are
 expected to be non-negative (``qp - window`` must not overflow int32).
 
 Block sizes come from :data:`GENERATION_BLOCKS` by ``device_kind`` (see
@@ -78,12 +83,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kvshare_jax.masks import INVALID_POS, visible
+from kvshare_jax.kernels.common import (
+    MASKED,
+    NN,
+    NT,
+    Config,
+    kv_range,
+    may_overlap,
+    round_up,
+    seg_range,
+    wholly_visible,
+)
+from kvshare_jax.masks import INVALID_POS, Mask, visible
 
-_MASKED = -1e30  # finite "minus infinity": keeps exp/max free of inf - inf
-_INT32_MIN = -(2**31)
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
 _LANES = 128  # key tiles are multiples of 128 lanes unless they span all keys
 _SHORT_ROWS = 32  # folded rows up to which the training kernels take long key tiles
 
@@ -138,16 +150,12 @@ def _defaults(device_kind: str | None) -> BlockSizes:
 
 def _row_bytes(h: int, dtype) -> int:
     """VMEM bytes of one K/V row: the head dim is padded to whole 128-lane vregs."""
-    return _round_up(h, _LANES) * jnp.dtype(dtype).itemsize
+    return round_up(h, _LANES) * jnp.dtype(dtype).itemsize
 
 
 def row_align(dtype) -> int:
     """Sublane alignment of a query-row tile: 8 rows (16 for 2-byte dtypes)."""
     return 16 if jnp.dtype(dtype).itemsize == 2 else 8
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def _check_block(block, axis: str, align: int) -> int:
@@ -186,7 +194,7 @@ def block_sizes(
     d = _defaults(device_kind)
     align = row_align(dtype)
     bq = _check_block(d.block_q if block_q is None else block_q, "q", align)
-    bq = min(bq, _round_up(rows, align))
+    bq = min(bq, round_up(rows, align))
     if block_k is None:
         block_k = d.block_k
         if bq <= _SHORT_ROWS:  # a few rows (decode via this path): fewer, longer steps
@@ -212,7 +220,7 @@ def decode_block(
     one is at least a quarter of the budget; else the budget (keys padded).
     """
     if block_k is None:
-        key_bytes = kv_heads * _round_up(h, row_align(dtype)) * jnp.dtype(dtype).itemsize
+        key_bytes = kv_heads * round_up(h, row_align(dtype)) * jnp.dtype(dtype).itemsize
         budget = _key_budget(_defaults(device_kind).decode_tile_bytes, key_bytes)
     else:
         budget = _check_block(block_k, "k", _LANES)
@@ -227,22 +235,9 @@ def decode_block(
 # ----------------------------------------------------------------------------- config
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    """Static kernel parameters (hashable: a jit/custom_vjp static argument)."""
-
-    scale: float
-    strict: bool
-    window: int | None
-    block_q: int  # folded query rows per tile (training kernels)
-    block_k: int  # keys per tile
-    interpret: bool
-
-    @classmethod
-    def of(cls, h: int, strict, window, block_q: int, block_k: int, interpret) -> _Config:
-        """The config of head dim ``h`` (scale ``h ** -0.5``) from the public arguments."""
-        window = None if window is None else int(window)
-        return cls(h**-0.5, bool(strict), window, block_q, block_k, bool(interpret))
+def _config(h: int, mask: Mask, block_q: int, block_k: int, interpret) -> Config:
+    """The kernel config of head dim ``h`` (scale ``h ** -0.5``) and ``mask``'s rule."""
+    return Config(h**-0.5, mask.spec, block_q, block_k, "tpu", bool(interpret))
 
 
 def _dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
@@ -253,37 +248,28 @@ def _dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _overlap(q_lo, q_hi, kv_lo, kv_hi, cfg: _Config):
-    """False only if no (query, key) pair of two tiles with these ranges is visible."""
-    hit = kv_lo < q_hi if cfg.strict else kv_lo <= q_hi
-    if cfg.window is not None:
-        hit = jnp.logical_and(hit, kv_hi > q_lo - cfg.window)
-    return hit
-
-
-def _full(q_lo, q_hi, kv_lo, kv_hi, kv_all, cfg: _Config):
-    """True only if every (query, key) pair of the two tiles is visible."""
-    full = kv_hi < q_lo if cfg.strict else kv_hi <= q_lo
-    full = jnp.logical_and(full, kv_all != 0)
-    if cfg.window is not None:
-        full = jnp.logical_and(full, kv_lo > q_hi - cfg.window)
-    return full
-
-
-def _tile_ranges(qp: jax.Array, kp: jax.Array, bq: int, bk: int, cfg: _Config):
-    """Scalar-prefetch arrays (int32, flat) from ``qp [b, Rp]`` and ``kp [b, Sp]``:
-    ``(q_lo, q_hi, kv_lo, kv_hi, kv_all)`` per tile, and per query tile resp. per key
-    tile the ``(first, last)`` tile of the other axis that can overlap it (0, 0 if
+def _tile_ranges(qp, kp, qs, ks, bq: int, bk: int, cfg: Config):
+    """Scalar-prefetch arrays (int32, flat) from ``qp [b, Rp]``, ``kp [b, Sp]`` (and the
+    segment ids ``qs, ks`` or None): ``(q_lo, q_hi, kv_lo, kv_hi, kv_all)`` per tile,
+    with segments also ``(qs_lo, qs_hi, ks_lo, ks_hi)``; and per query tile resp. per
+    key tile the ``(first, last)`` tile of the other axis that can overlap it (0, 0 if
     none)."""
     b = qp.shape[0]
     qt = qp.reshape(b, -1, bq)
     kt = kp.reshape(b, -1, bk)
-    valid = kt != INVALID_POS
     q_lo, q_hi = qt.min(-1), qt.max(-1)
-    kv_lo = kt.min(-1)  # INVALID_POS is the int32 max: it never wins the min
-    kv_hi = jnp.where(valid, kt, _INT32_MIN).max(-1)
-    kv_all = valid.all(-1)
-    hit = _overlap(q_lo[:, :, None], q_hi[:, :, None], kv_lo[:, None, :], kv_hi[:, None, :], cfg)
+    kv_lo, kv_hi = kv_range(kt, axis=-1)
+    kv_all = (kt != INVALID_POS).all(-1)
+    ranges = [q_lo, q_hi, kv_lo, kv_hi, kv_all]
+    segs = None
+    if qs is not None:
+        st = qs.reshape(b, -1, bq)
+        segs = (st.min(-1), st.max(-1), *seg_range(kt, ks.reshape(b, -1, bk), axis=-1))
+        ranges += segs
+        segs = (segs[0][:, :, None], segs[1][:, :, None], segs[2][:, None, :], segs[3][:, None, :])
+    hit = may_overlap(
+        q_lo[:, :, None], q_hi[:, :, None], kv_lo[:, None, :], kv_hi[:, None, :], cfg.mask, segs
+    )
 
     def first_last(hit):  # over the last axis
         n = hit.shape[-1]
@@ -292,30 +278,66 @@ def _tile_ranges(qp: jax.Array, kp: jax.Array, bq: int, bk: int, cfg: _Config):
         any_ = hit.any(-1)
         return tuple(jnp.where(any_, x, 0).astype(jnp.int32).reshape(-1) for x in (first, last))
 
-    ranges = tuple(x.astype(jnp.int32).reshape(-1) for x in (q_lo, q_hi, kv_lo, kv_hi, kv_all))
+    ranges = tuple(x.astype(jnp.int32).reshape(-1) for x in ranges)
     return ranges, first_last(hit), first_last(hit.transpose(0, 2, 1))
+
+
+def _prefetch_count(cfg: Config) -> int:
+    """Scalar-prefetch refs of a kernel: the ranges (:func:`_tile_ranges`), first, last."""
+    return 11 if cfg.segments else 7
 
 
 # ----------------------------------------------------------------------------- kernels
 
 
 class _Tiles:
-    """The scalar-prefetch refs (SMEM) of one kernel: ranges, then ``first, last``."""
+    """The scalar-prefetch refs (SMEM) of one kernel: ranges (with segments also the
+    segment ranges), then ``first, last``."""
 
     def __init__(self, refs, nq: int, nk: int):
         self.q_lo, self.q_hi, self.kv_lo, self.kv_hi, self.kv_all = refs[:5]
+        self.segs = refs[5:9] if len(refs) == 11 else None
         self.nq, self.nk = nq, nk
 
-    def hit_full(self, b, i, j, cfg: _Config):
+    def hit_full(self, b, i, j, cfg: Config):
         """(may overlap, wholly visible) for query tile ``i``, key tile ``j`` of row ``b``."""
         qt, kt = b * self.nq + i, b * self.nk + j
         q_lo, q_hi = self.q_lo[qt], self.q_hi[qt]
         kv_lo, kv_hi = self.kv_lo[kt], self.kv_hi[kt]
-        full = _full(q_lo, q_hi, kv_lo, kv_hi, self.kv_all[kt], cfg)
-        return _overlap(q_lo, q_hi, kv_lo, kv_hi, cfg), full
+        segs = None
+        if self.segs is not None:
+            qs_lo, qs_hi, ks_lo, ks_hi = self.segs
+            segs = (qs_lo[qt], qs_hi[qt], ks_lo[kt], ks_hi[kt])
+        full = wholly_visible(q_lo, q_hi, kv_lo, kv_hi, self.kv_all[kt], cfg.mask, segs)
+        return may_overlap(q_lo, q_hi, kv_lo, kv_hi, cfg.mask, segs), full
 
 
-def _run(tiles: _Tiles, b, i, j, cfg: _Config, step) -> None:
+def _split(refs, cfg: Config, nq: int, nk: int):
+    """``(tiles, q, k, v, (q_pos, q_seg), (kv_pos, kv_seg), rest)`` of a kernel's refs:
+    scalar prefetch, then q, k, v, the mask refs (segment refs after the position refs
+    when the mask has segments), then the kernel's others."""
+    n = _prefetch_count(cfg)
+    tiles = _Tiles(refs[:n], nq, nk)
+    q_ref, k_ref, v_ref, qp_ref, kp_ref = refs[n : n + 5]
+    if cfg.segments:
+        qs_ref, ks_ref = refs[n + 5 : n + 7]
+        return tiles, q_ref, k_ref, v_ref, (qp_ref, qs_ref), (kp_ref, ks_ref), refs[n + 7 :]
+    return tiles, q_ref, k_ref, v_ref, (qp_ref, None), (kp_ref, None), refs[n + 5 :]
+
+
+def _vis(q_side, kv_side, cfg: Config, q_row: bool = False, kv_col: bool = False):
+    """The tile mask from the mask refs of both sides; a side stored as a lane-dense row
+    of queries (``q_row``) or a key column (``kv_col``) is transposed first."""
+
+    def load(ref, transpose):
+        return None if ref is None else (ref[...].T if transpose else ref[...])
+
+    qp, qs = (load(r, q_row) for r in q_side)
+    kp, ks = (load(r, kv_col) for r in kv_side)
+    return visible(qp, kp, cfg.mask, qs, ks)
+
+
+def _run(tiles: _Tiles, b, i, j, cfg: Config, step) -> None:
     """``step(masked)`` for the tile pair ``(i, j)`` if it can overlap the mask; the
     unmasked variant when every pair is visible."""
     hit, full = tiles.hit_full(b, i, j, cfg)
@@ -329,14 +351,14 @@ def _run(tiles: _Tiles, b, i, j, cfg: _Config, step) -> None:
         step(True)
 
 
-def _scores(q, k, vis, cfg: _Config, time_minor: bool = False):
+def _scores(q, k, vis, cfg: Config, time_minor: bool = False):
     """Scaled fp32 scores ``[rows, keys]`` from ``k [keys, h]`` (``[h, keys]`` when
     ``time_minor``), masked where ``vis`` (if any) is False."""
-    s = _dot(q, k, _NN if time_minor else _NT) * cfg.scale
-    return s if vis is None else jnp.where(vis, s, _MASKED)
+    s = _dot(q, k, NN if time_minor else NT) * cfg.scale
+    return s if vis is None else jnp.where(vis, s, MASKED)
 
 
-def _softmax_step(q, k, v, vis, m_scr, l_scr, acc_scr, cfg: _Config, time_minor=False) -> None:
+def _softmax_step(q, k, v, vis, m_scr, l_scr, acc_scr, cfg: Config, time_minor=False) -> None:
     """One online-softmax update of the fp32 scratch with a K/V tile (``[keys, h]``, or
     ``[h, keys]`` when ``time_minor``)."""
     s = _scores(q, k, vis, cfg, time_minor)
@@ -347,12 +369,12 @@ def _softmax_step(q, k, v, vis, m_scr, l_scr, acc_scr, cfg: _Config, time_minor=
         p = jnp.where(vis, p, 0.0)
     alpha = jnp.exp(m_prev - m_new)
     l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
-    acc_scr[...] = alpha * acc_scr[...] + _dot(p.astype(v.dtype), v, _NT if time_minor else _NN)
+    acc_scr[...] = alpha * acc_scr[...] + _dot(p.astype(v.dtype), v, NT if time_minor else NN)
     m_scr[...] = m_new
 
 
 def _softmax_init(m_scr, l_scr, acc_scr) -> None:
-    m_scr[...] = jnp.full(m_scr.shape, _MASKED, jnp.float32)
+    m_scr[...] = jnp.full(m_scr.shape, MASKED, jnp.float32)
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
@@ -367,10 +389,10 @@ def _softmax_finish(o_ref, lse_ref, m_scr, l_scr, acc_scr) -> None:
         lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(denom), 0.0).T
 
 
-def _fwd_kernel(*refs, cfg: _Config, nq: int, nk: int, save_lse: bool):
-    tiles = _Tiles(refs[:7], nq, nk)
-    q_ref, k_ref, v_ref, qp_ref, kp_ref, o_ref = refs[7:13]
-    lse_ref = refs[13] if save_lse else None
+def _fwd_kernel(*refs, cfg: Config, nq: int, nk: int, save_lse: bool):
+    tiles, q_ref, k_ref, v_ref, q_side, kv_side, rest = _split(refs, cfg, nq, nk)
+    o_ref = rest[0]
+    lse_ref = rest[1] if save_lse else None
     scratch = refs[-3:]
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
@@ -379,9 +401,8 @@ def _fwd_kernel(*refs, cfg: _Config, nq: int, nk: int, save_lse: bool):
         _softmax_init(*scratch)
 
     def step(masked: bool):
-        vis = None
-        if masked:  # query positions arrive as a row [1, bq]
-            vis = visible(qp_ref[...].T, kp_ref[...], strict=cfg.strict, window=cfg.window)
+        # query positions (and segments) arrive as a row [1, bq]
+        vis = _vis(q_side, kv_side, cfg, q_row=True) if masked else None
         _softmax_step(q_ref[...], k_ref[...], v_ref[...], vis, *scratch, cfg)
 
     _run(tiles, b, i, j, cfg, step)
@@ -391,18 +412,18 @@ def _fwd_kernel(*refs, cfg: _Config, nq: int, nk: int, save_lse: bool):
         _softmax_finish(o_ref, lse_ref, *scratch)
 
 
-def _probs(q, k, qp, kp, lse, masked: bool, cfg: _Config):
+def _probs(q, k, vis, lse, cfg: Config):
     """Normalised probabilities recomputed from the log-sum-exp: ``[bq, bk]`` from
-    ``q [bq, h]``, ``k [bk, h]``, column ``qp, lse [bq, 1]``, row ``kp [1, bk]``, or the
-    transpose ``[bk, bq]`` from swapped operands (column keys, row queries)."""
-    vis = visible(qp, kp, strict=cfg.strict, window=cfg.window) if masked else None
+    ``q [bq, h]``, ``k [bk, h]``, column ``lse [bq, 1]``, or the transpose ``[bk, bq]``
+    from swapped operands (column keys, row queries); ``vis`` the tile mask or None
+    (wholly visible)."""
     p = jnp.exp(_scores(q, k, vis, cfg) - lse)
     return p if vis is None else jnp.where(vis, p, 0.0)
 
 
-def _dq_kernel(*refs, cfg: _Config, nq: int, nk: int):
-    tiles = _Tiles(refs[:7], nq, nk)
-    q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr = refs[7:]
+def _dq_kernel(*refs, cfg: Config, nq: int, nk: int):
+    tiles, q_ref, k_ref, v_ref, q_side, kv_side, rest = _split(refs, cfg, nq, nk)
+    do_ref, lse_ref, delta_ref, dq_ref, dq_scr = rest
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -411,9 +432,10 @@ def _dq_kernel(*refs, cfg: _Config, nq: int, nk: int):
 
     def step(masked: bool):  # row vectors [1, bq] -> columns [bq, 1]
         k = k_ref[...]
-        p = _probs(q_ref[...], k, qp_ref[...].T, kp_ref[...], lse_ref[...].T, masked, cfg)
-        ds = p * (_dot(do_ref[...], v_ref[...], _NT) - delta_ref[...].T)
-        dq_scr[...] += _dot(ds.astype(k.dtype), k, _NN)
+        vis = _vis(q_side, kv_side, cfg, q_row=True) if masked else None
+        p = _probs(q_ref[...], k, vis, lse_ref[...].T, cfg)
+        ds = p * (_dot(do_ref[...], v_ref[...], NT) - delta_ref[...].T)
+        dq_scr[...] += _dot(ds.astype(k.dtype), k, NN)
 
     _run(tiles, b, i, j, cfg, step)
 
@@ -422,10 +444,9 @@ def _dq_kernel(*refs, cfg: _Config, nq: int, nk: int):
         dq_ref[...] = (dq_scr[...] * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, cfg: _Config, nq: int, nk: int):
-    tiles = _Tiles(refs[:7], nq, nk)
-    q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, delta_ref = refs[7:15]
-    dk_ref, dv_ref, dk_scr, dv_scr = refs[15:]
+def _dkv_kernel(*refs, cfg: Config, nq: int, nk: int):
+    tiles, q_ref, k_ref, v_ref, q_side, kv_side, rest = _split(refs, cfg, nq, nk)
+    do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr = rest
     b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(i == 0)
@@ -435,12 +456,14 @@ def _dkv_kernel(*refs, cfg: _Config, nq: int, nk: int):
 
     def step(masked: bool):
         # Transposed scores [bk, bq]: the row statistics broadcast along sublanes and
-        # both updates are plain (untransposed-LHS) matmuls.
+        # both updates are plain (untransposed-LHS) matmuls. Query rows [1, bq] stay
+        # rows, key rows [1, bk] become columns.
         q, do = q_ref[...], do_ref[...]
-        pt = _probs(k_ref[...], q, qp_ref[...], kp_ref[...].T, lse_ref[...], masked, cfg)
-        dv_scr[...] += _dot(pt.astype(do.dtype), do, _NN)
-        dst = pt * (_dot(v_ref[...], do, _NT) - delta_ref[...])
-        dk_scr[...] += _dot(dst.astype(q.dtype), q, _NN)
+        vis = _vis(q_side, kv_side, cfg, kv_col=True) if masked else None
+        pt = _probs(k_ref[...], q, vis, lse_ref[...], cfg)
+        dv_scr[...] += _dot(pt.astype(do.dtype), do, NN)
+        dst = pt * (_dot(v_ref[...], do, NT) - delta_ref[...])
+        dk_scr[...] += _dot(dst.astype(q.dtype), q, NN)
 
     _run(tiles, b, i, j, cfg, step)
 
@@ -450,12 +473,11 @@ def _dkv_kernel(*refs, cfg: _Config, nq: int, nk: int):
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def _cache_kernel(*refs, cfg: _Config, nk: int, kh: int):
+def _cache_kernel(*refs, cfg: Config, nk: int, kh: int):
     """Decode over cache slots ``[kh, h, bk]`` (time on the lanes) for all KV heads of one
     batch row; per head ``q [r, h] @ k [h, bk]`` and ``p [r, bk] @ v[h, bk]^T``."""
-    tiles = _Tiles(refs[:7], 1, nk)
-    q_ref, k_ref, v_ref, qp_ref, kp_ref, o_ref = refs[7:13]
-    m_scr, l_scr, acc_scr = refs[13:]
+    tiles, q_ref, k_ref, v_ref, q_side, kv_side, rest = _split(refs, cfg, 1, nk)
+    o_ref, m_scr, l_scr, acc_scr = rest
     b, j = pl.program_id(0), pl.program_id(1)
 
     @pl.when(j == 0)
@@ -463,9 +485,7 @@ def _cache_kernel(*refs, cfg: _Config, nk: int, kh: int):
         _softmax_init(m_scr, l_scr, acc_scr)
 
     def step(masked: bool):
-        vis = None
-        if masked:
-            vis = visible(qp_ref[...], kp_ref[...], strict=cfg.strict, window=cfg.window)
+        vis = _vis(q_side, kv_side, cfg) if masked else None  # query columns [r, 1]
         for hd in range(kh):  # static: a few KV heads per batch row
             scratch = (m_scr.at[hd], l_scr.at[hd], acc_scr.at[hd])
             _softmax_step(q_ref[hd], k_ref[hd], v_ref[hd], vis, *scratch, cfg, time_minor=True)
@@ -485,9 +505,10 @@ def _clamp(i, lo, hi):
     return jnp.minimum(jnp.maximum(i, lo), hi)
 
 
-def _specs(cfg: _Config, h: int, nq: int, nk: int, kv_major: bool):
-    """BlockSpecs ``(q-like, kv-like, q_pos, kv_pos, row stats)`` of a training kernel
-    (positions and statistics are lane-dense rows ``[1, tile]``)
+def _specs(cfg: Config, h: int, nq: int, nk: int, kv_major: bool):
+    """BlockSpecs ``(q-like, kv-like, mask specs, row stats)`` of a training kernel
+    (positions, segment ids and statistics are lane-dense rows ``[1, tile]``; the mask
+    specs are those of ``q_pos, kv_pos``, then ``q_seg, kv_seg`` with segments)
     over the grid ``(b, kh, i, j)`` (``kv_major=False``: i query tile, j key tile,
     j reduced) or ``(b, kh, j, i)`` (``kv_major=True``, i reduced). The reduced index is
     clamped into the ``[first, last]`` tiles that can overlap the current tile, so a
@@ -495,7 +516,7 @@ def _specs(cfg: _Config, h: int, nq: int, nk: int, kv_major: bool):
     bq, bk = cfg.block_q, cfg.block_k
 
     def tiles(b, x, y, refs):  # (query tile, key tile) to load
-        first, last = refs[5], refs[6]
+        first, last = refs[-2], refs[-1]
         if kv_major:
             t = b * nk + x
             return _clamp(y, first[t], last[t]), x
@@ -517,16 +538,16 @@ def _specs(cfg: _Config, h: int, nq: int, nk: int, kv_major: bool):
     def kvpos_map(b, hd, x, y, *refs):
         return b, 0, tiles(b, x, y, refs)[1]
 
+    mask = [pl.BlockSpec((None, 1, bq), qpos_map), pl.BlockSpec((None, 1, bk), kvpos_map)]
     return (
         pl.BlockSpec((None, None, bq, h), q_map),
         pl.BlockSpec((None, None, bk, h), kv_map),
-        pl.BlockSpec((None, 1, bq), qpos_map),
-        pl.BlockSpec((None, 1, bk), kvpos_map),
+        mask * (2 if cfg.segments else 1),
         pl.BlockSpec((None, None, 1, bq), stat_map),
     )
 
 
-def _call(kernel, name: str, cfg: _Config, grid, prefetch, in_specs, out_specs, out_shape,
+def _call(kernel, name: str, cfg: Config, grid, prefetch, in_specs, out_specs, out_shape,
           scratch, cost: pl.CostEstimate, *args):  # fmt: skip
     semantics = ("parallel",) * (len(grid) - 1) + ("arbitrary",)
     return pl.pallas_call(
@@ -555,13 +576,20 @@ def _cost(pairs: int, h: int, matmuls: int, *operands) -> pl.CostEstimate:
     )
 
 
-def _forward(q, k, v, qp, kp, cfg: _Config, save_lse: bool):
-    """Folded layout in; ``o [b, kh, Rp, h]`` and ``lse [b, kh, 1, Rp]`` fp32 (or None)."""
+def _ranges(m: tuple, cfg: Config):
+    """:func:`_tile_ranges` of the folded mask arrays ``m`` (rows ``[b, 1, .]``)."""
+    segs = (m[2][:, 0], m[3][:, 0]) if cfg.segments else (None, None)
+    return _tile_ranges(m[0][:, 0], m[1][:, 0], *segs, cfg.block_q, cfg.block_k, cfg)
+
+
+def _forward(q, k, v, m: tuple, cfg: Config, save_lse: bool):
+    """Folded layout in (``m``: the folded mask arrays, :func:`_fold`); ``o [b, kh, Rp,
+    h]`` and ``lse [b, kh, 1, Rp]`` fp32 (or None)."""
     b, kh, rows, h = q.shape
     keys = k.shape[2]
     nq, nk = rows // cfg.block_q, keys // cfg.block_k
-    ranges, k_range, _ = _tile_ranges(qp[:, 0], kp[:, 0], cfg.block_q, cfg.block_k, cfg)
-    q_spec, kv_spec, qpos_spec, kvpos_spec, stat_spec = _specs(cfg, h, nq, nk, kv_major=False)
+    ranges, k_range, _ = _ranges(m, cfg)
+    q_spec, kv_spec, mask_specs, stat_spec = _specs(cfg, h, nq, nk, kv_major=False)
     out_specs = [q_spec]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if save_lse:
@@ -573,7 +601,7 @@ def _forward(q, k, v, qp, kp, cfg: _Config, save_lse: bool):
         cfg,
         (b, kh, nq, nk),
         (*ranges, *k_range),
-        [q_spec, kv_spec, kv_spec, qpos_spec, kvpos_spec],
+        [q_spec, kv_spec, kv_spec, *mask_specs],
         out_specs,
         out_shape,
         [
@@ -585,30 +613,29 @@ def _forward(q, k, v, qp, kp, cfg: _Config, save_lse: bool):
         q,
         k,
         v,
-        qp,
-        kp,
+        *m,
     )
     return out[0], (out[1] if save_lse else None)
 
 
-def _backward(q, k, v, qp, kp, o, lse, do, cfg: _Config):
+def _backward(q, k, v, m: tuple, o, lse, do, cfg: Config):
     """Folded layout in; ``(dq, dk, dv)`` in the folded layout."""
     b, kh, rows, h = q.shape
     keys = k.shape[2]
     nq, nk = rows // cfg.block_q, keys // cfg.block_k
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None, :]
-    args = (q, k, v, qp, kp, do, lse, delta)
-    ranges, k_range, q_range = _tile_ranges(qp[:, 0], kp[:, 0], cfg.block_q, cfg.block_k, cfg)
+    args = (q, k, v, *m, do, lse, delta)
+    ranges, k_range, q_range = _ranges(m, cfg)
     pairs = b * kh * rows * keys
 
-    q_spec, kv_spec, qpos_spec, kvpos_spec, stat_spec = _specs(cfg, h, nq, nk, kv_major=False)
+    q_spec, kv_spec, mask_specs, stat_spec = _specs(cfg, h, nq, nk, kv_major=False)
     dq = _call(
         functools.partial(_dq_kernel, cfg=cfg, nq=nq, nk=nk),
         "kvshare_flash_tpu_dq",
         cfg,
         (b, kh, nq, nk),
         (*ranges, *k_range),
-        [q_spec, kv_spec, kv_spec, qpos_spec, kvpos_spec, q_spec, stat_spec, stat_spec],
+        [q_spec, kv_spec, kv_spec, *mask_specs, q_spec, stat_spec, stat_spec],
         q_spec,
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         [pltpu.VMEM((cfg.block_q, h), jnp.float32)],
@@ -616,14 +643,14 @@ def _backward(q, k, v, qp, kp, o, lse, do, cfg: _Config):
         *args,
     )
 
-    q_spec, kv_spec, qpos_spec, kvpos_spec, stat_spec = _specs(cfg, h, nq, nk, kv_major=True)
+    q_spec, kv_spec, mask_specs, stat_spec = _specs(cfg, h, nq, nk, kv_major=True)
     dk, dv = _call(
         functools.partial(_dkv_kernel, cfg=cfg, nq=nq, nk=nk),
         "kvshare_flash_tpu_dkv",
         cfg,
         (b, kh, nk, nq),
         (*ranges, *q_range),
-        [q_spec, kv_spec, kv_spec, qpos_spec, kvpos_spec, q_spec, stat_spec, stat_spec],
+        [q_spec, kv_spec, kv_spec, *mask_specs, q_spec, stat_spec, stat_spec],
         [kv_spec, kv_spec],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         [pltpu.VMEM((cfg.block_k, h), jnp.float32), pltpu.VMEM((cfg.block_k, h), jnp.float32)],
@@ -633,7 +660,7 @@ def _backward(q, k, v, qp, kp, o, lse, do, cfg: _Config):
     return dq, dk, dv
 
 
-def _cache_decode(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
+def _cache_decode(q, k, v, mask: Mask, cfg: Config) -> jax.Array:
     """``q [b, t, n, h]`` over time-minor slots ``k, v [b, kh, h, S]`` -> ``[b, t, n, h]``."""
     b, t, n, h = q.shape
     kh, s = k.shape[1], k.shape[3]
@@ -643,27 +670,27 @@ def _cache_decode(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
     nk = s // bk
     # Row r of KV head j: token r // g, query head j * g + r % g (a copy of q only).
     qf = _fold_rows(q, kh, 0)
-    qp = jnp.repeat(q_pos, g, axis=1)
-    ranges, k_range, _ = _tile_ranges(qp, kv_pos, rows, bk, cfg)
+    qp = jnp.repeat(mask.q_pos, g, axis=1)
+    qs = None if not cfg.segments else jnp.repeat(mask.q_seg, g, axis=1)
+    ranges, k_range, _ = _tile_ranges(qp, mask.kv_pos, qs, mask.kv_seg, rows, bk, cfg)
 
     def at_kv(b, j, *refs):  # clamped key tile: skipped tiles are not fetched
-        return _clamp(j, refs[5][b], refs[6][b])
+        return _clamp(j, refs[-2][b], refs[-1][b])
 
     q_spec = pl.BlockSpec((None, kh, rows, h), lambda b, j, *r: (b, 0, 0, 0))
     kv_spec = pl.BlockSpec((None, kh, h, bk), lambda b, j, *r: (b, 0, 0, at_kv(b, j, *r)))
+    q_col = pl.BlockSpec((None, rows, 1), lambda b, j, *r: (b, 0, 0))
+    kv_row = pl.BlockSpec((None, 1, bk), lambda b, j, *r: (b, 0, at_kv(b, j, *r)))
+    m = [qp[:, :, None], mask.kv_pos[:, None, :]]
+    if cfg.segments:
+        m += [qs[:, :, None], mask.kv_seg[:, None, :]]
     out = _call(
         functools.partial(_cache_kernel, cfg=cfg, nk=nk, kh=kh),
         "kvshare_flash_tpu_decode",
         cfg,
         (b, nk),
         (*ranges, *k_range),
-        [
-            q_spec,
-            kv_spec,
-            kv_spec,
-            pl.BlockSpec((None, rows, 1), lambda b, j, *r: (b, 0, 0)),
-            pl.BlockSpec((None, 1, bk), lambda b, j, *r: (b, 0, at_kv(b, j, *r))),
-        ],
+        [q_spec, kv_spec, kv_spec, *[q_col, kv_row] * (len(m) // 2)],
         q_spec,
         jax.ShapeDtypeStruct(qf.shape, q.dtype),
         [
@@ -675,8 +702,7 @@ def _cache_decode(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
         qf,
         k,
         v,
-        qp[:, :, None],
-        kv_pos[:, None, :],
+        *m,
     )
     return _unfold_rows(out, t, n)
 
@@ -684,22 +710,31 @@ def _cache_decode(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
 # ----------------------------------------------------------------------------- layout
 
 
-def _fold(q, k, v, q_pos, kv_pos, cfg: _Config):
-    """Original layout -> folded, padded ``(q [b,kh,Rp,h], k, v [b,kh,Sp,h],
-    qp [b,1,Rp], kp [b,1,Sp])``."""
+def _fold(q, k, v, mask: Mask, cfg: Config):
+    """Original layout -> folded, padded ``(q [b,kh,Rp,h], k, v [b,kh,Sp,h], m)`` with the
+    mask arrays ``m = (qp [b,1,Rp], kp [b,1,Sp])``, with segments also
+    ``(qs [b,1,Rp], ks [b,1,Sp])``. Rows repeat the last query, keys pad as invalid."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
     rows = t * g
-    pad_rows = _round_up(rows, cfg.block_q) - rows
-    pad_keys = _round_up(s, cfg.block_k) - s
+    pad_rows = round_up(rows, cfg.block_q) - rows
+    pad_keys = round_up(s, cfg.block_k) - s
     qf = _fold_rows(q, kh, pad_rows)
     kf, vf = (
         jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad_keys), (0, 0))) for x in (k, v)
     )
-    qp = jnp.pad(jnp.repeat(q_pos, g, axis=1), ((0, 0), (0, pad_rows)), mode="edge")
-    kp = jnp.pad(kv_pos, ((0, 0), (0, pad_keys)), constant_values=INVALID_POS)
-    return qf, kf, vf, qp[:, None, :], kp[:, None, :]
+
+    def q_row(x):
+        return jnp.pad(jnp.repeat(x, g, axis=1), ((0, 0), (0, pad_rows)), mode="edge")[:, None]
+
+    def kv_row(x, fill):
+        return jnp.pad(x, ((0, 0), (0, pad_keys)), constant_values=fill)[:, None, :]
+
+    m = (q_row(mask.q_pos), kv_row(mask.kv_pos, INVALID_POS))
+    if cfg.segments:  # padded keys are invalid by position: their segment is moot
+        m += (q_row(mask.q_seg), kv_row(mask.kv_seg, 0))
+    return qf, kf, vf, m
 
 
 def _fold_rows(x, kh: int, pad_rows: int):
@@ -717,27 +752,27 @@ def _unfold_rows(x, t: int, n: int):
     return x.reshape(b, t, n, h)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attend(q, k, v, q_pos, kv_pos, cfg: _Config):
-    o, _ = _forward(*_fold(q, k, v, q_pos, kv_pos, cfg), cfg, save_lse=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q, k, v, mask: Mask, cfg: Config):
+    o, _ = _forward(*_fold(q, k, v, mask, cfg), cfg, save_lse=False)
     return _unfold_rows(o, q.shape[1], q.shape[2])
 
 
-def _attend_fwd(q, k, v, q_pos, kv_pos, cfg: _Config):
-    o, lse = _forward(*_fold(q, k, v, q_pos, kv_pos, cfg), cfg, save_lse=True)
+def _attend_fwd(q, k, v, mask: Mask, cfg: Config):
+    o, lse = _forward(*_fold(q, k, v, mask, cfg), cfg, save_lse=True)
     # Residuals keep the caller's q, k, v (alive anyway), not the folded copies.
-    return _unfold_rows(o, q.shape[1], q.shape[2]), (q, k, v, q_pos, kv_pos, o, lse)
+    return _unfold_rows(o, q.shape[1], q.shape[2]), (q, k, v, mask, o, lse)
 
 
-def _attend_bwd(cfg: _Config, res, do):
-    q, k, v, q_pos, kv_pos, o, lse = res
+def _attend_bwd(cfg: Config, res, do):
+    q, k, v, mask, o, lse = res
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
-    qf, kf, vf, qp, kp = _fold(q, k, v, q_pos, kv_pos, cfg)
+    qf, kf, vf, m = _fold(q, k, v, mask, cfg)
     dof = _fold_rows(do, kh, qf.shape[2] - t * (n // kh))
-    dq, dk, dv = _backward(qf, kf, vf, qp, kp, o, lse, dof, cfg)
+    dq, dk, dv = _backward(qf, kf, vf, m, o, lse, dof, cfg)
     dk, dv = (x[:, :, :s].transpose(0, 2, 1, 3) for x in (dk, dv))
-    return _unfold_rows(dq, t, n), dk, dv, None, None
+    return _unfold_rows(dq, t, n), dk, dv, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -750,18 +785,16 @@ def flash_attention_tpu(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    q_pos: jax.Array,
-    kv_pos: jax.Array,
+    mask: Mask,
     *,
-    strict: bool = False,
-    window: int | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool = False,
     device_kind: str | None = None,
 ) -> jax.Array:
-    """Mosaic flash attention: ``q [b,t,n,h]``, ``k, v [b,s,kh,h]``, ``q_pos [b,t]``,
-    ``kv_pos [b,s]`` (int) -> ``[b,t,n,h]`` in ``q.dtype``; differentiable in q, k, v.
+    """Mosaic flash attention: ``q [b,t,n,h]``, ``k, v [b,s,kh,h]`` and a
+    :class:`~kvshare_jax.masks.Mask` (int32 arrays) -> ``[b,t,n,h]`` in ``q.dtype``;
+    differentiable in q, k, v.
 
     Inputs are validated by :func:`kvshare_jax.kernels.flash_attention`, the public
     entry point. ``block_q`` counts folded query rows (``t * n // kh`` in all),
@@ -772,45 +805,41 @@ def flash_attention_tpu(
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     bq, bk = block_sizes(t * (n // kh), s, h, q.dtype, device_kind, block_q, block_k)
-    cfg = _Config.of(h, strict, window, bq, bk, interpret)
-    return _jit_attend(q, k, v, q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32), cfg)
+    return _jit_attend(q, k, v, mask, _config(h, mask, bq, bk, interpret))
 
 
 def cache_attention_tpu(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    q_pos: jax.Array,
-    kv_pos: jax.Array,
+    mask: Mask,
     *,
-    strict: bool = False,
-    window: int | None = None,
     block_k: int | None = None,
     interpret: bool = False,
     device_kind: str | None = None,
 ) -> jax.Array:
     """Decode attention over time-minor cache slots, read in place: ``q [b,t,n,h]``,
-    ``k, v [b,kh,h,S]``, ``q_pos [b,t]``, ``kv_pos [b,S]`` -> ``[b,t,n,h]`` (inference
-    only: no gradient). ``block_k`` keys per tile (default: :func:`decode_block`); a
-    cache whose length no tile divides is padded, a copy that
-    :func:`kvshare_jax.cache_layout.cache_length` avoids."""
+    ``k, v [b,kh,h,S]`` and a mask of ``q_pos [b,t]``, ``kv_pos [b,S]`` (segment ids
+    alike) -> ``[b,t,n,h]`` (inference only: no gradient). ``block_k`` keys per tile
+    (default: :func:`decode_block`); a cache whose length no tile divides is padded, a
+    copy that :func:`kvshare_jax.cache_layout.cache_length` avoids."""
     b, t, n, h = q.shape
     kh, s = k.shape[1], k.shape[3]
     bk = decode_block(s, kh, h, q.dtype, device_kind, block_k)
-    kv_pos = kv_pos.astype(jnp.int32)
     if s % bk:
-        pad = _round_up(s, bk) - s
+        pad = round_up(s, bk) - s
         k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad))) for x in (k, v))
-        kv_pos = jnp.pad(kv_pos, ((0, 0), (0, pad)), constant_values=INVALID_POS)
-    cfg = _Config.of(h, strict, window, t * (n // kh), bk, interpret)
-    return _jit_cache(q, k, v, q_pos.astype(jnp.int32), kv_pos, cfg)
+        kv_pos = jnp.pad(mask.kv_pos, ((0, 0), (0, pad)), constant_values=INVALID_POS)
+        kv_seg = None if mask.kv_seg is None else jnp.pad(mask.kv_seg, ((0, 0), (0, pad)))
+        mask = mask.replace(kv_pos=kv_pos, kv_seg=kv_seg)
+    return _jit_cache(q, k, v, mask, _config(h, mask, t * (n // kh), bk, interpret))
 
 
-@functools.partial(jax.jit, static_argnums=(5,))
-def _jit_cache(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
-    return _cache_decode(q, k, v, q_pos, kv_pos, cfg)
+@functools.partial(jax.jit, static_argnums=(4,))
+def _jit_cache(q, k, v, mask: Mask, cfg: Config) -> jax.Array:
+    return _cache_decode(q, k, v, mask, cfg)
 
 
-@functools.partial(jax.jit, static_argnums=(5,))
-def _jit_attend(q, k, v, q_pos, kv_pos, cfg: _Config) -> jax.Array:
-    return _attend(q, k, v, q_pos, kv_pos, cfg)
+@functools.partial(jax.jit, static_argnums=(4,))
+def _jit_attend(q, k, v, mask: Mask, cfg: Config) -> jax.Array:
+    return _attend(q, k, v, mask, cfg)

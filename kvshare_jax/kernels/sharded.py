@@ -21,6 +21,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
 from kvshare_jax.kernels.flash import flash_attention, flash_cache_attention
+from kvshare_jax.masks import Mask
 from kvshare_jax.target import target_device_kind, target_platform
 
 BATCH_AXES = ("data", "fsdp")
@@ -31,20 +32,17 @@ def pallas_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    q_pos: jax.Array,
-    kv_pos: jax.Array,
+    mask: Mask,
     *,
-    strict: bool = False,
-    window: int | None = None,
-    block_q: int | None = None,
-    block_k: int | None = None,
-    platform: str | None = None,
-    interpret: bool | None = None,
-    device_kind: str | None = None,
     mesh: Mesh | AbstractMesh | None = None,
+    platform: str | None = None,
+    device_kind: str | None = None,
+    **options,
 ) -> jax.Array:
-    """Flash attention ``q [b,t,n,h]``, ``k, v [b,s,kh,h]`` -> ``[b,t,n,h]``, same
-    semantics as ``xla_attention`` (see ``flash_attention`` for the other arguments).
+    """Flash attention ``q [b,t,n,h]``, ``k, v [b,s,kh,h]`` under ``mask``
+    (:class:`~kvshare_jax.masks.Mask`) -> ``[b,t,n,h]``, same semantics as
+    ``xla_attention``; ``options`` (``block_q``, ``block_k``, ``interpret``) and the
+    other arguments as in ``flash_attention``.
 
     ``mesh=None`` uses the ambient mesh (``jax.set_mesh``); with no mesh, or a mesh
     without any non-manual 'data'/'fsdp'/'tensor' axis (e.g. already inside a
@@ -55,34 +53,21 @@ def pallas_attention(
     'tensor' size.
     """
     plan = _plan(mesh, platform, device_kind)
-    kwargs = dict(
-        strict=strict,
-        window=window,
-        block_q=block_q,
-        block_k=block_k,
-        platform=plan.platform,
-        interpret=interpret,
-        device_kind=plan.device_kind,
-    )
-    kernel = functools.partial(flash_attention, **kwargs)
-    return plan.run(kernel, (q, k, v, q_pos, kv_pos), kv_heads=k.shape[2], slots=False)
+    kernel = functools.partial(flash_attention, **plan.options, **options)
+    return plan.run(kernel, (q, k, v, mask), kv_heads=k.shape[2], slots=False)
 
 
 def pallas_cache_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    q_pos: jax.Array,
-    kv_pos: jax.Array,
+    mask: Mask,
     *,
     layout: str,
-    strict: bool = False,
-    window: int | None = None,
-    block_k: int | None = None,
-    platform: str | None = None,
-    interpret: bool | None = None,
-    device_kind: str | None = None,
     mesh: Mesh | AbstractMesh | None = None,
+    platform: str | None = None,
+    device_kind: str | None = None,
+    **options,
 ) -> jax.Array:
     """Attention of ``q [b,t,n,h]`` over decode-cache slots ``k, v`` (rows ``[b*kh,S,h]``
     for ``layout="SH"``, ``[b*kh,h,S]`` for ``"HS"``) -> ``[b,t,n,h]``, per shard like
@@ -91,17 +76,8 @@ def pallas_cache_attention(
     plan = _plan(mesh, platform, device_kind)
     b = q.shape[0]
     k, v = (x.reshape(b, -1, *x.shape[1:]) for x in (k, v))  # [b, kh, ., .]: a bitcast
-    kwargs = dict(
-        layout=layout,
-        strict=strict,
-        window=window,
-        block_k=block_k,
-        platform=plan.platform,
-        interpret=interpret,
-        device_kind=plan.device_kind,
-    )
-    kernel = functools.partial(flash_cache_attention, **kwargs)
-    return plan.run(kernel, (q, k, v, q_pos, kv_pos), kv_heads=k.shape[1], slots=True)
+    kernel = functools.partial(flash_cache_attention, layout=layout, **plan.options, **options)
+    return plan.run(kernel, (q, k, v, mask), kv_heads=k.shape[1], slots=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,24 +91,30 @@ class _Plan:
     head: str | None
 
     @property
+    def options(self) -> dict[str, str | None]:
+        """The kernel's target: the mesh's platform and device kind."""
+        return {"platform": self.platform, "device_kind": self.device_kind}
+
+    @property
     def direct(self) -> bool:
         """No free mesh axis: call the kernel as it is."""
         return not self.batch and self.head is None
 
     def run(self, kernel, args: tuple, kv_heads: int, slots: bool) -> jax.Array:
-        """``kernel(q, k, v, q_pos, kv_pos)`` called directly, or per shard (K/V time-major
-        ``[b, s, kh, h]``, or per-batch-row cache slots ``[b, kh, ., .]`` with ``slots``)."""
+        """``kernel(q, k, v, mask)`` called directly, or per shard (K/V time-major
+        ``[b, s, kh, h]``, or per-batch-row cache slots ``[b, kh, ., .]`` with ``slots``;
+        every array of the mask split over the batch axes)."""
         if self.direct:
             return kernel(*args)
         q = args[0]
         self.check(q.shape[0], q.shape[2], kv_heads)
         heads = P(self.batch or None, None, self.head, None)
         kv = P(self.batch or None, self.head, None, None) if slots else heads
-        pos = P(self.batch or None, None)
+        rows = P(self.batch or None, None)
         return jax.shard_map(
             kernel,
             mesh=self.mesh,
-            in_specs=(heads, kv, kv, pos, pos),
+            in_specs=(heads, kv, kv, jax.tree.map(lambda _: rows, args[3])),
             out_specs=heads,
             check_vma=False,
         )(*args)
