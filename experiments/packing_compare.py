@@ -51,6 +51,7 @@ from kvshare_jax.config import load_config
 from kvshare_jax.data import get_tokenizer
 from kvshare_jax.model import forward
 from kvshare_jax.study import time_train_step
+from kvshare_jax.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -202,17 +203,20 @@ def markdown(out: dict) -> str:
         "document by itself: checked on the first validation batch, max |logit "
         "difference| below); *concat* = concatenated rows.",
         "",
-        "| layout | train packing | ppl same | ppl alone | ppl concat | train loss | "
-        "step median (ms) | step best (ms) | loop tok/s | alone check |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in out["runs"]:
-        lines.append(
-            f"| {r['layout']} | {r['packing']} | {r['eval_ppl_same_packing']:.2f} | "
-            f"{r['eval_ppl_alone']:.2f} | {r['eval_ppl_concat']:.2f} | {r['train_loss']:.3f} | "
-            f"{r['train_step_median_s'] * 1e3:.0f} | {r['train_step_min_s'] * 1e3:.0f} | "
-            f"{r['tokens_per_sec']:.0f} | {r['alone_check']['max_abs_logit_diff']:.1e} |"
-        )
+    header = ("layout", "train packing", "ppl same", "ppl alone", "ppl concat", "train loss",
+              "step median (ms)", "step best (ms)", "loop tok/s", "alone check")  # fmt: skip
+    lines += markdown_table(
+        header,
+        (
+            [r["layout"], r["packing"], f"{r['eval_ppl_same_packing']:.2f}",
+             f"{r['eval_ppl_alone']:.2f}", f"{r['eval_ppl_concat']:.2f}",
+             f"{r['train_loss']:.3f}", f"{r['train_step_median_s'] * 1e3:.0f}",
+             f"{r['train_step_min_s'] * 1e3:.0f}", f"{r['tokens_per_sec']:.0f}",
+             f"{r['alone_check']['max_abs_logit_diff']:.1e}"]
+            for r in out["runs"]
+        ),
+    )  # fmt: skip
     lines += [
         "",
         "Both packings cut the same rows from the same token stream and score the same "
