@@ -48,11 +48,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "each KV layer's token write and one attention read of its target's slot per "
         "layer); XLA's bytes accessed over its count of the same floor (it also counts "
         "weights staged in VMEM, two or three times); copies of cache data; temporaries "
-        "over the cache bytes.",
+        "over the cache bytes; *remat*: instructions the compiler rematerialized "
+        "(recomputed from their operands, e.g. a score fusion reading a K slot twice) to "
+        "fit its memory limit.",
         "",
     ]
     header = ("config", "layout", "attention", "chip", "batch", "cache MiB", "HBM GiB",
-              "floor GiB", "ratio", "XLA bytes ratio", "cache copies",
+              "floor GiB", "ratio", "XLA bytes ratio", "cache copies", "remat",
               "temporaries / cache")  # fmt: skip
     table = []
     for r in rows:
@@ -64,6 +66,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{r['hbm_traffic_ratio_to_floor']:.3f}",
             f"{r['ratio_to_floor']:.3f}",
             str(r["cache_copies"]),
+            str(r.get("rematerialized", "-")),  # (not recorded in older cells)
             f"{r['temporaries_over_cache']:.2%}",
         ]
         table.append(cells)
@@ -130,6 +133,7 @@ def main() -> None:
                             "hbm_traffic_floor": out["hbm_traffic_floor_per_device"],
                             "hbm_traffic_ratio_to_floor": out["hbm_traffic_ratio_to_floor"],
                             "cache_copies": out["cache_copies"],
+                            "rematerialized": out["rematerialized"],
                             "temporaries_over_cache": out["temporaries_over_cache"],
                         }
                         rows.append(row)
@@ -137,6 +141,7 @@ def main() -> None:
                             f"{path} {spec} {impl} {topology} b={batch}: "
                             f"traffic {row['hbm_traffic_ratio_to_floor']:.3f} (XLA bytes "
                             f"{row['ratio_to_floor']:.3f}) copies {row['cache_copies']} "
+                            f"remat {row['rematerialized']} "
                             f"temps {row['temporaries_over_cache']:.2%} "
                             f"({time.time() - start:.0f} s)",
                             flush=True,

@@ -342,17 +342,30 @@ def cache_copies(hlo_text: str, min_bytes: int, length: int) -> int:
     return count
 
 
+_REMAT = re.compile(r"(?m)^\s*(?:ROOT )?%\S*\.remat\S* = ")
+
+
+def rematerialized(hlo_text: str) -> int:
+    """Instructions of an optimized HLO module that the compiler rematerialized
+    (recomputed, ``*.remat*``) to fit its memory limit: each one reads its operands again,
+    e.g. a whole cache slot for a decode attention score fusion."""
+    return len(_REMAT.findall(hlo_text))
+
+
 def _cache_account(compiled: Any, cache: Any) -> dict[str, Any]:
     """Cache bytes of a compiled program's cache argument, its copies of a quarter slot or
-    more, and its temporaries over the cache bytes."""
+    more, the instructions the compiler rematerialized, and its temporaries over the cache
+    bytes."""
     slots = (*cache.k, *cache.v)
     slot = slots[0].size * slots[0].dtype.itemsize
     total = sum(x.size * x.dtype.itemsize for x in slots)
     temps = int(compiled.memory_analysis().temp_size_in_bytes)
+    text = compiled.as_text()
     return {
         "cache_bytes_per_device": total,
         "cache_layout": cache.layout,
-        "cache_copies": cache_copies(compiled.as_text(), slot // 4, cache.length),
+        "cache_copies": cache_copies(text, slot // 4, cache.length),
+        "rematerialized": rematerialized(text),
         "temporaries_over_cache": temps / total,
     }
 

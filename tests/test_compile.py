@@ -224,7 +224,8 @@ def test_bench_topology_command(tmp_path, capsys):
 
 # ----------------------------------------------------------------- the decode step
 def _decode_targets(path: str, layout: str, impl: str, topology: str, batch: int) -> dict:
-    """The decode-step targets for one cell: no cache-sized copy, temporaries at most 5%
+    """The decode-step targets for one cell: no cache-sized copy, nothing the compiler
+    rematerialized (a recomputed score fusion reads its K slot again), temporaries at most 5%
     of the cache, HBM traffic at most 1.2x the in-place floor's. (XLA's bytes accessed
     also counts weights the compiler stages in VMEM, several times: test_hbm_traffic.)"""
     config = load_config(path)
@@ -232,7 +233,7 @@ def _decode_targets(path: str, layout: str, impl: str, topology: str, batch: int
     cfg = dataclasses.replace(cfg, layout=from_spec(layout, cfg.num_layers), attention_impl=impl)
     prompt, gen = aot.generate_lengths(config, None, None)
     out = aot.decode_step_program(cfg, aot.topology(topology)[0], batch, prompt + gen - 1)
-    assert out["cache_copies"] == 0, out
+    assert out["cache_copies"] == 0 and out["rematerialized"] == 0, out
     assert out["temporaries_over_cache"] <= 0.05, out
     assert out["hbm_traffic_ratio_to_floor"] <= 1.2, out
     return out
@@ -307,3 +308,19 @@ def test_bench_topology_resume(tmp_path, monkeypatch, capsys):
     assert cli.main([*argv, "--layouts", "standard", "--resume", "--gen-len", "16"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "another search (differs in gen_len)" in err
+
+
+def test_rematerialized_counts_recomputed_instructions():
+    """The count of ``*.remat*`` instructions (what the TPU compiler recomputed to fit its
+    memory limit, e.g. the llama_110m xla decode step at the Pallas max batch: its score
+    fusions read every K slot twice), not their uses."""
+    text = "\n".join([
+        "ENTRY %main {",
+        "  %fusion.3 = f32[8,1024]{1,0} fusion(%p0, %p1), kind=kOutput, calls=%f3",
+        "  %fusion.3.remat = f32[8,1024]{1,0} fusion(%p0, %p1), kind=kOutput, calls=%f3",
+        "  %fusion.9.remat2 = f32[8,1024]{1,0} fusion(%p0), kind=kLoop, calls=%f9",
+        "  ROOT %add.1 = f32[8,1024]{1,0} add(%fusion.3.remat, %fusion.9.remat2)",
+        "}",
+    ])  # fmt: skip
+    assert aot.rematerialized(text) == 2
+    assert aot.rematerialized(text.replace(".remat", "")) == 0

@@ -104,7 +104,8 @@ def render(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"decode_step ({step['cache_layout']} cache, {_gib(step['cache_bytes_per_device'])} "
-            f"GiB): {step['cache_copies']} cache copies, temporaries "
+            f"GiB): {step['cache_copies']} cache copies, {step['rematerialized']} "
+            f"rematerialized instructions, temporaries "
             f"{step['temporaries_over_cache']:.1%} of the cache{floor}",
         ]
     gen = report["programs"].get("generate")
