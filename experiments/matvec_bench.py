@@ -153,7 +153,7 @@ def markdown(res: dict) -> str:
     )  # fmt: skip
     lines += [
         "",
-        f"The model routes products of up to MAX_ROWS = {cpu_matvec.MAX_ROWS} rows to the "
+        f"The model routes products of up to max_rows() = {cpu_matvec.max_rows()} rows to the "
         f"kernel. ISA: {res['isa']}; 1-minute load average {res['load'][0]:.2f} before, "
         f"{res['load'][1]:.2f} after.",
     ]

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.skipif(not cpu_matvec.available(), reason="no C++ compi
 @pytest.mark.parametrize(
     "m,k,n",
     [(1, 1, 1), (1, 3, 7), (1, 64, 8), (1, 65, 33), (1, 512, 1376), (2, 130, 1000),
-     (3, 200, 17), (5, 64, 9), (8, 129, 64), (1, 1376, 512)],
+     (3, 200, 17), (5, 64, 9), (8, 129, 64), (1, 1376, 512),
+     # more rows: panels of 256 columns (and a partial one), groups of 8 rows (and a rest)
+     (9, 70, 300), (16, 512, 520), (32, 130, 1001), (64, 64, 257), (13, 1000, 7)],
 )  # fmt: skip
 def test_matvec_matches_float64(m, k, n):
     rng = np.random.default_rng(m * 1000 + k + n)
@@ -43,8 +45,8 @@ def test_matvec_keeps_leading_dims_and_vmaps():
 
 
 def test_matvec_rejects_bad_shapes_in_one_line():
-    with pytest.raises(ValueError, match="1..8 rows"):
-        cpu_matvec.matvec(jnp.ones((9, 4)), jnp.ones((4, 3)))
+    with pytest.raises(ValueError, match="1..64 rows"):
+        cpu_matvec.matvec(jnp.ones((65, 4)), jnp.ones((4, 3)))
     with pytest.raises(ValueError, match=r"w \[K, N\]"):
         cpu_matvec.matvec(jnp.ones((1, 4)), jnp.ones((5, 3)))
     with pytest.raises(ValueError, match="float32 only"):
@@ -59,11 +61,30 @@ def _dense_hlo(cfg: ModelConfig, tokens: int) -> str:
     return jax.jit(lambda p, x: BoundModel(cfg, p).logits(x)).lower(params, x).as_text()
 
 
-def test_routing_single_row_fp32_only():
+def test_max_rows_follows_the_isa(monkeypatch):
+    """Single rows only where the kernel is built with AVX-512; up to 32 rows with AVX2."""
+    cpu_matvec.max_rows.cache_clear()
+    monkeypatch.setattr(cpu_matvec, "_cpu_id", lambda: "model name: x flags: avx2 avx512f")
+    try:
+        assert cpu_matvec.max_rows() == cpu_matvec.MAX_ROWS_AVX512 == 1
+        cpu_matvec.max_rows.cache_clear()
+        monkeypatch.setenv("KVSHARE_CPU_ISA", "avx2")
+        assert cpu_matvec.max_rows() == cpu_matvec.MAX_ROWS_AVX2 == 32
+        cpu_matvec.max_rows.cache_clear()
+        monkeypatch.delenv("KVSHARE_CPU_ISA")
+        monkeypatch.setattr(cpu_matvec, "_cpu_id", lambda: "model name: x flags: avx2 fma")
+        assert cpu_matvec.max_rows() == 32
+    finally:
+        cpu_matvec.max_rows.cache_clear()
+
+
+def test_routing_few_rows_fp32_only():
     cfg = ModelConfig.create("standard", num_layers=2, vocab_size=300, d_model=64,
                              num_heads=4, num_kv_heads=2, d_ff=96)  # fmt: skip
     assert "kvshare_matvec" in _dense_hlo(cfg, 1)
-    assert "kvshare_matvec" not in _dense_hlo(cfg, 2)  # more rows than MAX_ROWS: XLA
+    rows = cpu_matvec.max_rows()
+    assert ("kvshare_matvec" in _dense_hlo(cfg, rows)) and rows in (1, 32)
+    assert "kvshare_matvec" not in _dense_hlo(cfg, rows + 1)  # more rows: XLA
     xla = ModelConfig.create("standard", num_layers=2, vocab_size=300, d_model=64,
                              num_heads=4, num_kv_heads=2, d_ff=96, matvec_impl="xla")  # fmt: skip
     assert "kvshare_matvec" not in _dense_hlo(xla, 1)

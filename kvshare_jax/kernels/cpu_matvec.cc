@@ -41,16 +41,19 @@ inline v8 load8(const float* p) {
 }
 inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
 
-constexpr int64_t kMaxRows = 8;    // M at most this (the Python side routes larger M to XLA)
+constexpr int64_t kMaxRows = 64;   // M at most this (the Python side routes larger M to XLA)
+constexpr int kGroup = 8;          // rows of x per pass over a panel (M > 1)
+constexpr int64_t kPanel = 256;    // columns per panel (M > 1): a group's sums stay in L1
 constexpr int64_t kChunkRows = 64;  // weight rows per chunk (a multiple of 4)
 // Smaller weights are read by the calling thread alone: waking a helper costs more than
 // the product, and a helper that never gets a job never spins (small test models).
 constexpr int64_t kParallelBytes = 256 << 10;
 
-// acc[m, :] += sum_{k0 <= k < k1} x[m, k] * w[k, :], four weight rows per sweep.
+// acc[m, j0:j1] += sum_{k0 <= k < k1} x[m, k] * w[k, j0:j1], four weight rows per sweep
+// (x, acc: rows of K and N floats; w: rows of N floats).
 template <int M>
 void Accumulate(const float* x, const float* w, float* acc, int64_t K, int64_t N, int64_t k0,
-                int64_t k1) {
+                int64_t k1, int64_t j0, int64_t j1) {
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {
     const float* r0 = w + k * N;
@@ -60,15 +63,15 @@ void Accumulate(const float* x, const float* w, float* acc, int64_t K, int64_t N
     float c[M][4];
     for (int m = 0; m < M; ++m)
       for (int i = 0; i < 4; ++i) c[m][i] = x[m * K + k + i];
-    int64_t j = 0;
-    for (; j + 8 <= N; j += 8) {
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) {
       v8 w0 = load8(r0 + j), w1 = load8(r1 + j), w2 = load8(r2 + j), w3 = load8(r3 + j);
       for (int m = 0; m < M; ++m) {
         float* a = acc + m * N + j;
         store8(a, load8(a) + c[m][0] * w0 + c[m][1] * w1 + c[m][2] * w2 + c[m][3] * w3);
       }
     }
-    for (; j < N; ++j)
+    for (; j < j1; ++j)
       for (int m = 0; m < M; ++m)
         acc[m * N + j] += c[m][0] * r0[j] + c[m][1] * r1[j] + c[m][2] * r2[j] + c[m][3] * r3[j];
   }
@@ -76,16 +79,31 @@ void Accumulate(const float* x, const float* w, float* acc, int64_t K, int64_t N
     const float* r = w + k * N;
     for (int m = 0; m < M; ++m) {
       const float c = x[m * K + k];
-      for (int64_t j = 0; j < N; ++j) acc[m * N + j] += c * r[j];
+      for (int64_t j = j0; j < j1; ++j) acc[m * N + j] += c * r[j];
     }
   }
 }
 
 using AccumulateFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t,
-                              int64_t);
-constexpr AccumulateFn kAccumulate[kMaxRows + 1] = {
+                              int64_t, int64_t, int64_t);
+constexpr AccumulateFn kAccumulate[kGroup + 1] = {
     nullptr,         Accumulate<1>, Accumulate<2>, Accumulate<3>, Accumulate<4>,
     Accumulate<5>, Accumulate<6>, Accumulate<7>, Accumulate<8>};
+
+// acc[m, :] += sum_{k0 <= k < k1} x[m, k] * w[k, :] for all M rows. One row sweeps the
+// weight rows whole (bound by reading them). More rows go panel by panel of kPanel
+// columns, groups of kGroup rows each: a group's partial sums of a panel stay in L1
+// while the chunk's weight rows stream through, instead of the whole [M, N] sums
+// crossing the caches every four weight rows. (Measured on a Zen 3 core against a
+// register-tiled kernel over packed weight panels, which was slower.)
+void AccumulateRows(const float* x, const float* w, float* acc, int64_t M, int64_t K,
+                    int64_t N, int64_t k0, int64_t k1) {
+  if (M == 1) return Accumulate<1>(x, w, acc, K, N, k0, k1, 0, N);
+  for (int64_t j0 = 0; j0 < N; j0 += kPanel)
+    for (int64_t m0 = 0; m0 < M; m0 += kGroup)
+      kAccumulate[std::min<int64_t>(kGroup, M - m0)](x + m0 * K, w, acc + m0 * N, K, N, k0,
+                                                     k1, j0, std::min(N, j0 + kPanel));
+}
 
 // What the participants of one call share. Held by shared_ptr: a helper may pick a job
 // up after its call returned; it then claims nothing and only touches this struct.
@@ -101,7 +119,6 @@ struct Work {
 
 // Claims and runs chunks until none is left.
 void Participate(Work& work, int p) {
-  const AccumulateFn accumulate = kAccumulate[work.M];
   for (int64_t c = work.next.fetch_add(1, std::memory_order_relaxed); c < work.chunks;
        c = work.next.fetch_add(1, std::memory_order_relaxed)) {
     if (!work.used[p].load(std::memory_order_relaxed)) {
@@ -109,7 +126,7 @@ void Participate(Work& work, int p) {
       work.used[p].store(true, std::memory_order_relaxed);
     }
     const int64_t k0 = c * work.rows, k1 = std::min(work.K, k0 + work.rows);
-    accumulate(work.x, work.w, work.partial[p], work.K, work.N, k0, k1);
+    AccumulateRows(work.x, work.w, work.partial[p], work.M, work.K, work.N, k0, k1);
     work.done.fetch_add(1, std::memory_order_release);
   }
 }
@@ -201,7 +218,7 @@ ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     return ffi::Error::InvalidArgument("kvshare_matvec: want x [M, K] and w [K, N]");
   const int64_t M = xd[0], K = xd[1], N = wd[1];
   if (M < 1 || M > kMaxRows)
-    return ffi::Error::InvalidArgument("kvshare_matvec: M must be in [1, 8]");
+    return ffi::Error::InvalidArgument("kvshare_matvec: M must be in [1, 64]");
   float* out = y->typed_data();
 
   Helpers& helpers = Helpers::Get();

@@ -1,17 +1,20 @@
-"""Single-row fp32 matrix-vector products on XLA:CPU through an FFI kernel (decode).
+"""Few-row fp32 matrix products on XLA:CPU through an FFI kernel (decode).
 
 ``matvec(x [.., K], w [K, N]) -> [.., N]`` for up to :data:`KERNEL_ROWS` rows of ``x``;
-the model sends it products of at most :data:`MAX_ROWS` rows. At batch 1 a decode step
+the model sends it products of at most :func:`max_rows` rows. At batch 1 a decode step
 is bound by reading the weights; XLA:CPU's dot reaches about 40 GB/s on those shapes
 where a row-split streaming loop reaches the ~50 GB/s of a plain read on the same 2 cores
-(``cpu_matvec.cc`` says how). Batch decode (8..32 rows) is bound by the FMAs, where
-XLA's dot runs near the core's peak: a register-blocked small-M kernel was measured and
-was not faster (``experiments/results/matvec_bench_cpu.md``). :func:`dot_general` is the
-drop-in ``dot_general`` of the model's ``nn.Dense`` layers (``matvec_impl="auto"``): it
-takes the kernel when the product is ``[.., K] x [K, N]`` in fp32 with at most
-``MAX_ROWS`` rows, the target platform is the CPU and no multi-device mesh is active;
-everything else, and a program lowered for another platform, is ``lax.dot_general``.
-The kernel has a custom VJP with XLA dots, so gradients through it are the usual ones.
+(``cpu_matvec.cc`` says how). Batch decode (8..32 rows) depends on the ISA: on AVX-512
+hosts XLA's dots run near the core's peak and beat this kernel's 256-bit loops from two
+rows on, so only single rows come here; on AVX2-only hosts (a Zen 3 core) XLA's dots of
+4..32 rows read their weights at 4-6 GB/s and the kernel, summing panel by panel in L1,
+is 1.2-2.3x faster up to 32 rows (``experiments/results/matvec_bench_cpu*.md``).
+:func:`dot_general` is the drop-in ``dot_general`` of the model's ``nn.Dense`` layers
+(``matvec_impl="auto"``): it takes the kernel when the product is ``[.., K] x [K, N]`` in
+fp32 with at most :func:`max_rows` rows, the target platform is the CPU and no
+multi-device mesh is active; everything else, and a program lowered for another
+platform, is ``lax.dot_general``. The kernel has a custom VJP with XLA dots, so
+gradients through it are the usual ones.
 
 The library is compiled at first use from ``cpu_matvec.cc`` with the host C++ compiler
 (``$CXX``, else ``c++``; ``-O3 -march=native``, with ``KVSHARE_CPU_ISA=avx2`` also
@@ -42,9 +45,12 @@ from jax import lax
 
 from kvshare_jax.target import target_platform
 
-# rows sent to the kernel: at 2 it ties XLA, at 4 it is slower (results/matvec_bench_cpu.md)
-MAX_ROWS = 1
-KERNEL_ROWS = 8  # what cpu_matvec.cc accepts (kMaxRows)
+# rows sent to the kernel (results/matvec_bench_cpu*.md): on AVX-512 hosts XLA's dots beat
+# its 256-bit loops from 2 rows on; with AVX2 only (a Zen 3 core) XLA's dots run at
+# 4-6 GB/s of weights at 4..32 rows and the kernel is 1.2-2.3x faster up to 32 rows
+MAX_ROWS_AVX512 = 1
+MAX_ROWS_AVX2 = 32
+KERNEL_ROWS = 64  # what cpu_matvec.cc accepts (kMaxRows)
 _SOURCE = Path(__file__).with_suffix(".cc")
 _TARGET = "kvshare_matvec"
 
@@ -90,6 +96,15 @@ def _build(cxx: str) -> Path:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
         os.replace(out, lib)  # atomic: concurrent builders (pytest workers) race safely
     return lib
+
+
+@functools.cache
+def max_rows() -> int:
+    """Most rows of a product the model sends to the kernel: :data:`MAX_ROWS_AVX2` when the
+    kernel is built without AVX-512 (no ``avx512f`` on the host, or ``KVSHARE_CPU_ISA=avx2``),
+    else :data:`MAX_ROWS_AVX512`."""
+    avx512 = "avx512f" in _cpu_id() and "-mno-avx512f" not in isa_flags()
+    return MAX_ROWS_AVX512 if avx512 else MAX_ROWS_AVX2
 
 
 @functools.cache
@@ -165,7 +180,7 @@ def use_kernel(x: jax.Array, w: jax.Array) -> bool:
         x.dtype == jnp.float32
         and w.dtype == jnp.float32
         and w.ndim == 2
-        and 1 <= rows <= MAX_ROWS
+        and 1 <= rows <= max_rows()
         and _single_device_cpu()
         and available()
     )
