@@ -80,7 +80,9 @@ def write(
     return jax.lax.dynamic_update_slice(buf, rows, start)
 
 
-def write_scale(buf: jax.Array, scale: jax.Array, index: jax.Array | int, row: Any = 0) -> jax.Array:
+def write_scale(
+    buf: jax.Array, scale: jax.Array, index: jax.Array | int, row: Any = 0
+) -> jax.Array:
     """Writes the time-major scales ``scale [c, t, k]`` of quantized KVs at cache indices
     ``index .. index+t-1`` of a scale slot ``buf [B, S]`` (the rows of the K/V slot, time
     minor in every layout), from row ``row`` on, in place."""
