@@ -5,7 +5,8 @@ Shapes: ``...`` any leading axes (``[c, t, k]`` time-major KVs), h head dim.
 ``model.kv_cache_dtype`` names what the decode cache stores: ``""`` or the model dtype
 (unquantized), ``"int8"`` or ``"float8_e4m3fn"``. Both quantized kinds are one
 mechanism: a vector ``x [..., h]`` is stored as ``q = x / scale`` in the cache dtype with
-an fp32 ``scale = max|x| / QMAX`` beside it (``QMAX`` 127 for int8, 448, the largest
+an fp32 ``scale = max|x| / QMAX`` beside it (computed as ``max|x| * fl(1 / QMAX)``,
+which XLA makes of the division by a constant anyway) (``QMAX`` 127 for int8, 448, the largest
 finite e4m3fn value, for fp8), so ``x ~ q * scale``.
 
 - int8: ``q = clip(round(x / scale), -127, 127)``, rounding to nearest with ties to
@@ -55,7 +56,7 @@ def quantize(x: jax.Array, dtype: str) -> tuple[jax.Array, jax.Array]:
     """``x [..., h]`` -> ``(q [..., h] in dtype, scale [...] fp32)`` with ``x ~ q * scale``."""
     qmax = QMAX[dtype]
     x = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x), axis=-1) / qmax
+    scale = jnp.max(jnp.abs(x), axis=-1) * jnp.float32(1 / qmax)  # (XLA's / qmax, too)
     y = x / jnp.where(scale > 0, scale, 1.0)[..., None]
     if dtype == "int8":
         y = jnp.round(y)

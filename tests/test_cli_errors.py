@@ -84,8 +84,7 @@ CASES = {
     "dtype": (lambda w, f: _train(w, "--config.model.dtype=float7"), "got 'float7'"),
     "kv cache dtype": (
         lambda w, f: _train(w, "--config.model.kv_cache_dtype=int3"),
-        "kv_cache_dtype must be '' (the model dtype, float32), int8 or float8_e4m3fn, "
-        "got 'int3'",
+        "kv_cache_dtype must be '' (the model dtype, float32), int8 or float8_e4m3fn, got 'int3'",
     ),
     "generate kv cache dtype": (
         lambda w, f: [
