@@ -14,7 +14,9 @@ sequence writes a step at the same cache ``index``; ``kv_pos [b, S]`` holds the 
 stored at each index (``INVALID_POS`` for unwritten indices and prompt padding), and
 ``pos [b]`` is each sequence's next position. A layout with ``l`` KV layers has exactly
 ``l / L`` of the cache bytes of a standard transformer. Sliding-window layers keep
-full-length slots (no ring buffer).
+full-length slots (no ring buffer). With ``model.kv_cache_dtype`` int8 or fp8 the slots
+hold quantized K/V and each slot has fp32 scales ``[b*k, S]`` beside it
+(:mod:`kvshare_jax.kv_quant`), written in place with it (:func:`write_kv`).
 
 **Exactness** (docs/design.md §5): a decode step runs the new token through all layers bottom
 to top; a KV layer writes its K/V at ``pos`` before attending, so a layer reading a
