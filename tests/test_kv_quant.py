@@ -144,10 +144,15 @@ def reference_step(cfg, params, cache, tokens, dtype: str = "int8"):
     return bound.logits(x)[:, 0]
 
 
-@pytest.mark.parametrize("spec", ["standard", "pizza-top:3", "lasagna-top:3"])
-@pytest.mark.parametrize("platform", ["cpu", "tpu"])  # SH and HS slots
-def test_int8_decode_equals_decode_over_the_dequantized_cache(spec, platform):
-    cfg, params = _model(spec)
+CASES = [(spec, platform, "xla") for spec in ("standard", "pizza-top:3", "lasagna-top:3")
+         for platform in ("cpu", "tpu")]  # fmt: skip
+CASES += [("pizza-top:3", "cpu", "pallas"), ("lasagna-top:3", "tpu", "pallas")]
+
+
+@pytest.mark.parametrize("spec, platform, impl", CASES)  # platform: SH (cpu) or HS slots
+def test_int8_decode_equals_decode_over_the_dequantized_cache(spec, platform, impl):
+    """Pallas on CPU: the Triton kernel in interpret mode (HS slots transposed to SH)."""
+    cfg, params = _model(spec, impl=impl)
     cache = init_cache(cfg, 2, PROMPTS.shape[1] + STEPS, platform=platform)
     logits, cache = prefill(cfg, params, cache, jnp.asarray(PROMPTS), jnp.asarray(LENGTHS))
     step = jax.jit(functools.partial(decode_step, cfg))
