@@ -313,7 +313,7 @@ def _quantized_fn(layout: str, **kwargs):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("kv_dtype", ["int8"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])
 def test_tpu_decode_compiles_over_quantized_slots_in_place(kv_dtype):
     """The Mosaic decode kernel over int8 slots and their fp32 scales (dequantized in
     VMEM) compiles for v5e, copies no slot and allocates no cache-sized temporary."""
@@ -331,7 +331,7 @@ def test_tpu_decode_compiles_over_quantized_slots_in_place(kv_dtype):
     assert aot.cache_copies(compiled.as_text(), b * kh * s * 4 // 4, s) == 0  # nor scales
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])
 def test_triton_lowers_over_quantized_slots(kv_dtype):
     args = _quantized_args(8, 1024, 12, 6, 64, bf16, "SH", kv_dtype)
     fn = _quantized_fn("SH", platform="gpu")
