@@ -248,7 +248,18 @@ def test_decode_step_is_at_the_in_place_floor(layout, impl):
     assert out["ratio_to_floor"] <= 1.2, out  # here XLA's own count agrees
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+# XLA:TPU keeps an int8 cache argument in its native T(32,128) tiling, while the fused
+# convert-and-dot of the XLA path wants T(8,128): it relayouts every read slot in every
+# step (24 slot copies for llama_110m). The Mosaic kernel, the TPU default
+# (attention_impl=auto), reads the slots in place.
+XLA_INT8_RELAYOUT = pytest.mark.xfail(
+    strict=True, reason="XLA:TPU relayouts int8 slots (T(32,128) -> T(8,128)) for its dot"
+)
+
+
+@pytest.mark.parametrize(
+    "impl", [pytest.param("xla", marks=[XLA_INT8_RELAYOUT, pytest.mark.slow]), "pallas"]
+)
 def test_int8_cache_decode_step_is_in_place(impl):
     """llama_110m with an int8 cache on a v5e chip at batch 1, an upward layout: no copy
     of a slot or of its scales, and the cache account (and the floor) count the int8
