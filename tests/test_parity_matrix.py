@@ -376,10 +376,10 @@ def test_cell_matches_fp32_sequential_reference(cell, request, record_property):
 # Decode over an int8 cache (fp32 compute, one device) against the same fp32 reference:
 # every K/V the cache holds is off by up to half a step of its row's scale (max|x|/254),
 # and the errors pass through 6 layers to the logits. Measured (all six cells, ``-m
-# ""``): worst INT8_MEASURED; INT8_ATOL is ~2x that. The same run with every scale
-# 10% too large (test_int8_bound_still_sees_a_wrong_scale) is far outside it.
-INT8_MEASURED = None
-INT8_ATOL = 1e-2
+# ""``, CPU): 1.7e-3 (down, up), 2.2e-3 (swa), xla and pallas alike; 5e-3 is 2.3x the
+# worst (and 3x tighter than the bf16 bound). The same run with every scale 10% too
+# large (test_int8_bound_still_sees_a_wrong_scale) is off by 2.4e-2 (up-xla), 4.8x it.
+INT8_ATOL = 5e-3
 INT8_CELLS = [(layout, impl) for layout in LAYOUTS for impl in IMPLS]
 INT8_DEFAULT = {("up", "xla")}
 
@@ -415,7 +415,7 @@ def test_int8_cache_decode_matches_fp32_reference(layout, impl, record_property)
     assert err <= INT8_ATOL, f"int8 {layout}-{impl}: {err:.3e} > {INT8_ATOL:.0e}"
 
 
-def test_int8_bound_still_sees_a_wrong_scale(monkeypatch):
+def test_int8_bound_still_sees_a_wrong_scale(monkeypatch, record_property):
     """Scales 10% too large (the cache then dequantizes to 1.1 x the KVs) fail the bound."""
     from kvshare_jax import decode, kv_quant
 
@@ -431,6 +431,7 @@ def test_int8_bound_still_sees_a_wrong_scale(monkeypatch):
         err = decode_error(int8_decode("up", "xla"), reference("up"))
     finally:
         decode.generate_fn.cache_clear()
+    record_property("max_error", err)
     assert err > 2 * INT8_ATOL, err
 
 
