@@ -27,6 +27,11 @@ greedy tokens exactly, so all fp32 decode cells agree with each other.
 
 The default run keeps a few representative cells; the rest are ``slow``.
 
+**The int8 cache column** (``test_int8_cache_decode_matches_fp32_reference``): the decode
+path with ``kv_cache_dtype="int8"`` (fp32 compute, one device, xla and pallas, every
+layout) against the same reference, with its own bound ``INT8_ATOL``, and a check that
+the bound still catches scales 10% off.
+
 **The packing oracle** (``test_packed_cell_matches_each_document_alone``, docs/design.md
 §2): rows that pack documents ``[A | B | C]`` with segment ids must give every document
 the logits (and, for the parallel forward, the parameter gradients) that the document
