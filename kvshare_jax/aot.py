@@ -353,18 +353,20 @@ def rematerialized(hlo_text: str) -> int:
 
 
 def _cache_account(compiled: Any, cache: Any) -> dict[str, Any]:
-    """Cache bytes of a compiled program's cache argument, its copies of a quarter slot or
-    more, the instructions the compiler rematerialized, and its temporaries over the cache
-    bytes."""
-    slots = (*cache.k, *cache.v)
-    slot = slots[0].size * slots[0].dtype.itemsize
-    total = sum(x.size * x.dtype.itemsize for x in slots)
+    """Cache bytes of a compiled program's cache argument (a quantized cache's scales
+    included), its copies of a quarter of its smallest buffer (a slot, or a slot's
+    scales) or more, the instructions the compiler rematerialized, and its temporaries
+    over the cache bytes."""
+    buffers = jax.tree.leaves(cache.buffers)
+    smallest = min(x.size * x.dtype.itemsize for x in buffers)
+    total = sum(x.size * x.dtype.itemsize for x in buffers)
     temps = int(compiled.memory_analysis().temp_size_in_bytes)
     text = compiled.as_text()
     return {
         "cache_bytes_per_device": total,
         "cache_layout": cache.layout,
-        "cache_copies": cache_copies(text, slot // 4, cache.length),
+        "cache_dtype": cache.k[0].dtype.name,
+        "cache_copies": cache_copies(text, smallest // 4, cache.length),
         "rematerialized": rematerialized(text),
         "temporaries_over_cache": temps / total,
     }
@@ -400,27 +402,30 @@ def _weights_pass(cfg: ModelConfig) -> Any:
 
 
 def _cache_pass(cfg: ModelConfig, layout: str) -> Any:
-    """The floor's cache part: one token written in place into each KV layer's K and V,
-    then one attention read of its target's slot per layer (scores, softmax, values), in
-    layer order: as in a decode step, a layer's query depends on the layer below, so the
-    reads of a shared slot cannot be merged into one."""
-    from kvshare_jax import cache_layout
+    """The floor's cache part: one token written in place into each KV layer's K and V
+    (quantized with its scales for a quantized cache), then one attention read of its
+    target's slot per layer (scores, softmax, values; scales applied), in layer order: as
+    in a decode step, a layer's query depends on the layer below, so the reads of a shared
+    slot cannot be merged into one."""
+    from kvshare_jax.decode import write_kv
 
     kv = "BhS" if layout == "HS" else "BSh"
 
-    def program(k, v, q, new, index):
-        k, v = list(k), list(v)
-        for slot in range(len(k)):
-            k[slot] = cache_layout.write(layout, k[slot], new, index)
-            v[slot] = cache_layout.write(layout, v[slot], new, index)
+    def program(bufs, q, new, index):
+        for slot in range(len(bufs[0])):
+            bufs = write_kv(cfg, layout, bufs, slot, (new, new), index)
+        k, v, k_scale, v_scale = bufs
         for slot in cfg.layout.slot_of_layer:  # each layer's query depends on the last
-            s = jnp.einsum(f"Bgh,{kv}->BgS", q, k[slot], preferred_element_type=jnp.float32)
-            p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-            out = jnp.einsum(f"BgS,{kv}->Bgh", p, v[slot], preferred_element_type=jnp.float32)
+            ks, vs = k[slot].astype(q.dtype), v[slot].astype(q.dtype)  # (quantized slots)
+            s = jnp.einsum(f"Bgh,{kv}->BgS", q, ks, preferred_element_type=jnp.float32)
+            s = s * k_scale[slot][:, None] if k_scale else s
+            p = jax.nn.softmax(s, axis=-1)
+            p = (p * v_scale[slot][:, None] if v_scale else p).astype(q.dtype)
+            out = jnp.einsum(f"BgS,{kv}->Bgh", p, vs, preferred_element_type=jnp.float32)
             q = (q + out).astype(q.dtype)  # (else XLA merges the reads of a shared slot)
-        return q, tuple(k), tuple(v)
+        return q, bufs
 
-    return jax.jit(program, donate_argnums=(0, 1))
+    return jax.jit(program, donate_argnums=0)
 
 
 def decode_floor_bytes(
@@ -450,7 +455,7 @@ def _floor_bytes(cfg: ModelConfig, device: Any, batch: int, cache_len: int) -> t
         device, (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32))
     )
     weights = _lower_on(device, _weights_pass(cfg), _inference_shapes(cfg, device), tokens)
-    kv = _lower_on(device, _cache_pass(cfg, cache.layout), cache.k, cache.v, q, new, index)
+    kv = _lower_on(device, _cache_pass(cfg, cache.layout), cache.buffers, q, new, index)
     (w_cost, w_hbm), (kv_cost, kv_hbm) = _bytes(weights.compile()), _bytes(kv.compile())
     return w_cost + kv_cost, w_hbm + kv_hbm
 

@@ -4,6 +4,9 @@ Shapes: b batch, t query length, s key length, n query heads, k KV heads
 (``n % k == 0``, GQA), h head dim. Keys and values come time-major ``[b,s,k,h]`` or, with
 ``cache`` set, as decode-cache slots in that layout (:mod:`kvshare_jax.cache_layout`):
 rows ``[b*k,s,h]`` ("SH") or ``[b*k,h,s]`` ("HS"), sequence i's KV head j in row ``i*k + j``.
+Quantized slots (int8 or fp8, :mod:`kvshare_jax.kv_quant`) come with ``scales = (k_scale,
+v_scale)``, each ``[b*k, s]`` fp32: every path folds them into the scores and the
+probabilities instead of dequantizing a copy of the cache.
 
 Every path takes ONE mask value, :class:`kvshare_jax.masks.Mask`: absolute token
 positions of queries and keys, optional segment (document) ids, and the layer's rule
@@ -47,9 +50,14 @@ def xla_attention(
     mask: Mask,
     *,
     cache: SlotLayout | None = None,
+    scales: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Reference attention: ``q [b,t,n,h]``, ``k, v [b,s,k,h]`` (or cache slots in the
-    layout ``cache``) under ``mask`` -> ``[b,t,n,h]``.
+    layout ``cache``, quantized with ``scales`` if given) under ``mask`` -> ``[b,t,n,h]``.
+
+    Quantized slots are converted to the dtype of ``q`` as the dots read them (exact:
+    int8 and e4m3 values are bf16 values) and their scales applied to what the dots
+    give: ``scores = (q . k_q) * k_scale``, ``out = (p * v_scale) . v_q``.
 
     Softmax is computed in fp32; the output has the dtype of ``q``. A cache slot is
     contracted as stored, with no degenerate dimension: at batch 1 a ``[1,k,s,h]`` slot
@@ -63,10 +71,17 @@ def xla_attention(
     g = n // kh
     s = k.shape[2] if cache == "HS" else k.shape[1]
     qg = q.reshape(b, t, kh, g, h)
+    if scales is not None:
+        if not cache:
+            raise ValueError("scales are for quantized cache slots (cache=SH or HS)")
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     if cache:
         kv = "BhS" if cache == "HS" else "BSh"
         qr = jnp.swapaxes(qg, 1, 2).reshape(b * kh, t, g, h)
-        scores = _dot(f"Btgh,{kv}->BgtS", qr, k).reshape(b, kh, g, t, s)
+        scores = _dot(f"Btgh,{kv}->BgtS", qr, k)
+        if scales is not None:
+            scores = scores * scales[0][:, None, None, :]
+        scores = scores.reshape(b, kh, g, t, s)
     else:
         scores = _dot("btkgh,bskh->bkgts", qg, k)
     scores = scores * (h**-0.5)
@@ -76,7 +91,10 @@ def xla_attention(
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     p = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = (p / jnp.where(denom > 0, denom, 1.0)).astype(v.dtype)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    if scales is not None:
+        p = p * scales[1].reshape(b, kh, 1, 1, s)
+    p = p.astype(v.dtype)
     if cache:
         out = _dot(f"BgtS,{kv}->Btgh", p.reshape(b * kh, g, t, s), v)
         out = jnp.swapaxes(out.reshape(b, kh, t, g, h), 1, 2)
@@ -113,13 +131,17 @@ def attention(
     *,
     impl: Impl = "xla",
     cache: SlotLayout | None = None,
+    scales: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Masked multi-head attention dispatched to the chosen implementation (``cache``:
-    ``k, v`` are decode-cache slots in that layout, read in place by both paths)."""
+    ``k, v`` are decode-cache slots in that layout, read in place by both paths;
+    ``scales``: they are quantized, with these per-row-and-index scales)."""
     if resolve_impl(impl) == "pallas":
         from kvshare_jax.kernels import pallas_attention, pallas_cache_attention
 
         if cache:
-            return pallas_cache_attention(q, k, v, mask, layout=cache)
+            return pallas_cache_attention(q, k, v, mask, layout=cache, scales=scales)
+        if scales is not None:
+            raise ValueError("scales are for quantized cache slots (cache=SH or HS)")
         return pallas_attention(q, k, v, mask)
-    return xla_attention(q, k, v, mask, cache=cache)
+    return xla_attention(q, k, v, mask, cache=cache, scales=scales)

@@ -39,6 +39,7 @@ from kvshare_jax.decode import (
     inference_params,
     init_cache,
     prefill,
+    slot_dtype,
 )
 from kvshare_jax.model import ModelConfig, Params, count_params, init_params
 from kvshare_jax.prefill import DEFAULT as DEFAULT_PREFILL
@@ -314,6 +315,7 @@ def _row(name: str, cfg: ModelConfig, params: Any, cache_len: int) -> dict[str, 
         "layout": name,
         "mapping": str(cfg.layout),
         "kv_layers": cfg.layout.num_kv_layers,
+        "kv_cache_dtype": slot_dtype(cfg).name,  # of the slots: int8, float8_e4m3fn, ...
         "params": count_params(params),
         "cache_bytes_per_seq": cache_bytes(cfg, 1, cache_len),
         "runs": [],

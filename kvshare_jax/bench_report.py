@@ -76,7 +76,8 @@ def markdown(results: dict[str, Any]) -> str:
     m = meta["model"]
     lines = [
         f"Device: {meta['device_kind']} ({meta['platform']}, {meta['cpu_count']} CPUs), "
-        f"jax {meta['jax_version']}, dtype {meta['dtype']}; model L={m['num_layers']} "
+        f"jax {meta['jax_version']}, dtype {meta['dtype']}, KV cache "
+        f"{m.get('kv_cache_dtype') or meta['dtype']}; model L={m['num_layers']} "
         f"d={m['d_model']} heads {m['num_heads']}/{m['num_kv_heads']} d_ff={m['d_ff']} "
         f"vocab {m['vocab_size']}; prompt {meta['prompt_len']} + {meta['gen_len']} new "
         f"tokens; {_bandwidth(meta)}; "

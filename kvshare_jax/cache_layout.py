@@ -16,6 +16,10 @@ Every sequence writes a decode step's K/V at the same cache index (one in-place
 ``dynamic_update_slice`` per slot, never a scatter); the position each index holds is
 kept per sequence beside the slots (``KVCache.kv_pos``), and the masks work on those
 positions, so ragged prompts cost nothing but their padding indices.
+
+A quantized cache (:mod:`kvshare_jax.kv_quant`) keeps one fp32 scale per row and index
+beside each slot, ``[B, S]`` in both layouts (time minor: lane-dense on TPU, one row per
+KV head for the kernels), written in place like the slot.
 """
 
 from __future__ import annotations
@@ -74,3 +78,14 @@ def write(
     rows = to_slot(layout, new).astype(buf.dtype)
     start = (row, index, 0) if layout == "SH" else (row, 0, index)
     return jax.lax.dynamic_update_slice(buf, rows, start)
+
+
+def write_scale(
+    buf: jax.Array, scale: jax.Array, index: jax.Array | int, row: Any = 0
+) -> jax.Array:
+    """Writes the time-major scales ``scale [c, t, k]`` of quantized KVs at cache indices
+    ``index .. index+t-1`` of a scale slot ``buf [B, S]`` (the rows of the K/V slot, time
+    minor in every layout), from row ``row`` on, in place."""
+    c, t, k = scale.shape
+    rows = scale.transpose(0, 2, 1).reshape(c * k, t).astype(buf.dtype)
+    return jax.lax.dynamic_update_slice(buf, rows, (row, index))

@@ -14,7 +14,9 @@ sequence writes a step at the same cache ``index``; ``kv_pos [b, S]`` holds the 
 stored at each index (``INVALID_POS`` for unwritten indices and prompt padding), and
 ``pos [b]`` is each sequence's next position. A layout with ``l`` KV layers has exactly
 ``l / L`` of the cache bytes of a standard transformer. Sliding-window layers keep
-full-length slots (no ring buffer).
+full-length slots (no ring buffer). With ``model.kv_cache_dtype`` int8 or fp8 the slots
+hold quantized K/V and each slot has fp32 scales ``[b*k, S]`` beside it
+(:mod:`kvshare_jax.kv_quant`), written in place with it (:func:`write_kv`).
 
 **Exactness** (docs/design.md §5): a decode step runs the new token through all layers bottom
 to top; a KV layer writes its K/V at ``pos`` before attending, so a layer reading a
@@ -37,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvshare_jax import cache_layout
+from kvshare_jax import cache_layout, kv_quant
 from kvshare_jax.cache_layout import SlotLayout
 from kvshare_jax.masks import INVALID_POS, Mask, segment_positions
 from kvshare_jax.model import BoundModel, ModelConfig, Params, forward_hidden
@@ -61,11 +63,22 @@ class KVCache:
     # Packed prompts only (None otherwise: the program has no segment inputs at all):
     kv_seg: jax.Array | None = None  # [b, S] int32: segment id held at each cache index
     seg: jax.Array | None = None  # [b] int32: segment of the decoded tokens (the last one)
+    # Quantized caches only (model.kv_cache_dtype, kv_quant; () otherwise): per slot
+    k_scale: tuple[jax.Array, ...] = ()  # [b*k, S] fp32: the scale of each row and index
+    v_scale: tuple[jax.Array, ...] = ()  # like k_scale
+
+    @property
+    def buffers(self) -> Buffers:
+        """``(k, v, k_scale, v_scale)``: what a write updates (:func:`write_kv`)."""
+        return self.k, self.v, self.k_scale, self.v_scale
 
     @property
     def length(self) -> int:
         """Cache positions ``S``."""
         return self.kv_pos.shape[1]
+
+
+Buffers = tuple[tuple[jax.Array, ...], ...]  # (k, v, k_scale, v_scale) slot tuples
 
 
 class GenerateOutput(NamedTuple):
@@ -77,10 +90,18 @@ class GenerateOutput(NamedTuple):
 
 
 # ----------------------------------------------------------------- the cache
+def slot_dtype(cfg: ModelConfig) -> jnp.dtype:
+    """The dtype of the K/V slots: ``model.kv_cache_dtype`` if quantized, else ``dtype``."""
+    return kv_quant.storage_dtype(cfg.kv_cache_dtype, cfg.dtype)
+
+
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int) -> int:
-    """Bytes of the K and V buffers (positions excluded): ``2 l b k S h`` x itemsize."""
-    per_slot = batch * cfg.num_kv_heads * max_len * cfg.hd * jnp.dtype(cfg.dtype).itemsize
-    return 2 * cfg.layout.num_kv_layers * per_slot
+    """Bytes of the K and V buffers and, quantized, their scales (positions excluded):
+    ``2 l b k S (h x itemsize + scale bytes)``."""
+    row = cfg.hd * slot_dtype(cfg).itemsize
+    if kv_quant.quantized(cfg.kv_cache_dtype):
+        row += jnp.dtype(kv_quant.SCALE_DTYPE).itemsize
+    return 2 * cfg.layout.num_kv_layers * batch * cfg.num_kv_heads * max_len * row
 
 
 def init_cache(
@@ -99,7 +120,12 @@ def init_cache(
     layout = cache_layout.for_target(platform)
     length = cache_layout.cache_length(max_len, platform)
     shape = cache_layout.slot_shape(layout, batch * cfg.num_kv_heads, length, cfg.hd)
-    dtype, slots = jnp.dtype(cfg.dtype), cfg.layout.num_kv_layers
+    dtype, slots = slot_dtype(cfg), cfg.layout.num_kv_layers
+    scales = slots if kv_quant.quantized(cfg.kv_cache_dtype) else 0
+
+    def scale_slots():  # distinct buffers (a donated cache has no aliases)
+        return tuple(jnp.zeros((shape[0], length), kv_quant.SCALE_DTYPE) for _ in range(scales))
+
     return KVCache(
         k=tuple(jnp.zeros(shape, dtype) for _ in range(slots)),
         v=tuple(jnp.zeros(shape, dtype) for _ in range(slots)),
@@ -109,7 +135,26 @@ def init_cache(
         layout=layout,
         kv_seg=jnp.zeros((batch, length), jnp.int32) if segments else None,
         seg=jnp.zeros((batch,), jnp.int32) if segments else None,
+        k_scale=scale_slots(),
+        v_scale=scale_slots(),
     )
+
+
+def write_kv(
+    cfg: ModelConfig, layout: SlotLayout, bufs: Buffers, slot: int, kv, index, row=0
+) -> Buffers:
+    """``bufs`` with slot ``slot`` holding the time-major ``kv = (k, v) [c, t, k, h]`` at
+    indices ``index ..``, rows ``row ..``, in place; a quantized cache stores them
+    quantized (:func:`kv_quant.quantize`) with their scales beside them."""
+    k, v, k_scale, v_scale = (list(x) for x in bufs)
+    if k_scale:
+        (qk, sk), (qv, sv) = (kv_quant.quantize(x, cfg.kv_cache_dtype) for x in kv)
+        k_scale[slot] = cache_layout.write_scale(k_scale[slot], sk, index, row)
+        v_scale[slot] = cache_layout.write_scale(v_scale[slot], sv, index, row)
+        kv = (qk, qv)
+    k[slot] = cache_layout.write(layout, k[slot], kv[0], index, row)
+    v[slot] = cache_layout.write(layout, v[slot], kv[1], index, row)
+    return tuple(k), tuple(v), tuple(k_scale), tuple(v_scale)
 
 
 def cache_report(cfg: ModelConfig, batch: int, max_len: int) -> str:
@@ -122,7 +167,8 @@ def cache_report(cfg: ModelConfig, batch: int, max_len: int) -> str:
         [
             f"kv cache: {layout.num_kv_layers} slots (KV layers "
             f"{' '.join(map(str, layout.kv_layers))}) x K,V of rows b*k={b}*{k} x "
-            f"S={s} x h={h} {jnp.dtype(cfg.dtype).name}",
+            f"S={s} x h={h} {slot_dtype(cfg).name}"
+            + (" + fp32 scales [b*k, S]" if kv_quant.quantized(cfg.kv_cache_dtype) else ""),
             f"layer -> slot: {' '.join(map(str, layout.slot_of_layer))}",
             f"bytes: {total:,} = {layout.num_kv_layers}/{layout.num_layers} of standard "
             f"({standard:,}), ratio {total / standard:.4f}",
@@ -186,28 +232,26 @@ def prefill(
     c = b if chunk is None else max(1, min(int(chunk), b))
     v = cfg.vocab_size
     logits = jnp.zeros((b, t, v) if all_logits else (b, v), jnp.float32)
-    state = (cache.k, cache.v, cache.kv_pos, logits, jnp.int32(0))
+    state = (cache.buffers, cache.kv_pos, logits, jnp.int32(0))
     if segment_ids is not None:  # also the segments' ids and each sequence's continuation
         state += (cache.kv_seg, lengths.astype(jnp.int32), cache.seg)
 
     def group(i, state):  # sequences start .. start+c-1 (the last group may overlap)
-        ks, vs, kv_pos, logits, ran = state[:5]
+        bufs, kv_pos, logits, ran = state[:4]
         start = jnp.minimum(i * c, b - c)
         rows = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=c)
         segs = None if segment_ids is None else rows(segment_ids).astype(jnp.int32)
         out, kv, written, nxt, n = _prefill_rows(cfg, params, rows(prompts), rows(lengths),
                                                  segs, passes, tol, all_logits)  # fmt: skip
         at = start * cfg.num_kv_heads
-        ks = tuple(cache_layout.write(cache.layout, buf, kv[j][0], 0, at)
-                   for buf, j in zip(ks, cfg.layout.kv_layers, strict=True))  # fmt: skip
-        vs = tuple(cache_layout.write(cache.layout, buf, kv[j][1], 0, at)
-                   for buf, j in zip(vs, cfg.layout.kv_layers, strict=True))  # fmt: skip
+        for slot, j in enumerate(cfg.layout.kv_layers):
+            bufs = write_kv(cfg, cache.layout, bufs, slot, kv[j], 0, at)
         kv_pos = jax.lax.dynamic_update_slice(kv_pos, written, (start, 0))
         logits = jax.lax.dynamic_update_slice_in_dim(logits, out, start, 0)
-        new = (ks, vs, kv_pos, logits, jnp.maximum(ran, n))
+        new = (bufs, kv_pos, logits, jnp.maximum(ran, n))
         if segs is None:
             return new
-        kv_seg, pos, seg = state[5:]
+        kv_seg, pos, seg = state[4:]
         return new + (
             jax.lax.dynamic_update_slice(kv_seg, segs, (start, 0)),
             jax.lax.dynamic_update_slice(pos, nxt[0], (start,)),
@@ -216,11 +260,11 @@ def prefill(
 
     groups = -(-b // c)
     state = group(0, state) if groups == 1 else jax.lax.fori_loop(0, groups, group, state)
-    ks, vs, kv_pos, logits, ran = state[:5]
-    kv_seg, pos, seg = state[5:] if segment_ids is not None else (None, lengths, None)
+    (ks, vs, k_scale, v_scale), kv_pos, logits, ran = state[:4]
+    kv_seg, pos, seg = state[4:] if segment_ids is not None else (None, lengths, None)
     cache = cache.replace(
-        k=ks, v=vs, kv_pos=kv_pos, pos=pos.astype(jnp.int32), index=jnp.int32(t), kv_seg=kv_seg,
-        seg=seg,
+        k=ks, v=vs, k_scale=k_scale, v_scale=v_scale, kv_pos=kv_pos, pos=pos.astype(jnp.int32),
+        index=jnp.int32(t), kv_seg=kv_seg, seg=seg,
     )  # fmt: skip
     return (logits, cache, ran) if return_passes else (logits, cache)
 
@@ -269,18 +313,21 @@ def decode_step(
         q_seg = cache.seg[:, None]
         kv_seg = jax.lax.dynamic_update_slice(cache.kv_seg, q_seg, (0, at))
     mask = Mask(q_pos, kv_pos, q_seg, kv_seg)
-    ks, vs = list(cache.k), list(cache.v)
+    bufs = cache.buffers
     x = bound.embed(tokens[:, None])
     for i, slot in enumerate(cfg.layout.slot_of_layer):
         q, own = bound.qkv(i, x, q_pos)
         if own is not None:
-            ks[slot] = cache_layout.write(lay, ks[slot], own[0], at)
-            vs[slot] = cache_layout.write(lay, vs[slot], own[1], at)
-        attn = bound.attend(i, q, (ks[slot], vs[slot]), mask, cache=lay)
+            bufs = write_kv(cfg, lay, bufs, slot, own, at)
+        k, v, k_scale, v_scale = (buf[slot] if buf else None for buf in bufs)
+        scales = None if k_scale is None else (k_scale, v_scale)
+        attn = bound.attend(i, q, (k, v), mask, cache=lay, scales=scales)
         x = bound.finish(i, x, attn)
+    ks, vs, k_scale, v_scale = bufs
     out = cache.replace(
-        k=tuple(ks), v=tuple(vs), kv_pos=kv_pos, pos=cache.pos + 1, index=at + 1, kv_seg=kv_seg
-    )
+        k=ks, v=vs, k_scale=k_scale, v_scale=v_scale, kv_pos=kv_pos, pos=cache.pos + 1,
+        index=at + 1, kv_seg=kv_seg,
+    )  # fmt: skip
     return bound.logits(x)[:, 0], out
 
 

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kvshare_jax import kv_quant
 from kvshare_jax.attention import INVALID_POS, Impl, attention
 from kvshare_jax.layout import KVLayout, from_spec, mapping_length
 from kvshare_jax.masks import Mask, segment_positions
@@ -51,6 +52,7 @@ class ModelConfig:
     tie_embeddings: bool = False  # share the embedding with the LM head
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype (float32 or bfloat16)
+    kv_cache_dtype: str = ""  # decode cache: '' (= dtype), int8 or float8_e4m3fn (kv_quant)
     attention_impl: str = "auto"  # xla | pallas | auto (pallas when built for GPU/TPU)
     matvec_impl: str = "auto"  # xla | auto (single-row fp32 products on CPU: the FFI matvec)
     init_std: float = 0.02  # stddev of the normal initialiser
@@ -90,6 +92,7 @@ class ModelConfig:
         check_passes((self.forward_passes, self.backward_passes), "forward_passes, backward_passes")
         if any(self.layout.sliding) and self.sliding_window < 1:
             raise ValueError("layout has sliding-window layers but sliding_window is not set")
+        kv_quant.check(self.kv_cache_dtype, self.dtype)
         if self.attention_impl not in typing.get_args(Impl):
             raise ValueError(f"unknown attention_impl {self.attention_impl!r}")
         if self.matvec_impl not in ("xla", "auto"):
@@ -307,14 +310,22 @@ class BoundModel:
         return self._apply(Transformer.logits, x)
 
     def attend(
-        self, i: int, q: jax.Array, kv: KV, mask: Mask, cache: str | None = None
+        self,
+        i: int,
+        q: jax.Array,
+        kv: KV,
+        mask: Mask,
+        cache: str | None = None,
+        scales: KV | None = None,
     ) -> jax.Array:
         """Attention of layer ``i``'s queries over its target's ``kv`` under ``mask``'s
         positions and segments with layer ``i``'s rule (strict for an upward target, the
         window of a sliding layer); ``cache``: ``kv`` are decode-cache slots in that
-        layout, see `cache_layout`."""
+        layout, see `cache_layout`, quantized with ``scales`` (K's, V's) if given."""
         mask = mask.rule(strict=self.cfg.layout.is_upward(i), window=self.cfg.window(i))
-        return attention(q, kv[0], kv[1], mask, impl=self.cfg.attention_impl, cache=cache)
+        return attention(
+            q, kv[0], kv[1], mask, impl=self.cfg.attention_impl, cache=cache, scales=scales
+        )
 
 
 # ---------------------------------------------------------------- forward

@@ -34,6 +34,7 @@ FLOORS = [
         "prefill",
         "integrity",
         "tables",
+        "kv_quant",
     },
     {"kernels", "cache_layout", "cells"},
     {"attention", "probes"},

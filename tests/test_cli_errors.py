@@ -82,6 +82,21 @@ CASES = {
         "'model.foo'",
     ),  # fmt: skip
     "dtype": (lambda w, f: _train(w, "--config.model.dtype=float7"), "got 'float7'"),
+    "kv cache dtype": (
+        lambda w, f: _train(w, "--config.model.kv_cache_dtype=int3"),
+        "kv_cache_dtype must be '' (the model dtype, float32), int8 or float8_e4m3fn, got 'int3'",
+    ),
+    "generate kv cache dtype": (
+        lambda w, f: [
+            "generate",
+            "--config",
+            tu.TINY_CONFIG,
+            "--prompt-ids",
+            "1,2",
+            "--config.model.kv_cache_dtype=int3",
+        ],
+        "kv_cache_dtype must be",
+    ),  # fmt: skip
     "int field": (lambda w, f: _train(w, "--config.train.num_steps=abc"), "expects an integer"),
     "bool field": (lambda w, f: _train(w, "--config.model.remat=maybe"), "expects a boolean"),
     "syntax error": (
@@ -305,6 +320,8 @@ def test_forward_and_prefill_refuse_bad_passes(upward, passes):
         ({"rope_theta": float("nan")}, "rope_theta must be > 0"),
         ({"vocab_size": 0}, "vocab_size"),
         ({"backward_passes": 0}, "b >= 1"),
+        ({"kv_cache_dtype": "int3"}, "kv_cache_dtype must be '' .the model dtype, float32."),
+        ({"kv_cache_dtype": "bfloat16"}, "kv_cache_dtype must be"),  # not the model dtype
     ],
 )
 def test_model_config_refuses_bad_fields(fields, message):

@@ -185,16 +185,18 @@ def test_compile_command_plans_a_gpu(name, tmp_path, capsys, default_precision):
     assert "| decode_step | yes |" in capsys.readouterr().out
 
 
-def test_gpu_decode_step_reads_the_cache_through_triton(default_precision):
+@pytest.mark.parametrize("kv_cache_dtype", ["", "int8"])
+def test_gpu_decode_step_reads_the_cache_through_triton(kv_cache_dtype, default_precision):
     """One decode step of llama_110m's shape on an H100: the attention of every layer is a
-    Triton kernel over the head-major cache slots (length rounded up to 128), no copy of a
-    slot, temporaries far below the cache."""
+    Triton kernel over the head-major cache slots (length rounded up to 128; int8 slots
+    with their scales), no copy of a slot, temporaries far below the cache."""
     import dataclasses
 
     from kvshare_jax import aot
     from kvshare_jax.config import load_config, model_config_from
 
-    cfg = dataclasses.replace(model_config_from(load_config("configs/llama_110m.py")))
+    cfg = model_config_from(load_config("configs/llama_110m.py"))
+    cfg = dataclasses.replace(cfg, kv_cache_dtype=kv_cache_dtype)
     device = gpu_devices("h100:1")[0]
     compiled = aot.lower_decode_step(cfg, 8, 1000, device).compile()
     text = compiled.as_text()

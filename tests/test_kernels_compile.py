@@ -284,3 +284,56 @@ def test_triton_lowers(mode, b, t, s, n, kh, h, dtype, request):
 @pytest.mark.parametrize("case", GRID, ids=[_grid_id(c) for c in GRID])
 def test_triton_lowers_grid(case):
     _lower_cuda(*case[:10], segments=len(case) > 10)
+
+
+# ---------------------------------------------------------------- quantized cache slots
+def _quantized_args(b, s, n, kh, h, dtype, cache: str, kv_dtype: str, sharding=None):
+    """``(q, k, v, k_scale, v_scale, q_pos, kv_pos)`` of a quantized cache (per-row slots,
+    scales ``[b, kh, s]`` fp32)."""
+
+    def sds(shape, dt):
+        return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+
+    kv = (b, kh, h, s) if cache == "HS" else (b, kh, s, h)
+    return (
+        sds((b, 1, n, h), dtype), sds(kv, kv_dtype), sds(kv, kv_dtype),
+        sds((b, kh, s), f32), sds((b, kh, s), f32),
+        sds((b, 1), jnp.int32), sds((b, s), jnp.int32),
+    )  # fmt: skip
+
+
+def _quantized_fn(layout: str, **kwargs):
+    def fn(q, k, v, k_scale, v_scale, q_pos, kv_pos):
+        mask = Mask(q_pos, kv_pos, strict=True)
+        return flash_cache_attention(
+            q, k, v, mask, layout=layout, scales=(k_scale, v_scale), **kwargs
+        )
+
+    return fn
+
+
+@needs_libtpu
+@pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])
+def test_tpu_decode_compiles_over_quantized_slots_in_place(kv_dtype):
+    """The Mosaic decode kernel over int8 slots and their fp32 scales (dequantized in
+    VMEM) compiles for v5e, copies no slot and allocates no cache-sized temporary."""
+    b, s, n, kh, h = 8, 8192, 32, 8, 64
+    dev = _devices("v5e")[0]
+    where = jax.sharding.SingleDeviceSharding(dev)
+    args = _quantized_args(b, s, n, kh, h, bf16, "HS", kv_dtype, where)
+    fn = _quantized_fn("HS", platform="tpu", device_kind=dev.device_kind)
+    lowered = jax.jit(fn).lower(*args)
+    assert _kernels(lowered.as_text()) == TPU_KERNELS["cache"]
+    compiled = lowered.compile()
+    assert compiled.out_info.shape == (b, 1, n, h)
+    slot = b * kh * s * h  # int8 bytes
+    assert compiled.memory_analysis().temp_size_in_bytes < slot // 10
+    assert aot.cache_copies(compiled.as_text(), b * kh * s * 4 // 4, s) == 0  # nor scales
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])
+def test_triton_lowers_over_quantized_slots(kv_dtype):
+    args = _quantized_args(8, 1024, 12, 6, 64, bf16, "SH", kv_dtype)
+    fn = _quantized_fn("SH", platform="gpu")
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1

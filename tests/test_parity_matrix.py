@@ -27,6 +27,11 @@ greedy tokens exactly, so all fp32 decode cells agree with each other.
 
 The default run keeps a few representative cells; the rest are ``slow``.
 
+**The int8 cache column** (``test_int8_cache_decode_matches_fp32_reference``): the decode
+path with ``kv_cache_dtype="int8"`` (fp32 compute, one device, xla and pallas, every
+layout) against the same reference, with its own bound ``INT8_ATOL``, and a check that
+the bound still catches scales 10% off.
+
 **The packing oracle** (``test_packed_cell_matches_each_document_alone``, docs/design.md
 §2): rows that pack documents ``[A | B | C]`` with segment ids must give every document
 the logits (and, for the parallel forward, the parameter gradients) that the document
@@ -141,11 +146,14 @@ def _marks(cell: Cell) -> list:
 
 
 # ------------------------------------------------------------------ the cells
-def model_config(layout: str, impl: str = "xla", dtype: str = "float32") -> ModelConfig:
+def model_config(
+    layout: str, impl: str = "xla", dtype: str = "float32", kv_cache_dtype: str = ""
+) -> ModelConfig:
     """The tests' tiny model (GQA 4/2, window 4) with a 96-token vocabulary."""
     return small_config(
-        PACKED_LAYOUTS[layout], vocab_size=VOCAB, max_len=32, attention_impl=impl, dtype=dtype
-    )
+        PACKED_LAYOUTS[layout], vocab_size=VOCAB, max_len=32, attention_impl=impl, dtype=dtype,
+        kv_cache_dtype=kv_cache_dtype,
+    )  # fmt: skip
 
 
 def model_params(layout: str) -> Params:
@@ -367,6 +375,69 @@ def test_cell_matches_fp32_sequential_reference(cell, request, record_property):
         np.testing.assert_array_equal(tokens, np.argmax(ref.step_logits, -1), err_msg=str(cell))
         np.testing.assert_array_equal(tokens, ref.continuation, err_msg=str(cell))
     assert err <= atol, f"{cell}: max |step logits - reference| = {err:.3e} > {atol:.0e}"
+
+
+# ------------------------------------------------------------ the int8 cache column
+# Decode over an int8 cache (fp32 compute, one device) against the same fp32 reference:
+# every K/V the cache holds is off by up to half a step of its row's scale (max|x|/254),
+# and the errors pass through 6 layers to the logits. Measured (all six cells, ``-m
+# ""``, CPU): 1.7e-3 (down, up), 2.2e-3 (swa), xla and pallas alike; 5e-3 is 2.3x the
+# worst (and 3x tighter than the bf16 bound). The same run with every scale 10% too
+# large (test_int8_bound_still_sees_a_wrong_scale) is off by 2.4e-2 (up-xla), 4.8x it.
+INT8_ATOL = 5e-3
+INT8_CELLS = [(layout, impl) for layout in LAYOUTS for impl in IMPLS]
+INT8_DEFAULT = {("up", "xla")}
+
+
+def int8_decode(layout: str, impl: str) -> dict[str, np.ndarray]:
+    cfg = model_config(layout, impl, kv_cache_dtype="int8")
+    ref = reference(layout)
+    return _run_path(cfg, "decode", ref.params, None, ref.prompts, ref.lengths, None)
+
+
+def decode_error(out: dict[str, np.ndarray], ref: Reference) -> float:
+    """Max |step logits - reference| over the steps whose fed tokens are the reference's."""
+    left = out["tokens"] != ref.continuation
+    last = np.where(left.any(1), left.argmax(1), NEW - 1)
+    return max(
+        max_error(out["logits"][i, : n + 1], ref.step_logits[i, : n + 1])
+        for i, n in enumerate(last)
+    )
+
+
+@pytest.mark.parametrize(
+    "layout, impl",
+    [pytest.param(*c, marks=[] if c in INT8_DEFAULT else [pytest.mark.slow]) for c in INT8_CELLS],
+    ids=["-".join(c) for c in INT8_CELLS],
+)
+def test_int8_cache_decode_matches_fp32_reference(layout, impl, record_property):
+    ref = reference(layout)
+    out = int8_decode(layout, impl)
+    assert np.isfinite(out["logits"]).all()
+    np.testing.assert_array_equal(out["tokens"], np.argmax(out["logits"], -1))
+    err = decode_error(out, ref)
+    record_property("max_error", err)
+    assert err <= INT8_ATOL, f"int8 {layout}-{impl}: {err:.3e} > {INT8_ATOL:.0e}"
+
+
+def test_int8_bound_still_sees_a_wrong_scale(monkeypatch, record_property):
+    """Scales 10% too large (the cache then dequantizes to 1.1 x the KVs) fail the bound."""
+    from kvshare_jax import decode, kv_quant
+
+    quantize = kv_quant.quantize
+
+    def wrong(x, dtype):
+        q, scale = quantize(x, dtype)
+        return q, scale * 1.1
+
+    monkeypatch.setattr(kv_quant, "quantize", wrong)
+    decode.generate_fn.cache_clear()  # retrace with the wrong scales
+    try:
+        err = decode_error(int8_decode("up", "xla"), reference("up"))
+    finally:
+        decode.generate_fn.cache_clear()
+    record_property("max_error", err)
+    assert err > 2 * INT8_ATOL, err
 
 
 # ------------------------------------------------------------ the packing oracle

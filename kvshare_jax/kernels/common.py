@@ -38,6 +38,7 @@ class Config:
     block_k: int  # keys per tile
     platform: str  # "tpu" (Mosaic), "gpu" (Triton tiles) or "cpu" (interpret-mode tiles)
     interpret: bool
+    quantized: bool = False  # decode over quantized cache slots: scales follow the mask
 
     @property
     def segments(self) -> bool:

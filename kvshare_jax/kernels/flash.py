@@ -67,6 +67,7 @@ sequence, which is fine for Triton (pointer-based loads of one tile at a time).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 
@@ -190,8 +191,11 @@ def _load(refs, idx=...) -> _Side:
 
 
 def _fwd_kernel(*refs, cfg: Config):
-    """One query tile against all key tiles: online softmax, fp32 accumulators."""
-    q_ref, k_ref, v_ref, q_refs, kv_refs, (o_ref, lse_ref) = _split(refs, cfg)
+    """One query tile against all key tiles: online softmax, fp32 accumulators. Quantized
+    K/V (``cfg.quantized``) come with scale rows ``[1, keys]`` after the mask refs:
+    scores ``(q . k) * k_scale``, values ``(p * v_scale) . v``."""
+    q_ref, k_ref, v_ref, q_refs, kv_refs, rest = _split(refs, cfg)
+    scales, (o_ref, lse_ref) = (rest[:2], rest[2:]) if cfg.quantized else ((), rest)
     bq, hp = q_ref.shape
     bk = cfg.block_k
     q = q_ref[...]
@@ -207,12 +211,16 @@ def _fwd_kernel(*refs, cfg: Config):
             k = k_ref[pl.ds(start, bk), :]
             v = v_ref[pl.ds(start, bk), :]
             vis = _visible(qs, ks, cfg)
-            s = jnp.where(vis, _dot(q, k, NT) * cfg.scale, MASKED)
+            s = _dot(q, k.astype(q.dtype), NT) * cfg.scale
+            if scales:
+                s = s * scales[0][:, pl.ds(start, bk)]
+            s = jnp.where(vis, s, MASKED)
             m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
             p = jnp.where(vis, jnp.exp(s - m_new), 0.0)
             alpha = jnp.exp(m - m_new)
             denom_new = alpha * denom + jnp.sum(p, axis=1, keepdims=True)
-            acc_new = alpha * acc + _dot(p.astype(v.dtype), v, NN)
+            pv = p * scales[1][:, pl.ds(start, bk)] if scales else p
+            acc_new = alpha * acc + _dot(pv.astype(q.dtype), v.astype(q.dtype), NN)
             return acc_new, m_new, denom_new
 
         return lax.cond(_hit(q_stats, _kv_stats(ks), cfg), update, lambda c: c, carry)
@@ -335,10 +343,13 @@ def _mask_args(q_pos, kv_pos, q_seg, kv_seg) -> tuple:
 
 
 def _forward(q, k, v, m: tuple, cfg: Config):
-    """Folded layout in (``m``: the folded mask arrays), ``(o [b,kh,T,hp], lse
-    [b,kh,T,1] fp32)`` out."""
+    """Folded layout in (``m``: the folded mask arrays, then with ``cfg.quantized`` the
+    scales ``[b,kh,1,keys]`` of K and V), ``(o [b,kh,T,hp], lse [b,kh,T,1] fp32)`` out."""
     b, kh, rows, hp = q.shape
-    q_spec, kv_spec, mask_specs, stat_spec = _specs(rows, k.shape[2], hp, cfg, "q")
+    keys = k.shape[2]
+    q_spec, kv_spec, mask_specs, stat_spec = _specs(rows, keys, hp, cfg, "q")
+    if cfg.quantized:
+        mask_specs += [pl.BlockSpec((None, None, 1, keys), lambda b, h, i: (b, h, 0, 0))] * 2
     return _call(
         _fwd_kernel,
         "kvshare_flash_fwd",
@@ -531,13 +542,15 @@ def flash_cache_attention(
     platform: str | None = None,
     interpret: bool | None = None,
     device_kind: str | None = None,
+    scales: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Single-device attention of ``q [b,t,n,h]`` over decode-cache slots viewed per batch
     row: ``k, v [b,kh,S,h]`` (``layout="SH"``) or ``[b,kh,h,S]`` (``"HS"``) -> ``[b,t,n,h]``;
     inference only. The slot a target's kernel reads as stored: HS on TPU (the Mosaic
     decode kernel), SH on GPU and in interpret mode (head-major Triton kernels); the other
-    layout is transposed first (a copy of the slot). Other arguments as in
-    :func:`flash_attention`."""
+    layout is transposed first (a copy of the slot). Quantized slots (int8, fp8) come with
+    ``scales = (k_scale, v_scale)``, each ``[b,kh,S]`` fp32, applied in the kernel. Other
+    arguments as in :func:`flash_attention`."""
     target = target_platform(platform)
     interpret = _interpret_on(target, interpret)
     _check_mask(mask, q.shape[0], q.shape[1], k.shape[3] if layout == "HS" else k.shape[2])
@@ -546,8 +559,11 @@ def flash_cache_attention(
         if layout == "HS":
             kind = target_device_kind() if device_kind is None else device_kind
             return cache_attention_tpu(
-                q, k, v, mask, block_k=block_k, interpret=interpret, device_kind=kind
-            )
+                q, k, v, mask, block_k=block_k, interpret=interpret, device_kind=kind,
+                scales=scales,
+            )  # fmt: skip
+        if scales is not None:
+            raise ValueError("quantized cache slots on TPU need the HS layout")
         k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # -> [b, S, kh, h]
         return flash_attention(
             q, k, v, mask, block_k=block_k, platform="tpu", interpret=interpret,
@@ -556,14 +572,17 @@ def flash_cache_attention(
     if layout == "HS":
         k, v = (x.transpose(0, 1, 3, 2) for x in (k, v))  # -> [b, kh, S, h]
     cfg = _triton_config(q, k.shape[2], k.shape[1], mask, None, block_k, target, interpret)
-    return _flash_folded(q, k, v, mask, cfg, True)
+    if scales is not None:
+        cfg = dataclasses.replace(cfg, quantized=True)
+    return _flash_folded(q, k, v, mask, cfg, True, scales)
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
-def _flash_folded(q, k, v, mask: Mask, cfg: Config, heads_major: bool) -> jax.Array:
+def _flash_folded(q, k, v, mask: Mask, cfg: Config, heads_major: bool, scales=None) -> jax.Array:
     """Fold GQA into rows, pad, run the kernel, unfold (see the module docstring). K/V
     come time-major ``[b,s,kh,h]``, or head-major ``[b,kh,s,h]`` with ``heads_major``
-    (decode-cache slots: then nothing of them is copied unless padding is needed)."""
+    (decode-cache slots: then nothing of them is copied unless padding is needed);
+    quantized slots with their ``scales`` (``[b,kh,s]`` each; forward only)."""
     b, t, n, h = q.shape
     s, kh = (k.shape[2], k.shape[1]) if heads_major else (k.shape[1], k.shape[2])
     g = n // kh
@@ -588,6 +607,11 @@ def _flash_folded(q, k, v, mask: Mask, cfg: Config, heads_major: bool) -> jax.Ar
     qs = ks = None
     if mask.segmented:  # padded keys are invalid by position: their segment is moot
         qs, ks = q_col(mask.q_seg), kv_row(mask.kv_seg, 0)
-    o = _flash(qf, k, v, q_col(mask.q_pos), kv_row(mask.kv_pos, INVALID_POS), qs, ks, cfg)
+    qp, kp = q_col(mask.q_pos), kv_row(mask.kv_pos, INVALID_POS)
+    if scales is None:
+        o = _flash(qf, k, v, qp, kp, qs, ks, cfg)
+    else:  # inference only: no VJP
+        sk, sv = (jnp.pad(x, ((0, 0), (0, 0), (0, pad_keys)))[:, :, None] for x in scales)
+        o = _forward(qf, k, v, (*_mask_args(qp, kp, qs, ks), sk, sv), cfg)[0]
     o = o[:, :, :rows, :h].reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4)
     return o.reshape(b, t, n, h)

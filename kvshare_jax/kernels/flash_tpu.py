@@ -351,17 +351,25 @@ def _run(tiles: _Tiles, b, i, j, cfg: Config, step) -> None:
         step(True)
 
 
-def _scores(q, k, vis, cfg: Config, time_minor: bool = False):
+def _scores(q, k, vis, cfg: Config, time_minor: bool = False, k_scale=None):
     """Scaled fp32 scores ``[rows, keys]`` from ``k [keys, h]`` (``[h, keys]`` when
-    ``time_minor``), masked where ``vis`` (if any) is False."""
+    ``time_minor``; quantized with the scales ``k_scale [1, keys]``), masked where
+    ``vis`` (if any) is False."""
     s = _dot(q, k, NN if time_minor else NT) * cfg.scale
+    s = s if k_scale is None else s * k_scale
     return s if vis is None else jnp.where(vis, s, MASKED)
 
 
-def _softmax_step(q, k, v, vis, m_scr, l_scr, acc_scr, cfg: Config, time_minor=False) -> None:
+def _softmax_step(
+    q, k, v, vis, m_scr, l_scr, acc_scr, cfg: Config, time_minor=False, scales=()
+) -> None:
     """One online-softmax update of the fp32 scratch with a K/V tile (``[keys, h]``, or
-    ``[h, keys]`` when ``time_minor``)."""
-    s = _scores(q, k, vis, cfg, time_minor)
+    ``[h, keys]`` when ``time_minor``); quantized K/V with ``scales = (k_scale, v_scale)``,
+    ``[1, keys]`` each, are converted to ``q``'s dtype in VMEM (via fp32) and scaled in
+    the scores and the probabilities."""
+    if scales:
+        k, v = (x.astype(jnp.float32).astype(q.dtype) for x in (k, v))
+    s = _scores(q, k, vis, cfg, time_minor, scales[0] if scales else None)
     m_prev = m_scr[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     p = jnp.exp(s - m_new)
@@ -369,7 +377,8 @@ def _softmax_step(q, k, v, vis, m_scr, l_scr, acc_scr, cfg: Config, time_minor=F
         p = jnp.where(vis, p, 0.0)
     alpha = jnp.exp(m_prev - m_new)
     l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
-    acc_scr[...] = alpha * acc_scr[...] + _dot(p.astype(v.dtype), v, NT if time_minor else NN)
+    pv = p * scales[1] if scales else p
+    acc_scr[...] = alpha * acc_scr[...] + _dot(pv.astype(v.dtype), v, NT if time_minor else NN)
     m_scr[...] = m_new
 
 
@@ -475,8 +484,10 @@ def _dkv_kernel(*refs, cfg: Config, nq: int, nk: int):
 
 def _cache_kernel(*refs, cfg: Config, nk: int, kh: int):
     """Decode over cache slots ``[kh, h, bk]`` (time on the lanes) for all KV heads of one
-    batch row; per head ``q [r, h] @ k [h, bk]`` and ``p [r, bk] @ v[h, bk]^T``."""
+    batch row; per head ``q [r, h] @ k [h, bk]`` and ``p [r, bk] @ v[h, bk]^T``; quantized
+    slots with scale tiles ``[kh, bk]`` (K's, V's) after the mask refs."""
     tiles, q_ref, k_ref, v_ref, q_side, kv_side, rest = _split(refs, cfg, 1, nk)
+    scales, rest = (rest[:2], rest[2:]) if cfg.quantized else ((), rest)
     o_ref, m_scr, l_scr, acc_scr = rest
     b, j = pl.program_id(0), pl.program_id(1)
 
@@ -488,7 +499,8 @@ def _cache_kernel(*refs, cfg: Config, nk: int, kh: int):
         vis = _vis(q_side, kv_side, cfg) if masked else None  # query columns [r, 1]
         for hd in range(kh):  # static: a few KV heads per batch row
             scratch = (m_scr.at[hd], l_scr.at[hd], acc_scr.at[hd])
-            _softmax_step(q_ref[hd], k_ref[hd], v_ref[hd], vis, *scratch, cfg, time_minor=True)
+            row = tuple(x[pl.ds(hd, 1), :] for x in scales)  # [1, bk]
+            _softmax_step(q_ref[hd], k_ref[hd], v_ref[hd], vis, *scratch, cfg, True, row)
 
     _run(tiles, b, 0, j, cfg, step)
 
@@ -660,8 +672,9 @@ def _backward(q, k, v, m: tuple, o, lse, do, cfg: Config):
     return dq, dk, dv
 
 
-def _cache_decode(q, k, v, mask: Mask, cfg: Config) -> jax.Array:
-    """``q [b, t, n, h]`` over time-minor slots ``k, v [b, kh, h, S]`` -> ``[b, t, n, h]``."""
+def _cache_decode(q, k, v, mask: Mask, cfg: Config, scales=None) -> jax.Array:
+    """``q [b, t, n, h]`` over time-minor slots ``k, v [b, kh, h, S]`` (quantized: with
+    ``scales``, ``[b, kh, S]`` each) -> ``[b, t, n, h]``."""
     b, t, n, h = q.shape
     kh, s = k.shape[1], k.shape[3]
     g = n // kh
@@ -684,13 +697,17 @@ def _cache_decode(q, k, v, mask: Mask, cfg: Config) -> jax.Array:
     m = [qp[:, :, None], mask.kv_pos[:, None, :]]
     if cfg.segments:
         m += [qs[:, :, None], mask.kv_seg[:, None, :]]
+    specs = [q_spec, kv_spec, kv_spec, *[q_col, kv_row] * (len(m) // 2)]
+    if scales is not None:
+        m += list(scales)
+        specs += [pl.BlockSpec((None, kh, bk), lambda b, j, *r: (b, 0, at_kv(b, j, *r)))] * 2
     out = _call(
         functools.partial(_cache_kernel, cfg=cfg, nk=nk, kh=kh),
         "kvshare_flash_tpu_decode",
         cfg,
         (b, nk),
         (*ranges, *k_range),
-        [q_spec, kv_spec, kv_spec, *[q_col, kv_row] * (len(m) // 2)],
+        specs,
         q_spec,
         jax.ShapeDtypeStruct(qf.shape, q.dtype),
         [
@@ -698,7 +715,7 @@ def _cache_decode(q, k, v, mask: Mask, cfg: Config) -> jax.Array:
             pltpu.VMEM((kh, rows, 1), jnp.float32),
             pltpu.VMEM((kh, rows, h), jnp.float32),
         ],
-        _cost(b * kh * rows * s, h, 2, qf, k, v, qf),
+        _cost(b * kh * rows * s, h, 2, qf, k, v, qf, *(scales or ())),
         qf,
         k,
         v,
@@ -817,27 +834,34 @@ def cache_attention_tpu(
     block_k: int | None = None,
     interpret: bool = False,
     device_kind: str | None = None,
+    scales: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Decode attention over time-minor cache slots, read in place: ``q [b,t,n,h]``,
     ``k, v [b,kh,h,S]`` and a mask of ``q_pos [b,t]``, ``kv_pos [b,S]`` (segment ids
-    alike) -> ``[b,t,n,h]`` (inference only: no gradient). ``block_k`` keys per tile
-    (default: :func:`decode_block`); a cache whose length no tile divides is padded, a
-    copy that :func:`kvshare_jax.cache_layout.cache_length` avoids."""
+    alike) -> ``[b,t,n,h]`` (inference only: no gradient). Quantized slots (int8, fp8)
+    come with ``scales = (k_scale, v_scale)``, ``[b,kh,S]`` fp32 each, tiled beside the
+    slots and applied in VMEM. ``block_k`` keys per tile (default: :func:`decode_block`);
+    a cache whose length no tile divides is padded, a copy that
+    :func:`kvshare_jax.cache_layout.cache_length` avoids."""
     b, t, n, h = q.shape
     kh, s = k.shape[1], k.shape[3]
     bk = decode_block(s, kh, h, q.dtype, device_kind, block_k)
     if s % bk:
         pad = round_up(s, bk) - s
         k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad))) for x in (k, v))
+        if scales is not None:
+            scales = tuple(jnp.pad(x, ((0, 0), (0, 0), (0, pad))) for x in scales)
         kv_pos = jnp.pad(mask.kv_pos, ((0, 0), (0, pad)), constant_values=INVALID_POS)
         kv_seg = None if mask.kv_seg is None else jnp.pad(mask.kv_seg, ((0, 0), (0, pad)))
         mask = mask.replace(kv_pos=kv_pos, kv_seg=kv_seg)
-    return _jit_cache(q, k, v, mask, _config(h, mask, t * (n // kh), bk, interpret))
+    cfg = _config(h, mask, t * (n // kh), bk, interpret)
+    cfg = dataclasses.replace(cfg, quantized=scales is not None)
+    return _jit_cache(q, k, v, mask, cfg, scales)
 
 
 @functools.partial(jax.jit, static_argnums=(4,))
-def _jit_cache(q, k, v, mask: Mask, cfg: Config) -> jax.Array:
-    return _cache_decode(q, k, v, mask, cfg)
+def _jit_cache(q, k, v, mask: Mask, cfg: Config, scales=None) -> jax.Array:
+    return _cache_decode(q, k, v, mask, cfg, scales)
 
 
 @functools.partial(jax.jit, static_argnums=(4,))

@@ -64,20 +64,28 @@ def pallas_cache_attention(
     mask: Mask,
     *,
     layout: str,
+    scales: tuple[jax.Array, jax.Array] | None = None,
     mesh: Mesh | AbstractMesh | None = None,
     platform: str | None = None,
     device_kind: str | None = None,
     **options,
 ) -> jax.Array:
     """Attention of ``q [b,t,n,h]`` over decode-cache slots ``k, v`` (rows ``[b*kh,S,h]``
-    for ``layout="SH"``, ``[b*kh,h,S]`` for ``"HS"``) -> ``[b,t,n,h]``, per shard like
-    :func:`pallas_attention` (the slot rows split as sequences over the batch axes and KV
-    heads over 'tensor'); see :func:`~kvshare_jax.kernels.flash.flash_cache_attention`."""
+    for ``layout="SH"``, ``[b*kh,h,S]`` for ``"HS"``; quantized with ``scales``, rows
+    ``[b*kh,S]``, if given) -> ``[b,t,n,h]``, per shard like :func:`pallas_attention`
+    (the slot rows split as sequences over the batch axes and KV heads over 'tensor');
+    see :func:`~kvshare_jax.kernels.flash.flash_cache_attention`."""
     plan = _plan(mesh, platform, device_kind)
     b = q.shape[0]
     k, v = (x.reshape(b, -1, *x.shape[1:]) for x in (k, v))  # [b, kh, ., .]: a bitcast
-    kernel = functools.partial(flash_cache_attention, layout=layout, **plan.options, **options)
-    return plan.run(kernel, (q, k, v, mask), kv_heads=k.shape[1], slots=True)
+    if scales is not None:
+        scales = tuple(x.reshape(b, -1, x.shape[-1]) for x in scales)  # [b, kh, S]
+    options = {**plan.options, **options}
+
+    def kernel(q, k, v, mask, scales):
+        return flash_cache_attention(q, k, v, mask, layout=layout, scales=scales, **options)
+
+    return plan.run(kernel, (q, k, v, mask, scales), kv_heads=k.shape[1], slots=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +109,10 @@ class _Plan:
         return not self.batch and self.head is None
 
     def run(self, kernel, args: tuple, kv_heads: int, slots: bool) -> jax.Array:
-        """``kernel(q, k, v, mask)`` called directly, or per shard (K/V time-major
-        ``[b, s, kh, h]``, or per-batch-row cache slots ``[b, kh, ., .]`` with ``slots``;
-        every array of the mask split over the batch axes)."""
+        """``kernel(q, k, v, mask[, scales])`` called directly, or per shard (K/V
+        time-major ``[b, s, kh, h]``, or per-batch-row cache slots ``[b, kh, ., .]`` with
+        ``slots``, their scales ``[b, kh, S]``; every array of the mask split over the
+        batch axes)."""
         if self.direct:
             return kernel(*args)
         q = args[0]
@@ -111,10 +120,12 @@ class _Plan:
         heads = P(self.batch or None, None, self.head, None)
         kv = P(self.batch or None, self.head, None, None) if slots else heads
         rows = P(self.batch or None, None)
+        scales = P(self.batch or None, self.head, None)
         return jax.shard_map(
             kernel,
             mesh=self.mesh,
-            in_specs=(heads, kv, kv, jax.tree.map(lambda _: rows, args[3])),
+            in_specs=(heads, kv, kv, jax.tree.map(lambda _: rows, args[3]))
+            + tuple(jax.tree.map(lambda _: scales, a) for a in args[4:]),
             out_specs=heads,
             check_vma=False,
         )(*args)
