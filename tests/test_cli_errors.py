@@ -57,6 +57,10 @@ def _train(workdir, *extra):
     return ["train", "--config", tu.TINY_CONFIG, "--workdir", str(workdir), *extra]
 
 
+def _generate(*extra):
+    return ["generate", "--config", tu.TINY_CONFIG, "--prompt-ids", "1,2", *extra]
+
+
 # (argv builder, stderr substring); `w` is a workdir that must stay unwritten, `f` the
 # bad files above.
 CASES = {
@@ -70,33 +74,16 @@ CASES = {
         lambda w, f: ["study", "--config", STUDY, "--workdir", str(w), "--config.train.foo=1"],
         "'train.foo'",
     ),
-    "generate unknown field": (
-        lambda w, f: [
-            "generate",
-            "--config",
-            tu.TINY_CONFIG,
-            "--prompt-ids",
-            "1,2",
-            "--config.model.foo=3",
-        ],
-        "'model.foo'",
-    ),  # fmt: skip
+    "generate unknown field": (lambda w, f: _generate("--config.model.foo=3"), "'model.foo'"),
     "dtype": (lambda w, f: _train(w, "--config.model.dtype=float7"), "got 'float7'"),
     "kv cache dtype": (
         lambda w, f: _train(w, "--config.model.kv_cache_dtype=int3"),
         "kv_cache_dtype must be '' (the model dtype, float32), int8 or float8_e4m3fn, got 'int3'",
     ),
     "generate kv cache dtype": (
-        lambda w, f: [
-            "generate",
-            "--config",
-            tu.TINY_CONFIG,
-            "--prompt-ids",
-            "1,2",
-            "--config.model.kv_cache_dtype=int3",
-        ],
+        lambda w, f: _generate("--config.model.kv_cache_dtype=int3"),
         "kv_cache_dtype must be",
-    ),  # fmt: skip
+    ),
     "int field": (lambda w, f: _train(w, "--config.train.num_steps=abc"), "expects an integer"),
     "bool field": (lambda w, f: _train(w, "--config.model.remat=maybe"), "expects a boolean"),
     "syntax error": (
