@@ -66,6 +66,7 @@ def test_train_step_compiles_and_fits(topology, layout, impl):
     assert 0 < out["mfu_ceiling"] <= 1
 
 
+@pytest.mark.slow  # a Mosaic v5e:2x2 train step; test_train covers segments on CPU
 def test_segments_train_step_report():
     """``data.packing="segments"``: the compiled train step (Mosaic kernels with segment
     ids) takes the segment ids as one more [b, T] int32 input, and the FLOP counts, a
@@ -118,6 +119,7 @@ def test_loop_once_flops_of_an_upward_layout_with_accumulation():
     assert out["executed_flops_per_device"] > 2 * out["flops_per_device"]
 
 
+@pytest.mark.slow  # two v5e:2x2 train-step compiles, 2 minutes on 2 cores
 def test_fit_search_finds_the_smallest_grad_accum(monkeypatch):
     """With HBM set just below the step's need, the search must suggest grad_accum=2
     (whose compiled step fits), not a larger one."""
@@ -306,7 +308,7 @@ def test_decode_step_targets_grid(path, layout, impl, topology, batch):
     _decode_targets(path, spec, impl, topology, size)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "pallas"])
 def test_generate_program_holds_no_second_cache(impl):
     """The whole generation program (prefill + decode loop) of llama_110m at batch 64 on
     a v5e chip: no cache-sized copy anywhere, temporaries under 15% of the cache."""
@@ -316,6 +318,7 @@ def test_generate_program_holds_no_second_cache(impl):
     assert out["cache_copies"] == 0 and out["temporaries_over_cache"] < 0.15, out
 
 
+@pytest.mark.slow  # a max-batch search per layout; test_bench_topology_command runs by default
 def test_bench_topology_resume(tmp_path, monkeypatch, capsys):
     """The report is written after each layout; --resume keeps the layouts in it and
     searches only the others; a report of another search is refused in one line."""

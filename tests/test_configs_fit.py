@@ -19,7 +19,10 @@ from kvshare_jax import aot
 from kvshare_jax.config import load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.py"))
-SMALL = {"tiny.py", "default.py", "llama_tiny.py", "cpu.py"}  # fast enough for every run
+# the default run: the main job's config both ways, the study's as written; the rest
+# (default.py and llama_tiny.py take 2-4 minutes each on 2 cores) run with -m slow
+DEFAULT_RUN = {"configs/tiny.py-config-config", "configs/tiny.py-config-xla",
+               "study/cpu.py-config-config"}  # fmt: skip
 
 
 def _slice(path: Path) -> str:
@@ -33,13 +36,13 @@ def _slice(path: Path) -> str:
 
 def _cases():
     for path in CONFIGS:
-        marks = () if path.name in SMALL else (pytest.mark.slow,)
         layouts = ["config"]
         if path.parent.name == "study":
             layouts.append("worst")
         for layout in layouts:
             for impl in ("config", "xla"):
                 name = f"{path.parent.name}/{path.name}-{layout}-{impl}"
+                marks = () if name in DEFAULT_RUN else (pytest.mark.slow,)
                 yield pytest.param(path, layout, impl, id=name, marks=marks)
 
 

@@ -160,7 +160,7 @@ def default_precision():
         yield
 
 
-@pytest.mark.parametrize("name", ["h100:1", "h200:1"])
+@pytest.mark.parametrize("name", ["h100:1", pytest.param("h200:1", marks=pytest.mark.slow)])
 def test_compile_command_plans_a_gpu(name, tmp_path, capsys, default_precision):
     """``kvshare compile --topology h100:1`` compiles the train step, the generation
     program and a decode step for the GPU (Triton kernels: attention_impl auto) and

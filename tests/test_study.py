@@ -227,6 +227,7 @@ def test_later_seeds_reuse_the_first_seeds_max_batch(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------- the run
+@pytest.mark.slow  # two minutes on 2 cores; the preemption and progress tests run by default
 def test_micro_study_runs_reports_and_skips_finished_cells(tmp_path, capsys, monkeypatch):
     workdir = str(tmp_path / "study")
     assert study_command.run(micro_argv(workdir)) == 0
