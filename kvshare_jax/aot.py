@@ -47,7 +47,7 @@ from kvshare_jax.flops import (  # noqa: F401 - CHIPS, Chip: part of this API
     model_train_flops,
 )
 from kvshare_jax.model import ModelConfig, init_params
-from kvshare_jax.target import compile_only_libtpu
+from kvshare_jax.target import compile_only_libtpu, inference_compiler_options
 
 _TOPOLOGY = re.compile(r"(v[0-9][a-z]?):([1-9][0-9]*(?:x[1-9][0-9]*){1,2})")
 _HBM_OOM = (  # the TPU compiler's two wordings of "does not fit in HBM"
@@ -184,11 +184,14 @@ def report(
     return out
 
 
-def compile_or_report(lower: Any, chip: Chip, **flops: float) -> tuple[Any | None, dict[str, Any]]:
-    """Compiles ``lower()`` (a ``Lowered``) and reports; an HBM out-of-memory compile
-    error becomes a report with ``fits=False``; other compiler errors propagate."""
+def compile_or_report(
+    lower: Any, chip: Chip, options: dict[str, str] | None = None, **flops: float
+) -> tuple[Any | None, dict[str, Any]]:
+    """Compiles ``lower()`` (a ``Lowered``, with compiler ``options``) and reports; an HBM
+    out-of-memory compile error becomes a report with ``fits=False``; other compiler
+    errors propagate."""
     try:
-        compiled = lower().compile()
+        compiled = lower().compile(options)
     except Exception as e:  # noqa: BLE001 - XlaRuntimeError / JaxRuntimeError
         if not is_hbm_oom(e):
             raise
@@ -308,6 +311,7 @@ def generate_program(
     compiled, out = compile_or_report(
         lambda: lower_generate(cfg, batch, prompt_len, gen_len, device),
         chip_of(device),
+        inference_compiler_options(device.platform),
         executed_flops=executed,
     )
     out["settings"] = {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
@@ -478,7 +482,9 @@ def decode_step_program(
     reports, per device: memory, bytes accessed, its cache-sized copies, and (``floor``)
     the in-place floor (:func:`decode_floor_bytes`) with the ratio to it."""
     compiled, out = compile_or_report(
-        lambda: lower_decode_step(cfg, batch, cache_len, device), chip_of(device)
+        lambda: lower_decode_step(cfg, batch, cache_len, device),
+        chip_of(device),
+        inference_compiler_options(device.platform),
     )
     out["settings"] = {"batch": batch, "cache_len": cache_len}
     if compiled is None:

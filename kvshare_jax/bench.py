@@ -46,7 +46,7 @@ from kvshare_jax.prefill import DEFAULT as DEFAULT_PREFILL
 from kvshare_jax.prefill import Prefill
 from kvshare_jax.probes import best_time, device_info, read_bandwidth
 from kvshare_jax.sampling import greedy_argmax
-from kvshare_jax.target import target_platform
+from kvshare_jax.target import inference_compiler_options, target_platform
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -96,7 +96,8 @@ def compile_generate(
     Compiled from shapes alone (params included), so it is memoised: the max-batch
     search and the timed runs share compilations.
     """
-    return aot.lower_generate(cfg, batch, prompt_len, gen_len, device).compile()
+    options = inference_compiler_options(None if device is None else device.platform)
+    return aot.lower_generate(cfg, batch, prompt_len, gen_len, device).compile(options)
 
 
 def program_memory(
@@ -213,7 +214,7 @@ def _decode_scan(cfg: ModelConfig, steps: int) -> Callable:
         (cache, _), out = jax.lax.scan(body, (cache, tokens), None, length=steps)
         return out, cache
 
-    return jax.jit(program, donate_argnums=1)
+    return jax.jit(program, donate_argnums=1, compiler_options=inference_compiler_options())
 
 
 def bench_generate(
@@ -245,7 +246,11 @@ def bench_generate(
         program = generate_fn(cfg, max_new_tokens=gen_len, prefill_settings=prefill_settings)
         gen = program.lower(params, cache_shape, prompts, lengths, rng).compile()
     options = dict(**prefill_settings.iteration(), return_passes=True)
-    run_prefill = jax.jit(lambda p, c, x, n: prefill(cfg, p, c, x, n, **options), donate_argnums=1)
+    run_prefill = jax.jit(
+        lambda p, c, x, n: prefill(cfg, p, c, x, n, **options),
+        donate_argnums=1,
+        compiler_options=inference_compiler_options(),
+    )
     run_prefill = run_prefill.lower(params, cache_shape, prompts, lengths).compile()
     run_decode = _decode_scan(cfg, gen_len - 1).lower(params, cache_shape, tokens).compile()
 

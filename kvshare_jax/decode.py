@@ -46,6 +46,7 @@ from kvshare_jax.model import BoundModel, ModelConfig, Params, forward_hidden
 from kvshare_jax.prefill import DEFAULT as DEFAULT_PREFILL
 from kvshare_jax.prefill import Passes, Prefill
 from kvshare_jax.sampling import GREEDY, Sampling, sample
+from kvshare_jax.target import inference_compiler_options
 
 PREFILL_TOKENS = 2048  # prompt tokens per prefill pass of the generation program
 
@@ -392,7 +393,7 @@ def generate_fn(
             step_logits = jnp.concatenate([logits[:, None], jnp.swapaxes(step_logits, 0, 1)], 1)
         return GenerateOutput(tokens, count, step_logits), cache
 
-    return jax.jit(program, donate_argnums=1)
+    return jax.jit(program, donate_argnums=1, compiler_options=inference_compiler_options())
 
 
 def check_request(

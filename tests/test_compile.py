@@ -344,6 +344,25 @@ def test_bench_topology_resume(tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 0 and "another search (differs in gen_len)" in err
 
 
+def test_inference_programs_fill_the_hbm_without_recomputing():
+    """A decode step at 97% of a v5e chip's HBM (llama_tiny, bf16, xla attention): with
+    the compiler's defaults XLA:TPU rematerializes (recomputes score fusions from K); as
+    the inference programs are compiled (`target.inference_compiler_options`) it does
+    not, the program still fits, and the step stays at the in-place floor."""
+    from kvshare_jax import decode, target
+
+    cfg = model_config_from(load_config("configs/llama_tiny.py"))
+    cfg = dataclasses.replace(cfg, attention_impl="xla", dtype="bfloat16")
+    device = aot.topology("v5e:1x1")[0]
+    batch = int(0.97 * aot.chip_of(device).hbm_bytes / decode.cache_bytes(cfg, 1, 1024))
+    default = aot.lower_decode_step(cfg, batch, 1023, device).compile()
+    assert aot.rematerialized(default.as_text()) > 0  # what the options prevent
+    assert target.inference_compiler_options("tpu") and not target.inference_compiler_options("cpu")
+    out = aot.decode_step_program(cfg, device, batch, 1023)
+    assert out["fits"] and out["rematerialized"] == 0, out
+    assert out["cache_copies"] == 0 and out["hbm_traffic_ratio_to_floor"] <= 1.2, out
+
+
 def test_rematerialized_counts_recomputed_instructions():
     """The count of ``*.remat*`` instructions (what the TPU compiler recomputed to fit its
     memory limit, e.g. the llama_110m xla decode step at the Pallas max batch: its score
