@@ -58,6 +58,15 @@ def _dot(shape: str, rest: str, shapes: dict[str, str]) -> tuple[float, str]:
     return 2.0 * math.prod(_dims(shape)) * k, kind
 
 
+def _kernel_product(shape: str, rest: str, shapes: dict[str, str]) -> tuple[float, str]:
+    """FLOPs of a call of the CPU matvec kernel (``x [M, K] @ w [K, N]``), else none."""
+    if 'custom_call_target="kvshare_matvec"' not in rest:
+        return 0.0, "other"
+    operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+    k = _dims(shapes.get(operands[0], ""))[-1:] if operands else []
+    return 2.0 * math.prod(_dims(shape)) * (k[0] if k else 0), "weight products"
+
+
 def hlo_ops(text: str) -> dict[str, tuple[float, str]]:
     """Instruction name -> (dot FLOPs, kind) for an optimized CPU HLO module; a fusion
     (or call) counts the dots of the computation it calls."""
@@ -76,6 +85,8 @@ def hlo_ops(text: str) -> dict[str, tuple[float, str]]:
         name, shape, opcode, rest = ins
         if opcode == "dot":
             return _dot(shape, rest, shapes)
+        if opcode == "custom-call":
+            return _kernel_product(shape, rest, shapes)
         called = re.search(r"calls=%([\w.\-]+)", rest)
         parts = [of(i) for i in comps.get(called.group(1), [])] if called else []
         flops = sum(f for f, _ in parts)
@@ -160,7 +171,7 @@ def profile(batch: int, gen_len: int, prompt_len: int = 16) -> dict:
         "tok_s": batch * gen_len / min(walls),
         "step_ms": {k: v / steps * 1e3 for k, v in by_kind.items()},
         "share": {k: v / busy for k, v in by_kind.items()},
-        "ops": rows[:25],
+        "ops": rows,
     }  # fmt: skip
 
 

@@ -1,14 +1,16 @@
-// Small-batch matrix-vector product for XLA:CPU, called through the XLA FFI.
+// Few-row matrix products for XLA:CPU decode, called through the XLA FFI.
 //
 //   y[m, :] = sum_k x[m, k] * w[k, :]      x [M, K], w [K, N], y [M, N], float32, M small
 //
-// Decode at batch 1 is bound by reading the weights. XLA:CPU splits a [1,K] x [K,N] dot
-// over the output columns, so each thread reads short strided pieces of every weight row.
-// Here the *rows* of w are split into contiguous chunks handed out through an atomic
+// One row (batch-1 decode) is bound by reading the weights. XLA:CPU splits a [1,K] x [K,N]
+// dot over the output columns, so each thread reads short strided pieces of every weight
+// row. Here the *rows* of w are split into contiguous chunks handed out through an atomic
 // counter to the calling thread and this library's helper threads (class Helpers); each
-// participant streams its chunks front to back into its own [M, N] partial sum, and the
-// caller adds the partials. A helper that starts late finds no chunk left and returns
-// without touching any buffer, so the caller only waits for chunks actually claimed.
+// participant streams its chunks front to back into its own [N] partial sum, and the
+// caller adds the partials. Several rows (batch decode) are bound by the FMA units: the
+// *columns* are split into chunks, each computed in place by register-blocked tiles
+// (ProductColumns). A helper that starts late finds no chunk left and returns without
+// touching any buffer, so the caller only waits for chunks actually claimed.
 // Built at first use by kvshare_jax/kernels/cpu_matvec.py (see there).
 #include <algorithm>
 #include <atomic>
@@ -42,76 +44,121 @@ inline v8 load8(const float* p) {
 inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
 
 constexpr int64_t kMaxRows = 64;   // M at most this (the Python side routes larger M to XLA)
-constexpr int kGroup = 8;          // rows of x per pass over a panel (M > 1)
-constexpr int64_t kPanel = 256;    // columns per panel (M > 1): a group's sums stay in L1
-constexpr int64_t kChunkRows = 64;  // weight rows per chunk (a multiple of 4)
+constexpr int64_t kChunkRows = 64;  // one row: weight rows per chunk (a multiple of 4)
+constexpr int64_t kChunkColumns = 128;  // several rows: columns per chunk (a multiple of 16)
 // Smaller weights are read by the calling thread alone: waking a helper costs more than
 // the product, and a helper that never gets a job never spins (small test models).
 constexpr int64_t kParallelBytes = 256 << 10;
 
-// acc[m, j0:j1] += sum_{k0 <= k < k1} x[m, k] * w[k, j0:j1], four weight rows per sweep
-// (x, acc: rows of K and N floats; w: rows of N floats).
-template <int M>
-void Accumulate(const float* x, const float* w, float* acc, int64_t K, int64_t N, int64_t k0,
-                int64_t k1, int64_t j0, int64_t j1) {
+// One row: acc[:] += sum_{k0 <= k < k1} x[k] * w[k, :], four weight rows per sweep, each
+// read front to back (bound by reading the weights).
+void AccumulateRow(const float* x, const float* w, float* acc, int64_t N, int64_t k0,
+                   int64_t k1) {
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {
     const float* r0 = w + k * N;
     const float* r1 = r0 + N;
     const float* r2 = r1 + N;
     const float* r3 = r2 + N;
-    float c[M][4];
-    for (int m = 0; m < M; ++m)
-      for (int i = 0; i < 4; ++i) c[m][i] = x[m * K + k + i];
-    int64_t j = j0;
-    for (; j + 8 <= j1; j += 8) {
-      v8 w0 = load8(r0 + j), w1 = load8(r1 + j), w2 = load8(r2 + j), w3 = load8(r3 + j);
-      for (int m = 0; m < M; ++m) {
-        float* a = acc + m * N + j;
-        store8(a, load8(a) + c[m][0] * w0 + c[m][1] * w1 + c[m][2] * w2 + c[m][3] * w3);
-      }
-    }
-    for (; j < j1; ++j)
-      for (int m = 0; m < M; ++m)
-        acc[m * N + j] += c[m][0] * r0[j] + c[m][1] * r1[j] + c[m][2] * r2[j] + c[m][3] * r3[j];
+    const float c0 = x[k], c1 = x[k + 1], c2 = x[k + 2], c3 = x[k + 3];
+    int64_t j = 0;
+    for (; j + 8 <= N; j += 8)
+      store8(acc + j, load8(acc + j) + c0 * load8(r0 + j) + c1 * load8(r1 + j) +
+                          c2 * load8(r2 + j) + c3 * load8(r3 + j));
+    for (; j < N; ++j) acc[j] += c0 * r0[j] + c1 * r1[j] + c2 * r2[j] + c3 * r3[j];
   }
   for (; k < k1; ++k) {
     const float* r = w + k * N;
-    for (int m = 0; m < M; ++m) {
-      const float c = x[m * K + k];
-      for (int64_t j = j0; j < j1; ++j) acc[m * N + j] += c * r[j];
-    }
+    for (int64_t j = 0; j < N; ++j) acc[j] += x[k] * r[j];
   }
 }
 
-using AccumulateFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t,
-                              int64_t, int64_t, int64_t);
-constexpr AccumulateFn kAccumulate[kGroup + 1] = {
-    nullptr,         Accumulate<1>, Accumulate<2>, Accumulate<3>, Accumulate<4>,
-    Accumulate<5>, Accumulate<6>, Accumulate<7>, Accumulate<8>};
+// Several rows (M > 1): y[:, j0:j1] for a range of columns, register-blocked. A
+// micro-tile of R rows x 16 columns keeps its R x 2 vector sums in registers over a
+// block of kKBlock weight rows: per weight row it loads two vectors and broadcasts R
+// inputs for 2R fused multiply-adds, so the loop runs at the FMA units' pace instead of
+// the load/store traffic of summing into memory. All row blocks of a call pass over the
+// same 16-column strip of the weights, which the first one read from memory; the next
+// strip is prefetched meanwhile (see ProductColumns). Weights stay in their [K, N]
+// layout: no packing per call or at load.
+template <int R, int V>  // R rows, V vectors of 8 columns
+void Tile(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t k0,
+          int64_t k1, bool add, const float* next, int64_t every) {
+  v8 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = add ? load8(y + r * N + 8 * v) : v8{};
+  const float* wk = w + k0 * N;
+  int64_t countdown = 1;
+  for (int64_t k = k0; k < k1; ++k, wk += N) {
+    if (next && --countdown == 0) {  // one row of the next strip every `every` rows
+      __builtin_prefetch(next);
+      next += every * N;
+      countdown = every;
+    }
+    v8 b[V];
+    for (int v = 0; v < V; ++v) b[v] = load8(wk + 8 * v);
+    for (int r = 0; r < R; ++r) {
+      const float c = x[r * K + k];
+      for (int v = 0; v < V; ++v) acc[r][v] += c * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) store8(y + r * N + 8 * v, acc[r][v]);
+}
 
-// acc[m, :] += sum_{k0 <= k < k1} x[m, k] * w[k, :] for all M rows. One row sweeps the
-// weight rows whole (bound by reading them). More rows go panel by panel of kPanel
-// columns, groups of kGroup rows each: a group's partial sums of a panel stay in L1
-// while the chunk's weight rows stream through, instead of the whole [M, N] sums
-// crossing the caches every four weight rows. (Measured on a Zen 3 core against a
-// register-tiled kernel over packed weight panels, which was slower.)
-void AccumulateRows(const float* x, const float* w, float* acc, int64_t M, int64_t K,
-                    int64_t N, int64_t k0, int64_t k1) {
-  if (M == 1) return Accumulate<1>(x, w, acc, K, N, k0, k1, 0, N);
-  for (int64_t j0 = 0; j0 < N; j0 += kPanel)
-    for (int64_t m0 = 0; m0 < M; m0 += kGroup)
-      kAccumulate[std::min<int64_t>(kGroup, M - m0)](x + m0 * K, w, acc + m0 * N, K, N, k0,
-                                                     k1, j0, std::min(N, j0 + kPanel));
+using TileFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
+                        bool, const float*, int64_t);
+constexpr int kTileRows = 6;  // 6 x 2 sums + 2 weight vectors + 1 broadcast: 15 registers
+constexpr TileFn kTile16[kTileRows + 1] = {nullptr,     Tile<1, 2>, Tile<2, 2>, Tile<3, 2>,
+                                           Tile<4, 2>, Tile<5, 2>, Tile<6, 2>};
+constexpr TileFn kTile8[kTileRows + 1] = {nullptr,    Tile<1, 1>, Tile<2, 1>, Tile<3, 1>,
+                                          Tile<4, 1>, Tile<5, 1>, Tile<6, 1>};
+constexpr int64_t kKBlock = 256;  // weight rows per pass: a strip of 16 columns is 16 KB
+
+// y[m, j0:j1] = sum_k x[m, k] * w[k, j0:j1] for all M rows (M > 1). Rows go in blocks of
+// at most kTileRows, as even as possible (8 rows: 4 + 4, 32 rows: 6 6 5 5 5 5). While the
+// blocks of a strip compute, they prefetch the next strip between them (block b its rows
+// b, b + blocks, ...), so reading the weights from memory overlaps all of the compute.
+void ProductColumns(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+                    int64_t j0, int64_t j1) {
+  const int64_t blocks = (M + kTileRows - 1) / kTileRows;
+  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+    const int64_t k1 = std::min(K, k0 + kKBlock);
+    const bool add = k0 > 0;
+    auto strip = [&](const TileFn* tiles, int64_t j, const float* next) {
+      for (int64_t b = 0, m0 = 0; b < blocks; ++b) {
+        const int64_t rows = (M - m0) / (blocks - b);
+        const float* ahead = next && b < k1 - k0 ? next + b * N : nullptr;
+        tiles[rows](x + m0 * K, w + j, y + m0 * N + j, K, N, k0, k1, add, ahead, blocks);
+        m0 += rows;
+      }
+    };
+    int64_t j = j0;
+    for (; j + 16 <= j1; j += 16) {  // the next strip: this k block's, else the next one's
+      const bool last = j + 32 > j1;
+      const float* next = !last ? w + k0 * N + j + 16 : k1 < K ? w + k1 * N + j0 : nullptr;
+      strip(kTile16, j, next);
+    }
+    for (; j + 8 <= j1; j += 8) strip(kTile8, j, nullptr);
+    for (; j < j1; ++j)
+      for (int64_t m = 0; m < M; ++m) {
+        float s = add ? y[m * N + j] : 0.0f;
+        for (int64_t k = k0; k < k1; ++k) s += x[m * K + k] * w[k * N + j];
+        y[m * N + j] = s;
+      }
+  }
 }
 
 // What the participants of one call share. Held by shared_ptr: a helper may pick a job
 // up after its call returned; it then claims nothing and only touches this struct.
+// One row: chunk c is weight rows [c * span, ...) summed into participant p's own [N]
+// partial sum. Several rows: chunk c is columns [c * span, ...) of y, written in place.
 struct Work {
   const float* x;
   const float* w;
-  int64_t M, K, N, rows, chunks;  // rows: weight rows per chunk
-  std::vector<float*> partial;                // participant p's [M, N] partial sum
+  float* y;
+  int64_t M, K, N, span, chunks;
+  std::vector<float*> partial;                // one row: participant p's [N] partial sum
   std::unique_ptr<std::atomic<bool>[]> used;  // participant p claimed a chunk
   std::atomic<int64_t> next{0};               // next chunk to claim
   std::atomic<int64_t> done{0};               // chunks finished
@@ -121,12 +168,17 @@ struct Work {
 void Participate(Work& work, int p) {
   for (int64_t c = work.next.fetch_add(1, std::memory_order_relaxed); c < work.chunks;
        c = work.next.fetch_add(1, std::memory_order_relaxed)) {
-    if (!work.used[p].load(std::memory_order_relaxed)) {
-      std::fill_n(work.partial[p], work.M * work.N, 0.0f);
-      work.used[p].store(true, std::memory_order_relaxed);
+    const int64_t lo = c * work.span;
+    if (work.M > 1) {
+      ProductColumns(work.x, work.w, work.y, work.M, work.K, work.N, lo,
+                     std::min(work.N, lo + work.span));
+    } else {
+      if (!work.used[p].load(std::memory_order_relaxed)) {
+        std::fill_n(work.partial[p], work.N, 0.0f);
+        work.used[p].store(true, std::memory_order_relaxed);
+      }
+      AccumulateRow(work.x, work.w, work.partial[p], work.N, lo, std::min(work.K, lo + work.span));
     }
-    const int64_t k0 = c * work.rows, k1 = std::min(work.K, k0 + work.rows);
-    AccumulateRows(work.x, work.w, work.partial[p], work.M, work.K, work.N, k0, k1);
     work.done.fetch_add(1, std::memory_order_release);
   }
 }
@@ -211,6 +263,44 @@ class Helpers {
   std::condition_variable cv_;
 };
 
+// y [M, N] = x [M, K] @ w [K, N] on the calling thread and the helpers.
+void Product(const float* x, const float* w, float* out, int64_t M, int64_t K, int64_t N) {
+  Helpers& helpers = Helpers::Get();
+  const bool rows = M > 1;  // several rows: split the columns; one row: the weight rows
+  const int64_t span = rows ? kChunkColumns : kChunkRows;
+  const int64_t chunks = ((rows ? N : K) + span - 1) / span;
+  const bool parallel = K * N * static_cast<int64_t>(sizeof(float)) >= kParallelBytes;
+  const int64_t extra = parallel ? std::min<int64_t>(helpers.size(), chunks - 1) : 0;
+
+  // One row: partial sums of the helpers; the caller accumulates straight into `out`.
+  thread_local std::vector<float> scratch;
+  const size_t need = rows ? 0 : static_cast<size_t>(extra * N);
+  if (scratch.size() < need) scratch.resize(need);
+
+  auto work = std::make_shared<Work>();
+  work->x = x;
+  work->w = w;
+  work->y = out;
+  work->M = M, work->K = K, work->N = N, work->span = span, work->chunks = chunks;
+  work->partial.push_back(out);
+  for (int64_t p = 0; p < extra; ++p)
+    work->partial.push_back(rows ? nullptr : scratch.data() + p * N);
+  work->used.reset(new std::atomic<bool>[extra + 1]);
+  for (int64_t p = 0; p <= extra; ++p) work->used[p].store(false);
+
+  if (extra > 0) helpers.Publish(work);
+  Participate(*work, 0);
+  for (int spins = 0; work->done.load(std::memory_order_acquire) < chunks;) Relax(spins);
+  if (rows) return;
+
+  if (!work->used[0].load(std::memory_order_relaxed)) std::fill_n(out, N, 0.0f);
+  for (int64_t p = 1; p <= extra; ++p) {
+    if (!work->used[p].load(std::memory_order_relaxed)) continue;
+    const float* part = work->partial[p];
+    for (int64_t i = 0; i < N; ++i) out[i] += part[i];
+  }
+}
+
 ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                       ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
@@ -219,38 +309,7 @@ ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   const int64_t M = xd[0], K = xd[1], N = wd[1];
   if (M < 1 || M > kMaxRows)
     return ffi::Error::InvalidArgument("kvshare_matvec: M must be in [1, 64]");
-  float* out = y->typed_data();
-
-  Helpers& helpers = Helpers::Get();
-  const int64_t rows = kChunkRows;
-  const int64_t chunks = (K + rows - 1) / rows;
-  const bool parallel = K * N * static_cast<int64_t>(sizeof(float)) >= kParallelBytes;
-  const int64_t extra = parallel ? std::min<int64_t>(helpers.size(), chunks - 1) : 0;
-
-  // Partial sums of the helpers; the caller accumulates straight into `out`.
-  thread_local std::vector<float> scratch;
-  const size_t need = static_cast<size_t>(extra * M * N);
-  if (scratch.size() < need) scratch.resize(need);
-
-  auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->w = w.typed_data();
-  work->M = M, work->K = K, work->N = N, work->rows = rows, work->chunks = chunks;
-  work->partial.push_back(out);
-  for (int64_t p = 0; p < extra; ++p) work->partial.push_back(scratch.data() + p * M * N);
-  work->used.reset(new std::atomic<bool>[extra + 1]);
-  for (int64_t p = 0; p <= extra; ++p) work->used[p].store(false);
-
-  if (extra > 0) helpers.Publish(work);
-  Participate(*work, 0);
-  for (int spins = 0; work->done.load(std::memory_order_acquire) < chunks;) Relax(spins);
-
-  if (!work->used[0].load(std::memory_order_relaxed)) std::fill_n(out, M * N, 0.0f);
-  for (int64_t p = 1; p <= extra; ++p) {
-    if (!work->used[p].load(std::memory_order_relaxed)) continue;
-    const float* part = work->partial[p];
-    for (int64_t i = 0; i < M * N; ++i) out[i] += part[i];
-  }
+  Product(x.typed_data(), w.typed_data(), y->typed_data(), M, K, N);
   return ffi::Error::Success();
 }
 

@@ -5,10 +5,10 @@ the model sends it products of at most :func:`max_rows` rows. At batch 1 a decod
 is bound by reading the weights; XLA:CPU's dot reaches about 40 GB/s on those shapes
 where a row-split streaming loop reaches the ~50 GB/s of a plain read on the same 2 cores
 (``cpu_matvec.cc`` says how). Batch decode (8..32 rows) depends on the ISA: on AVX-512
-hosts XLA's dots run near the core's peak and beat this kernel's 256-bit loops from two
-rows on, so only single rows come here; on AVX2-only hosts (a Zen 3 core) XLA's dots of
-4..32 rows read their weights at 4-6 GB/s and the kernel, summing panel by panel in L1,
-is 1.2-2.3x faster up to 32 rows (``experiments/results/matvec_bench_cpu*.md``).
+hosts XLA's dots run near the core's peak and beat 256-bit loops from two rows on, so
+only single rows come here; on AVX2-only hosts (a Zen 3 core) XLA's dots of 4..32 rows
+reach 10-26 GFLOP/s, and the kernel's register-blocked tiles (6 rows x 16 columns, the
+columns split between the threads) 50-120 GFLOP/s (``experiments/results/matvec_bench_cpu*.md``).
 :func:`dot_general` is the drop-in ``dot_general`` of the model's ``nn.Dense`` layers
 (``matvec_impl="auto"``): it takes the kernel when the product is ``[.., K] x [K, N]`` in
 fp32 with at most :func:`max_rows` rows, the target platform is the CPU and no
@@ -46,8 +46,8 @@ from jax import lax
 from kvshare_jax.target import target_platform
 
 # rows sent to the kernel (results/matvec_bench_cpu*.md): on AVX-512 hosts XLA's dots beat
-# its 256-bit loops from 2 rows on; with AVX2 only (a Zen 3 core) XLA's dots run at
-# 4-6 GB/s of weights at 4..32 rows and the kernel is 1.2-2.3x faster up to 32 rows
+# 256-bit loops from 2 rows on; with AVX2 only (a Zen 3 core) the kernel's register tiles
+# are 1.5-1.7x faster than XLA's dots at 8..32 rows
 MAX_ROWS_AVX512 = 1
 MAX_ROWS_AVX2 = 32
 KERNEL_ROWS = 64  # what cpu_matvec.cc accepts (kMaxRows)
@@ -137,7 +137,7 @@ def _kernel(x2: jax.Array, w: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def matvec(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x [.., K] @ w [K, N]`` in fp32 through the kernel (``prod(x.shape[:-1]) <= 8``)."""
+    """``x [.., K] @ w [K, N]`` in fp32 through the kernel (``prod(x.shape[:-1]) <= 64``)."""
     lead, k = x.shape[:-1], x.shape[-1]
     rows = int(np.prod(lead))
     if not 1 <= rows <= KERNEL_ROWS or w.ndim != 2 or w.shape[0] != k:
