@@ -5,8 +5,8 @@
 
 For each accelerator model config, standard and the nine presets at l = L/2, each
 attention implementation and chip, it compiles one decode step at batch 1 and at the
-layout's max batch (from ``experiments/results/max_batch_<model>_v5e.json`` when present,
-else ``--max-batch``) with ``aot.decode_step_program`` and writes
+layout's max batch for that implementation (`max_batches`; else ``--max-batch``) with
+``aot.decode_step_program`` and writes
 ``experiments/results/decode_floor_tpu.{json,md}``: HBM traffic over the in-place
 floor's (`kvshare_jax.hbm_traffic`), XLA's bytes accessed over its count of the floor,
 cache-sized copies, temporaries over the cache bytes.
@@ -32,12 +32,26 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 
 
-def max_batches(config: str) -> dict[str, int]:
-    """Layout -> max batch of the committed compile-only max-batch run, if any."""
-    path = RESULTS / f"max_batch_{Path(config).stem}_v5e.json"
+def max_batch_report(config: str, impl: str) -> Path:
+    """The committed compile-only max-batch search of ``config`` on a v5e chip for an
+    attention implementation: ``max_batch_<model>_v5e.json`` is the default program's
+    (``auto``: Pallas on TPU), ``max_batch_<model>_v5e_xla.json`` the XLA reference's,
+    whose f32 scores need memory the kernel never materializes (a smaller max batch)."""
+    suffix = "" if impl in ("auto", "pallas") else f"_{impl}"
+    return RESULTS / f"max_batch_{Path(config).stem}_v5e{suffix}.json"
+
+
+def max_batches(config: str, impl: str) -> dict[str, int]:
+    """Layout -> max batch of `max_batch_report`, if it exists (checked to be that
+    implementation's search)."""
+    path = max_batch_report(config, impl)
     if not path.exists():
         return {}
-    return {r["layout"]: int(r["max_batch"]) for r in json.loads(path.read_text())["rows"]}
+    results = json.loads(path.read_text())
+    searched = results["meta"]["model"]["attention_impl"]
+    if searched not in ({"auto", "pallas"} if impl in ("auto", "pallas") else {impl}):
+        raise ValueError(f"{path} is a search with attention_impl={searched}, not {impl}")
+    return {r["layout"]: int(r["max_batch"]) for r in results["rows"]}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -107,13 +121,14 @@ def main() -> None:
         half = base.num_layers // 2
         specs = [STANDARD, *(f"{p}:{half}" for p in PRESETS)]
         specs = specs if args.layouts == "all" else args.layouts.split(",")
-        best = max_batches(path)
+        best = {impl: max_batches(path, impl) for impl in args.impls.split(",")}
         for spec in specs:
             cfg = dataclasses.replace(base, layout=from_spec(spec, base.num_layers))
             for topology in args.topologies.split(","):
                 device = aot.topology(topology)[0]
                 for impl in args.impls.split(","):
-                    batches = {best.get(spec, args.max_batch)} | (set() if args.only_max else {1})
+                    found = best[impl].get(spec, args.max_batch)
+                    batches = {found} | (set() if args.only_max else {1})
                     for batch in sorted(batches):
                         start = time.time()
                         one = dataclasses.replace(cfg, attention_impl=impl)

@@ -7,7 +7,9 @@ max-batch column of ``kvshare bench`` are checked against the compiler's own num
 """
 
 import dataclasses
+import importlib
 import json
+import sys
 
 import jax
 import pytest
@@ -287,11 +289,17 @@ PRESETS = ["standard"] + [f"{p}-{q}" for p in ("pizza", "sandwich", "lasagna")
                           for q in ("bottom", "middle", "top")]  # fmt: skip
 
 
-def committed_max_batch(path: str, layout: str) -> int:
-    """The layout's max batch on a v5e chip in the committed compile-only results."""
-    name = path.split("/")[-1].removesuffix(".py")
-    results = json.loads(open(f"experiments/results/max_batch_{name}_v5e.json").read())
-    return next(r["max_batch"] for r in results["rows"] if r["layout"] == layout)
+def committed_max_batch(path: str, layout: str, impl: str) -> int:
+    """The layout's max batch on a v5e chip in the committed compile-only search of that
+    attention implementation (experiments/decode_floor.py reads the same files)."""
+    sys.path.insert(0, "experiments")
+    try:
+        decode_floor = importlib.import_module("decode_floor")
+    finally:
+        sys.path.remove("experiments")
+    found = decode_floor.max_batches(path, impl)
+    assert layout in found, f"no {layout} in {decode_floor.max_batch_report(path, impl)}"
+    return found[layout]
 
 
 @pytest.mark.slow
@@ -304,7 +312,7 @@ def test_decode_step_targets_grid(path, layout, impl, topology, batch):
     """Every shipped accelerator model, standard and every preset at l = L/2."""
     num_layers = load_config(path).model.num_layers
     spec = layout if layout == "standard" else f"{layout}:{num_layers // 2}"
-    size = 1 if batch == "1" else committed_max_batch(path, spec)
+    size = 1 if batch == "1" else committed_max_batch(path, spec, impl)
     _decode_targets(path, spec, impl, topology, size)
 
 
