@@ -22,9 +22,10 @@ pytestmark = pytest.mark.skipif(not cpu_matvec.available(), reason="no C++ compi
     "m,k,n",
     [(1, 1, 1), (1, 3, 7), (1, 64, 8), (1, 65, 33), (1, 512, 1376), (2, 130, 1000),
      (3, 200, 17), (5, 64, 9), (8, 129, 64), (1, 1376, 512),
-     # more rows: chunks of 128 columns split between the threads (and a partial one),
-     # strips of 16 and 8 columns and a rest of single columns, blocks of up to 6 rows (7 =
-     # 3 + 4, 13 = 4 + 4 + 5, 64 = 11 blocks), blocks of 256 weight rows (and a rest)
+     # up to 8 rows: sweeps of 4 weight rows (and a rest); more: chunks of 128 columns
+     # split between the threads (and a partial one), strips of 16 and 8 columns and a rest
+     # of single columns, blocks of up to 6 rows (13 = 4 + 4 + 5, 64 = 11 blocks), blocks
+     # of 256 weight rows (and a rest)
      (9, 70, 300), (16, 512, 520), (32, 130, 1001), (64, 64, 257), (13, 1000, 7),
      (7, 600, 1001), (32, 1376, 536), (6, 257, 24), (2, 513, 15), (20, 300, 4000)],
 )  # fmt: skip

@@ -44,36 +44,55 @@ inline v8 load8(const float* p) {
 inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
 
 constexpr int64_t kMaxRows = 64;   // M at most this (the Python side routes larger M to XLA)
-constexpr int64_t kChunkRows = 64;  // one row: weight rows per chunk (a multiple of 4)
-constexpr int64_t kChunkColumns = 128;  // several rows: columns per chunk (a multiple of 16)
+constexpr int64_t kChunkRows = 64;      // sweeps: weight rows per chunk (a multiple of 4)
+constexpr int64_t kChunkColumns = 128;  // tiles: columns per chunk (a multiple of 16)
 // Smaller weights are read by the calling thread alone: waking a helper costs more than
 // the product, and a helper that never gets a job never spins (small test models).
 constexpr int64_t kParallelBytes = 256 << 10;
 
-// One row: acc[:] += sum_{k0 <= k < k1} x[k] * w[k, :], four weight rows per sweep, each
-// read front to back (bound by reading the weights).
-void AccumulateRow(const float* x, const float* w, float* acc, int64_t N, int64_t k0,
-                   int64_t k1) {
+// Up to kSweepRows rows: acc[m, :] += sum_{k0 <= k < k1} x[m, k] * w[k, :], four weight
+// rows per sweep across all N columns, so the weights are read front to back (x, acc:
+// rows of K and N floats). Bound by reading the weights: with few rows this beats the
+// tiles below, whose strips walk the weights down their columns.
+template <int M>
+void Sweep(const float* x, const float* w, float* acc, int64_t K, int64_t N, int64_t k0,
+           int64_t k1) {
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {
     const float* r0 = w + k * N;
     const float* r1 = r0 + N;
     const float* r2 = r1 + N;
     const float* r3 = r2 + N;
-    const float c0 = x[k], c1 = x[k + 1], c2 = x[k + 2], c3 = x[k + 3];
+    float c[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int i = 0; i < 4; ++i) c[m][i] = x[m * K + k + i];
     int64_t j = 0;
-    for (; j + 8 <= N; j += 8)
-      store8(acc + j, load8(acc + j) + c0 * load8(r0 + j) + c1 * load8(r1 + j) +
-                          c2 * load8(r2 + j) + c3 * load8(r3 + j));
-    for (; j < N; ++j) acc[j] += c0 * r0[j] + c1 * r1[j] + c2 * r2[j] + c3 * r3[j];
+    for (; j + 8 <= N; j += 8) {
+      v8 w0 = load8(r0 + j), w1 = load8(r1 + j), w2 = load8(r2 + j), w3 = load8(r3 + j);
+      for (int m = 0; m < M; ++m) {
+        float* a = acc + m * N + j;
+        store8(a, load8(a) + c[m][0] * w0 + c[m][1] * w1 + c[m][2] * w2 + c[m][3] * w3);
+      }
+    }
+    for (; j < N; ++j)
+      for (int m = 0; m < M; ++m)
+        acc[m * N + j] += c[m][0] * r0[j] + c[m][1] * r1[j] + c[m][2] * r2[j] + c[m][3] * r3[j];
   }
   for (; k < k1; ++k) {
     const float* r = w + k * N;
-    for (int64_t j = 0; j < N; ++j) acc[j] += x[k] * r[j];
+    for (int m = 0; m < M; ++m) {
+      const float c = x[m * K + k];
+      for (int64_t j = 0; j < N; ++j) acc[m * N + j] += c * r[j];
+    }
   }
 }
 
-// Several rows (M > 1): y[:, j0:j1] for a range of columns, register-blocked. A
+using SweepFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+constexpr int kSweepRows = 8;
+constexpr SweepFn kSweep[kSweepRows + 1] = {nullptr,  Sweep<1>, Sweep<2>, Sweep<3>, Sweep<4>,
+                                            Sweep<5>, Sweep<6>, Sweep<7>, Sweep<8>};
+
+// More rows (M > kSweepRows): y[:, j0:j1] for a range of columns, register-blocked. A
 // micro-tile of R rows x 16 columns keeps its R x 2 vector sums in registers over a
 // block of kKBlock weight rows: per weight row it loads two vectors and broadcasts R
 // inputs for 2R fused multiply-adds, so the loop runs at the FMA units' pace instead of
@@ -115,7 +134,7 @@ constexpr TileFn kTile8[kTileRows + 1] = {nullptr,    Tile<1, 1>, Tile<2, 1>, Ti
                                           Tile<4, 1>, Tile<5, 1>, Tile<6, 1>};
 constexpr int64_t kKBlock = 256;  // weight rows per pass: a strip of 16 columns is 16 KB
 
-// y[m, j0:j1] = sum_k x[m, k] * w[k, j0:j1] for all M rows (M > 1). Rows go in blocks of
+// y[m, j0:j1] = sum_k x[m, k] * w[k, j0:j1] for all M rows. Rows go in blocks of
 // at most kTileRows, as even as possible (8 rows: 4 + 4, 32 rows: 6 6 5 5 5 5). While the
 // blocks of a strip compute, they prefetch the next strip between them (block b its rows
 // b, b + blocks, ...), so reading the weights from memory overlaps all of the compute.
@@ -151,14 +170,14 @@ void ProductColumns(const float* x, const float* w, float* y, int64_t M, int64_t
 
 // What the participants of one call share. Held by shared_ptr: a helper may pick a job
 // up after its call returned; it then claims nothing and only touches this struct.
-// One row: chunk c is weight rows [c * span, ...) summed into participant p's own [N]
-// partial sum. Several rows: chunk c is columns [c * span, ...) of y, written in place.
+// Sweeps (M <= kSweepRows): chunk c is weight rows [c * span, ...) summed into participant
+// p's own [M, N] partial sum. Tiles: chunk c is columns [c * span, ...) of y, in place.
 struct Work {
   const float* x;
   const float* w;
   float* y;
   int64_t M, K, N, span, chunks;
-  std::vector<float*> partial;                // one row: participant p's [N] partial sum
+  std::vector<float*> partial;                // sweeps: participant p's [M, N] partial sum
   std::unique_ptr<std::atomic<bool>[]> used;  // participant p claimed a chunk
   std::atomic<int64_t> next{0};               // next chunk to claim
   std::atomic<int64_t> done{0};               // chunks finished
@@ -169,15 +188,16 @@ void Participate(Work& work, int p) {
   for (int64_t c = work.next.fetch_add(1, std::memory_order_relaxed); c < work.chunks;
        c = work.next.fetch_add(1, std::memory_order_relaxed)) {
     const int64_t lo = c * work.span;
-    if (work.M > 1) {
+    if (work.M > kSweepRows) {
       ProductColumns(work.x, work.w, work.y, work.M, work.K, work.N, lo,
                      std::min(work.N, lo + work.span));
     } else {
       if (!work.used[p].load(std::memory_order_relaxed)) {
-        std::fill_n(work.partial[p], work.N, 0.0f);
+        std::fill_n(work.partial[p], work.M * work.N, 0.0f);
         work.used[p].store(true, std::memory_order_relaxed);
       }
-      AccumulateRow(work.x, work.w, work.partial[p], work.N, lo, std::min(work.K, lo + work.span));
+      kSweep[work.M](work.x, work.w, work.partial[p], work.K, work.N, lo,
+                     std::min(work.K, lo + work.span));
     }
     work.done.fetch_add(1, std::memory_order_release);
   }
@@ -266,15 +286,15 @@ class Helpers {
 // y [M, N] = x [M, K] @ w [K, N] on the calling thread and the helpers.
 void Product(const float* x, const float* w, float* out, int64_t M, int64_t K, int64_t N) {
   Helpers& helpers = Helpers::Get();
-  const bool rows = M > 1;  // several rows: split the columns; one row: the weight rows
-  const int64_t span = rows ? kChunkColumns : kChunkRows;
-  const int64_t chunks = ((rows ? N : K) + span - 1) / span;
+  const bool tiles = M > kSweepRows;  // tiles split the columns, sweeps the weight rows
+  const int64_t span = tiles ? kChunkColumns : kChunkRows;
+  const int64_t chunks = ((tiles ? N : K) + span - 1) / span;
   const bool parallel = K * N * static_cast<int64_t>(sizeof(float)) >= kParallelBytes;
   const int64_t extra = parallel ? std::min<int64_t>(helpers.size(), chunks - 1) : 0;
 
-  // One row: partial sums of the helpers; the caller accumulates straight into `out`.
+  // Sweeps: partial sums of the helpers; the caller accumulates straight into `out`.
   thread_local std::vector<float> scratch;
-  const size_t need = rows ? 0 : static_cast<size_t>(extra * N);
+  const size_t need = tiles ? 0 : static_cast<size_t>(extra * M * N);
   if (scratch.size() < need) scratch.resize(need);
 
   auto work = std::make_shared<Work>();
@@ -284,20 +304,20 @@ void Product(const float* x, const float* w, float* out, int64_t M, int64_t K, i
   work->M = M, work->K = K, work->N = N, work->span = span, work->chunks = chunks;
   work->partial.push_back(out);
   for (int64_t p = 0; p < extra; ++p)
-    work->partial.push_back(rows ? nullptr : scratch.data() + p * N);
+    work->partial.push_back(tiles ? nullptr : scratch.data() + p * M * N);
   work->used.reset(new std::atomic<bool>[extra + 1]);
   for (int64_t p = 0; p <= extra; ++p) work->used[p].store(false);
 
   if (extra > 0) helpers.Publish(work);
   Participate(*work, 0);
   for (int spins = 0; work->done.load(std::memory_order_acquire) < chunks;) Relax(spins);
-  if (rows) return;
+  if (tiles) return;
 
-  if (!work->used[0].load(std::memory_order_relaxed)) std::fill_n(out, N, 0.0f);
+  if (!work->used[0].load(std::memory_order_relaxed)) std::fill_n(out, M * N, 0.0f);
   for (int64_t p = 1; p <= extra; ++p) {
     if (!work->used[p].load(std::memory_order_relaxed)) continue;
     const float* part = work->partial[p];
-    for (int64_t i = 0; i < N; ++i) out[i] += part[i];
+    for (int64_t i = 0; i < M * N; ++i) out[i] += part[i];
   }
 }
 
