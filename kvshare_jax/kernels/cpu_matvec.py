@@ -7,8 +7,10 @@ where a row-split streaming loop reaches the ~50 GB/s of a plain read on the sam
 (``cpu_matvec.cc`` says how). Batch decode (8..32 rows) depends on the ISA: on AVX-512
 hosts XLA's dots run near the core's peak and beat 256-bit loops from two rows on, so
 only single rows come here; on AVX2-only hosts (a Zen 3 core) XLA's dots of 4..32 rows
-reach 10-26 GFLOP/s, and the kernel's register-blocked tiles (6 rows x 16 columns, the
-columns split between the threads) 50-120 GFLOP/s (``experiments/results/matvec_bench_cpu*.md``).
+reach 10-26 GFLOP/s, while the kernel sweeps up to 8 rows across the weight rows (read
+front to back, as for one row) and computes more rows in register-blocked tiles (6 rows
+x 16 columns, the columns split between the threads) at 70-125 GFLOP/s
+(``experiments/results/matvec_bench_cpu*.md``).
 :func:`dot_general` is the drop-in ``dot_general`` of the model's ``nn.Dense`` layers
 (``matvec_impl="auto"``): it takes the kernel when the product is ``[.., K] x [K, N]`` in
 fp32 with at most :func:`max_rows` rows, the target platform is the CPU and no
@@ -46,8 +48,8 @@ from jax import lax
 from kvshare_jax.target import target_platform
 
 # rows sent to the kernel (results/matvec_bench_cpu*.md): on AVX-512 hosts XLA's dots beat
-# 256-bit loops from 2 rows on; with AVX2 only (a Zen 3 core) the kernel's register tiles
-# are 1.5-1.7x faster than XLA's dots at 8..32 rows
+# 256-bit loops from 2 rows on; with AVX2 only (a Zen 3 core) the kernel is faster than
+# XLA's dots up to 32 rows
 MAX_ROWS_AVX512 = 1
 MAX_ROWS_AVX2 = 32
 KERNEL_ROWS = 64  # what cpu_matvec.cc accepts (kMaxRows)
