@@ -180,18 +180,24 @@ def _memory_and_need(
 
 def _bracket(fits: Callable[[int], bool], known: dict, guess: int, limit: int):
     """Exact largest fitting batch from a first ``guess``: doubling steps away from it,
-    then a bisection."""
+    then a bisection. The batches compiled before (``known``) bound the search: it starts
+    between the largest one known to fit and the next one known not to, and never steps
+    past either (memory grows with the batch), so no compile repeats what is known."""
+    ok = {b: fits(b) for b in list(known)}  # compiled already: nothing is compiled here
+    floor = max((b for b, f in ok.items() if f), default=1)
+    ceiling = min((b for b, f in ok.items() if not f and b > floor), default=limit + 1)
+    guess = min(max(guess, floor), ceiling - 1)
     lo, hi, step = 1, limit + 1, 1  # invariant: fits(lo), not fits(hi)
     if fits(guess):
         lo = guess
-        while lo + step <= limit and fits(lo + step):
+        while lo + step < ceiling and fits(lo + step):
             lo, step = lo + step, 2 * step
-        hi = min(lo + step, limit + 1)
+        hi = min(lo + step, ceiling)
     else:
         hi = guess
-        while hi - step > 1 and not fits(hi - step):
+        while hi - step > floor and not fits(hi - step):
             hi, step = hi - step, 2 * step
-        lo = max(hi - step, 1)
+        lo = max(hi - step, floor)
         if lo == 1 and not fits(1):
             return 0, None
     while hi - lo > 1:
