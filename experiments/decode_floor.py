@@ -100,6 +100,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(old: list[dict], new: list[dict], only_max: bool) -> list[dict]:
+    """``old`` report rows with the cells of ``new`` replaced (their batch-1 rows too,
+    unless ``only_max``), in the report's order."""
+    cell = ("config", "layout", "impl", "topology")
+    rerun = {tuple(r[f] for f in cell) for r in new}
+
+    def stale(r: dict) -> bool:
+        return tuple(r[f] for f in cell) in rerun and (r["batch"] != 1 or not only_max)
+
+    rows = [r for r in old if not stale(r)] + new
+    fields = ("config", "layout", "topology", "impl")  # the loop order of main
+    first = {f: list(dict.fromkeys(r[f] for r in rows)) for f in fields}
+    return sorted(rows, key=lambda r: (*(first[f].index(r[f]) for f in fields), r["batch"]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="configs/llama_110m.py,configs/tinyllama_1b.py")
@@ -163,16 +178,7 @@ def main() -> None:
                         )
                 jax.clear_caches()
     if args.merge and Path(f"{args.out}.json").exists():
-        configs = set(args.configs.split(","))
-
-        def stale(r: dict) -> bool:  # a cell of a re-run config that this run replaces
-            return r["config"] in configs and (r["batch"] != 1 or not args.only_max)
-
-        old = json.loads(Path(f"{args.out}.json").read_text())["rows"]
-        rows = [r for r in old if not stale(r)] + rows
-        fields = ("config", "layout", "topology", "impl")  # the loop order above
-        first = {f: list(dict.fromkeys(r[f] for r in rows)) for f in fields}
-        rows.sort(key=lambda r: (*(first[f].index(r[f]) for f in fields), r["batch"]))
+        rows = merge(json.loads(Path(f"{args.out}.json").read_text())["rows"], rows, args.only_max)
     meta = {"libtpu": _version("libtpu"), "jax": jax.__version__}
     paths.write_json(f"{args.out}.json", {"meta": meta, "rows": rows})
     paths.write_text(f"{args.out}.md", markdown(rows, meta))

@@ -289,17 +289,40 @@ PRESETS = ["standard"] + [f"{p}-{q}" for p in ("pizza", "sandwich", "lasagna")
                           for q in ("bottom", "middle", "top")]  # fmt: skip
 
 
+def _decode_floor():
+    sys.path.insert(0, "experiments")
+    try:
+        return importlib.import_module("decode_floor")
+    finally:
+        sys.path.remove("experiments")
+
+
 def committed_max_batch(path: str, layout: str, impl: str) -> int:
     """The layout's max batch on a v5e chip in the committed compile-only search of that
     attention implementation (experiments/decode_floor.py reads the same files)."""
-    sys.path.insert(0, "experiments")
-    try:
-        decode_floor = importlib.import_module("decode_floor")
-    finally:
-        sys.path.remove("experiments")
+    decode_floor = _decode_floor()
     found = decode_floor.max_batches(path, impl)
     assert layout in found, f"no {layout} in {decode_floor.max_batch_report(path, impl)}"
     return found[layout]
+
+
+def test_decode_floor_merge_replaces_only_the_rerun_cells():
+    """``decode_floor.py --merge``: a re-run cell replaces its own rows (its batch-1 row
+    only without ``--only-max``), every other cell of the report stays."""
+    merge = _decode_floor().merge
+
+    def row(layout, impl, batch, value):
+        return dict(config="c.py", layout=layout, impl=impl, topology="v5e:1x1", batch=batch,
+                    value=value)  # fmt: skip
+
+    old = [row(lay, impl, b, "old") for lay in ("standard", "pizza-top:6")
+           for impl in ("xla", "pallas") for b in (1, 64)]  # fmt: skip
+    new = [row("standard", "xla", 855, "new")]
+    got = {(r["layout"], r["impl"], r["batch"]): r["value"] for r in merge(old, new, True)}
+    assert got.pop(("standard", "xla", 855)) == "new" and ("standard", "xla", 64) not in got
+    assert set(got.values()) == {"old"} and len(got) == len(old) - 1
+    keys = {(r["layout"], r["impl"], r["batch"]) for r in merge(old, new, False)}
+    assert ("standard", "xla", 1) not in keys and ("standard", "pallas", 1) in keys
 
 
 @pytest.mark.slow
