@@ -2,15 +2,15 @@
 //
 //   y[m, :] = sum_k x[m, k] * w[k, :]      x [M, K], w [K, N], y [M, N], float32, M small
 //
-// One row (batch-1 decode) is bound by reading the weights. XLA:CPU splits a [1,K] x [K,N]
-// dot over the output columns, so each thread reads short strided pieces of every weight
-// row. Here the *rows* of w are split into contiguous chunks handed out through an atomic
-// counter to the calling thread and this library's helper threads (class Helpers); each
-// participant streams its chunks front to back into its own [N] partial sum, and the
-// caller adds the partials. Several rows (batch decode) are bound by the FMA units: the
-// *columns* are split into chunks, each computed in place by register-blocked tiles
-// (ProductColumns). A helper that starts late finds no chunk left and returns without
-// touching any buffer, so the caller only waits for chunks actually claimed.
+// Up to 8 rows (batch-1 and small-batch decode) are bound by reading the weights. XLA:CPU
+// splits a [1,K] x [K,N] dot over the output columns, so each thread reads short strided
+// pieces of every weight row. Here the *rows* of w are split into contiguous chunks handed
+// out through an atomic counter to the calling thread and this library's helper threads
+// (class Helpers); each participant streams its chunks front to back into its own [M, N]
+// partial sum (Sweep), and the caller adds the partials. More rows are bound by the FMA
+// units: the *columns* are split into chunks, each computed in place by register-blocked
+// tiles (ProductColumns). A helper that starts late finds no chunk left and returns
+// without touching any buffer, so the caller only waits for chunks actually claimed.
 // Built at first use by kvshare_jax/kernels/cpu_matvec.py (see there).
 #include <algorithm>
 #include <atomic>
