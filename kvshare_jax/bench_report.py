@@ -21,6 +21,7 @@ def _model_text(meta: dict[str, Any]) -> str:
     return (
         f"dtype {meta['dtype']}; model L={m['num_layers']} d={m['d_model']} heads "
         f"{m['num_heads']}/{m['num_kv_heads']} d_ff={m['d_ff']} vocab {m['vocab_size']}; "
+        f"attention {m.get('attention_impl', 'auto')}; "
         f"prompt {meta['prompt_len']} + {meta['gen_len']} new tokens"
     )
 
